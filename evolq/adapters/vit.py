@@ -1,0 +1,123 @@
+"""timm VisionTransformer / DeiT adapter.
+
+Quantized (FQ-ViT regime): every Linear and the patch-embedding Conv (weights and
+inputs), q, k and v, the attention probabilities (uniform or log2), the GELU
+output, and the input of every LayerNorm (PTF). Residual additions and the
+LayerNorm/GELU/softmax arithmetic stay in float.
+
+Blocks: ``stem`` (patch embedding, class token, position embedding), ``blocks.0``
+... ``blocks.{n-1}`` (searched), ``head`` (final norm, pooling, classifier).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..layers import quantizers_of
+from ..qmodel import Block, QModel
+from ._builder import act_quant, probs_quant, replace_module, wrap_act, wrap_conv, wrap_linear, wrap_norm
+from ._registry import Adapter, register_adapter
+
+__all__ = ["QAttention", "ViTAdapter", "quantize_vit_block_attention", "attention_scopes"]
+
+
+class QAttention(nn.Module):
+    """Multi-head self-attention with quantized q, k, v and attention probabilities.
+
+    Wraps a timm ``Attention`` (its qkv/proj are already ``QLinear``), keeping its
+    parameters; only the attention arithmetic is re-expressed so the matmul inputs
+    can be quantized.
+    """
+
+    def __init__(self, attn: nn.Module, cfg):
+        super().__init__()
+        if getattr(attn, "gate", None) is not None:
+            raise NotImplementedError("gated attention is not supported")
+        self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
+        self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+        self.qkv = wrap_linear(attn.qkv, cfg)
+        self.q_norm, self.k_norm, self.norm = attn.q_norm, attn.k_norm, getattr(attn, "norm", nn.Identity())
+        self.proj = wrap_linear(attn.proj, cfg)
+        self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
+        self.q_quant, self.k_quant, self.v_quant = act_quant(cfg, True), act_quant(cfg, True), act_quant(cfg, True)
+        self.probs_quant = probs_quant(cfg)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        if attn_mask is not None or is_causal:
+            raise NotImplementedError("quantized attention does not take masks")
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = self.probs_quant(attn.softmax(dim=-1))
+        x = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(b, n, self.attn_dim)
+        return self.proj_drop(self.proj(self.norm(x)))
+
+
+def quantize_vit_block_attention(block: nn.Module, cfg) -> None:
+    """Quantize a pre-norm transformer block with ``norm1/attn/norm2/mlp`` in place."""
+    block.norm1 = wrap_norm(block.norm1, cfg)
+    block.attn = QAttention(block.attn, cfg)
+    block.norm2 = wrap_norm(block.norm2, cfg)
+    mlp = block.mlp
+    mlp.fc1 = wrap_linear(mlp.fc1, cfg)
+    mlp.act = wrap_act(mlp.act, cfg)
+    mlp.fc2 = wrap_linear(mlp.fc2, cfg, quant_input=False)  # its input is the quantized GELU output
+
+
+def attention_scopes(name: str, block: nn.Module, quantizers: dict) -> dict[str, list[str]]:
+    """Search scopes of a transformer block: the authors' code (qkv and proj weight
+    scales) and the paper's text (every searchable scale of the block)."""
+    return {
+        "attn-weights": [f"{name}.attn.qkv.weight_quant", f"{name}.attn.proj.weight_quant"],
+        "block": [n for n, q in quantizers.items() if q.searchable],
+    }
+
+
+def _is_timm_vit(model) -> bool:
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except Exception:  # pragma: no cover - timm missing
+        return False
+    return isinstance(model, VisionTransformer)
+
+
+@register_adapter
+class ViTAdapter(Adapter):
+    name = "vit"
+    description = "timm VisionTransformer / DeiT"
+
+    def matches(self, model):
+        return _is_timm_vit(model)
+
+    def quantize(self, model, cfg, arch=""):
+        if getattr(model, "attn_pool", None) is not None:
+            raise NotImplementedError("attention-pool heads are not supported")
+        model.eval()
+        model.patch_embed.proj = wrap_conv(model.patch_embed.proj, cfg)
+        for blk in model.blocks:
+            quantize_vit_block_attention(blk, cfg)
+        if not isinstance(model.norm, nn.Identity):
+            model.norm = wrap_norm(model.norm, cfg)
+        if not isinstance(model.fc_norm, nn.Identity):
+            model.fc_norm = wrap_norm(model.fc_norm, cfg)
+        if isinstance(model.head, nn.Linear):
+            replace_module(model, "head", wrap_linear(model.head, cfg))
+
+        def stem(x):
+            return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+        def head(x):
+            return model.forward_head(model.norm(x))
+
+        blocks = [Block("stem", stem, quantizers_of(model.patch_embed, "patch_embed"))]
+        for i, blk in enumerate(model.blocks):
+            name = f"blocks.{i}"
+            qs = quantizers_of(blk, name)
+            blocks.append(Block(name, blk, qs, attention_scopes(name, blk, qs)))
+        head_q = quantizers_of(model.norm, "norm")
+        head_q.update(quantizers_of(model.fc_norm, "fc_norm"))
+        head_q.update(quantizers_of(model.head, "head"))
+        blocks.append(Block("head", head, head_q))
+        return QModel(model, blocks, self.name, arch, cfg)

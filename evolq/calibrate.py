@@ -1,0 +1,37 @@
+"""Calibration: observers watch full-precision tensors, then fix every scale."""
+from __future__ import annotations
+
+import torch
+
+from .errors import DataError
+
+__all__ = ["calibrate", "iter_batches"]
+
+
+def iter_batches(x: torch.Tensor, batch_size: int):
+    for i in range(0, x.shape[0], batch_size):
+        yield x[i:i + batch_size]
+
+
+@torch.no_grad()
+def calibrate(qmodel, images: torch.Tensor, batch_size: int = 100, progress: bool = False) -> None:
+    """Run ``images`` through the model with every quantizer observing (the float
+    model's tensors, as FQ-ViT does), then turn the statistics into scales."""
+    if not isinstance(images, torch.Tensor) or images.shape[0] == 0:
+        raise DataError("calibration needs a non-empty tensor of inputs")
+    qs = list(qmodel.quantizers().values())
+    for q in qs:
+        q.calibrating = True
+    try:
+        it = list(iter_batches(images, batch_size))
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc="calibrating", leave=False)
+        for xb in it:
+            qmodel.model(xb)
+    finally:
+        for q in qs:
+            q.calibrating = False
+    for q in qs:
+        q.finalize()

@@ -1,0 +1,151 @@
+"""Configuration objects: what to quantize (``QuantConfig``) and how to search
+(``SearchConfig``), bundled in ``EvolQConfig`` for ``quantize_model``."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+__all__ = ["QuantConfig", "SearchConfig", "EvolQConfig", "LOSSES", "SEARCHERS", "SCOPES"]
+
+LOSSES = ("infonce", "mse", "cosine", "kl")
+SEARCHERS = ("tournament", "cmaes", "snes", "pgpe")
+SCOPES = ("attn-weights", "block")
+
+
+def _check_int(name, value, lo, hi):
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ConfigError(f"{name} must be an integer in {lo}..{hi}, got {value!r}")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ConfigError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+@dataclass
+class QuantConfig:
+    """The end-to-end fake-quantization regime (the start point).
+
+    Defaults reproduce the authors' FQ-ViT start point: weights unsigned asymmetric
+    per-channel MinMax with bias correction, activations uint8 per-tensor OMSE,
+    PTF on LayerNorm inputs, softmax output uint8 uniform.
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    weight_observer: str = "minmax"
+    act_observer: str = "omse"
+    bias_correction: bool = True
+    ptf: bool = True
+    attn_probs: str = "uniform"  # "uniform" (a_bits) or "log2" (attn_bits, default 4)
+    attn_bits: int | None = None
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        from .quant import OBSERVERS
+
+        _check_int("w_bits", self.w_bits, 2, 8)
+        _check_int("a_bits", self.a_bits, 4, 8)
+        _check_choice("weight observer", self.weight_observer, tuple(OBSERVERS))
+        _check_choice("activation observer", self.act_observer, tuple(OBSERVERS))
+        _check_choice("attn_probs", self.attn_probs, ("uniform", "log2"))
+        if self.attn_bits is not None:
+            _check_int("attn_bits", self.attn_bits, 2, 8)
+
+    @property
+    def probs_bits(self) -> int:
+        if self.attn_bits is not None:
+            return self.attn_bits
+        return 4 if self.attn_probs == "log2" else self.a_bits
+
+
+@dataclass
+class SearchConfig:
+    """Block-wise evolutionary search settings (paper defaults: P=10, C=3, K=15, S=10).
+
+    ``cycles`` is the fitness-evaluation budget per block and pass: the tournament
+    spends one evaluation per cycle; population searchers (cmaes, snes, pgpe) get the
+    same number of evaluations, rounded to whole generations of ``popsize``.
+    """
+
+    searcher: str = "tournament"
+    loss: str = "infonce"
+    passes: int = 10
+    cycles: int = 3
+    population: int = 15  # K, tournament population
+    samples: int = 10  # S, tournament sample size
+    popsize: int | None = None  # generation size for cmaes/snes/pgpe (default: their own)
+    eps: float | None = None  # mutation range; None: 1e-3 for <=4-bit weights, 1e-4 for 8-bit
+    noise: str = "absolute"  # "absolute": +U(-eps, eps); "relative": *(1 + U(-eps, eps))
+    scope: str = "attn-weights"
+    order: str = "last-first"  # or "first-last"
+    holdout: float = 0.1  # fraction of calibration data that decides if a pass is kept
+    infonce_batch: int = 100
+    temperature: float = 3.0
+    seed: int = 0
+    max_batch: int = 512  # population x images per forward chunk (memory bound)
+    reuse_fitness: bool = True
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        _check_choice("loss", self.loss, LOSSES)
+        if not callable(self.searcher):
+            _check_choice("searcher", self.searcher, SEARCHERS)
+        _check_choice("scope", self.scope, SCOPES)
+        _check_choice("noise", self.noise, ("absolute", "relative"))
+        _check_choice("order", self.order, ("last-first", "first-last"))
+        _check_int("passes", self.passes, 0, 10_000)
+        _check_int("cycles", self.cycles, 1, 1_000_000)
+        _check_int("population", self.population, 1, 100_000)
+        _check_int("samples", self.samples, 1, 100_000)
+        _check_int("infonce_batch", self.infonce_batch, 2, 1_000_000)
+        _check_int("max_batch", self.max_batch, 1, 1 << 30)
+        _check_int("seed", self.seed, 0, 2**63 - 1)
+        if self.popsize is not None:
+            _check_int("popsize", self.popsize, 2, 100_000)
+        if self.eps is not None and not (self.eps > 0):
+            raise ConfigError(f"eps must be positive, got {self.eps!r}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ConfigError(f"holdout must be in [0, 1), got {self.holdout!r}")
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be positive, got {self.temperature!r}")
+
+    def eps_for(self, w_bits: int) -> float:
+        if self.eps is not None:
+            return self.eps
+        if self.noise == "relative":
+            return 0.02
+        return 1e-3 if w_bits <= 4 else 1e-4
+
+
+@dataclass
+class EvolQConfig:
+    """Everything ``quantize_model`` needs: the quantization regime and the search."""
+
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+
+    @classmethod
+    def make(cls, **kw) -> "EvolQConfig":
+        """Build from flat keyword arguments, e.g. ``EvolQConfig.make(w_bits=4, passes=2)``."""
+        qf = {f.name for f in dataclasses.fields(QuantConfig)}
+        sf = {f.name for f in dataclasses.fields(SearchConfig)}
+        unknown = set(kw) - qf - sf
+        if unknown:
+            raise ConfigError(f"unknown config option(s): {', '.join(sorted(unknown))}")
+        return cls(QuantConfig(**{k: v for k, v in kw.items() if k in qf}),
+                   SearchConfig(**{k: v for k, v in kw.items() if k in sf}))
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if callable(self.search.searcher):
+            d["search"]["searcher"] = getattr(self.search.searcher, "__name__", "custom")
+        return d

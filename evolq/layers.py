@@ -1,0 +1,108 @@
+"""Quantized wrappers of standard torch layers.
+
+Each wrapper keeps a reference to the original layer's parameters (no copy) and adds
+quantizers around it. All of them accept *population mode* (see
+``evolq.quant.quantizers``): when the weight quantizer returns P stacked weights,
+the input batch is P*B samples, population-major, and sample block p is computed
+with weight p.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quant import Quantizer
+
+__all__ = ["QLinear", "QConv2d", "QAct", "QNorm", "quantizers_of"]
+
+
+class QLinear(nn.Module):
+    """``nn.Linear`` with a quantized input and quantized weights."""
+
+    def __init__(self, linear: nn.Linear, weight_quant: Quantizer, input_quant: Quantizer | None):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight_quant = weight_quant
+        self.input_quant = input_quant if input_quant is not None else nn.Identity()
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    def forward(self, x):
+        x = self.input_quant(x)
+        w = self.weight_quant(self.weight)
+        if w.ndim == 2:
+            return F.linear(x, w, self.bias)
+        p = w.shape[0]  # population of weights: x is (P*B, ..., in)
+        xs = x.reshape(p, -1, x.shape[-1])
+        if self.bias is not None:
+            out = torch.baddbmm(self.bias.view(1, 1, -1), xs, w.transpose(1, 2))
+        else:
+            out = torch.bmm(xs, w.transpose(1, 2))
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+
+class QConv2d(nn.Module):
+    """``nn.Conv2d`` with a quantized input and quantized weights.
+
+    In population mode the P weight copies run as one grouped convolution."""
+
+    def __init__(self, conv: nn.Conv2d, weight_quant: Quantizer, input_quant: Quantizer | None):
+        super().__init__()
+        self.conv = conv
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.weight_quant = weight_quant
+        self.input_quant = input_quant if input_quant is not None else nn.Identity()
+
+    def forward(self, x):
+        c = self.conv
+        x = self.input_quant(x)
+        w = self.weight_quant(self.weight)
+        if w.ndim == 4:
+            return c._conv_forward(x, w, self.bias)
+        if c.padding_mode != "zeros":
+            raise NotImplementedError("population mode supports zero padding only")
+        p = w.shape[0]
+        b = x.shape[0] // p
+        xs = x.reshape(p, b, *x.shape[1:]).transpose(0, 1).reshape(b, p * x.shape[1], *x.shape[2:])
+        bias = self.bias.repeat(p) if self.bias is not None else None
+        out = F.conv2d(xs, w.reshape(-1, *w.shape[2:]), bias, c.stride, c.padding, c.dilation, c.groups * p)
+        out = out.reshape(b, p, -1, *out.shape[2:]).transpose(0, 1)
+        return out.reshape(p * b, *out.shape[2:])
+
+
+class QAct(nn.Module):
+    """Runs a module and quantizes its output (e.g. GELU output)."""
+
+    def __init__(self, module: nn.Module, output_quant: Quantizer):
+        super().__init__()
+        self.module = module
+        self.output_quant = output_quant
+
+    def forward(self, x):
+        return self.output_quant(self.module(x))
+
+
+class QNorm(nn.Module):
+    """Quantizes the input of a normalization layer (PTF for LayerNorm), then runs it."""
+
+    def __init__(self, norm: nn.Module, input_quant: Quantizer):
+        super().__init__()
+        self.norm = norm
+        self.input_quant = input_quant
+
+    def forward(self, x):
+        return self.norm(self.input_quant(x))
+
+
+def quantizers_of(module: nn.Module, prefix: str = "") -> dict[str, Quantizer]:
+    """All quantizers inside ``module`` by qualified name, in module order."""
+    out = {}
+    for name, m in module.named_modules(prefix=prefix):
+        if isinstance(m, Quantizer):
+            out[name] = m
+    return out

@@ -1,0 +1,262 @@
+"""Fake-quantizer modules: uniform, power-of-two-factor (PTF) and log2.
+
+A quantizer owns its quantization parameters as plain tensor buffers (``scale``,
+``zero_point``) that search code may read and overwrite. For evaluating many
+candidate scale vectors at once, a quantizer can be put in *population mode* by
+setting ``pop_scale`` to a tensor whose first dimension is the population size P:
+
+* a ``weight`` quantizer then returns P quantized copies of its input, stacked
+  along a new leading dimension;
+* an ``activation`` quantizer expects a batch whose leading dimension is P*B,
+  population-major (candidate 0's B samples first) and quantizes each candidate's
+  slice with its own scale.
+
+Quantizers know nothing about models.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .observers import MinMaxObserver, make_observer
+from .range import fake_quant, fake_quant_axis, int_range, qparams_from_range
+
+__all__ = ["Quantizer", "UniformQuantizer", "PTFQuantizer", "Log2Quantizer", "bias_correct"]
+
+
+def bias_correct(w_q: torch.Tensor, w: torch.Tensor, ch_axis: int = 0) -> torch.Tensor:
+    """Banner et al. (2019) weight bias correction: per output channel, shift and
+    rescale the quantized weights so their mean and standard deviation match the
+    full-precision weights. ``w_q`` may carry extra leading (population) dims."""
+    extra = w_q.ndim - w.ndim
+    ch = ch_axis % w.ndim + extra
+    dims = [d for d in range(extra, w_q.ndim) if d != ch]
+    wdims = [d for d in range(w.ndim) if d != ch_axis % w.ndim]
+    mu, sd = w.mean(dim=wdims, keepdim=True), w.std(dim=wdims, keepdim=True)
+    mu_q, sd_q = w_q.mean(dim=dims, keepdim=True), w_q.std(dim=dims, keepdim=True)
+    ratio = torch.where(sd_q > 0, sd / sd_q.clamp_min(1e-12), torch.ones_like(sd_q))
+    return (w_q - mu_q) * ratio + mu
+
+
+class Quantizer(nn.Module):
+    """Common state: calibration switch, enable switch, population override."""
+
+    searchable = False  # has a ``scale`` buffer a search may change
+
+    def __init__(self):
+        super().__init__()
+        self.calibrating = False
+        self.enabled = True
+        self.pop_scale: torch.Tensor | None = None
+        self.register_buffer("calibrated", torch.tensor(False))
+
+    def finalize(self) -> None:  # turn observed statistics into qparams
+        pass
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # buffers are sized at calibration; adopt the stored sizes when loading
+        for name, buf in list(self._buffers.items()):
+            key = prefix + name
+            if buf is not None and key in state_dict and state_dict[key].shape != buf.shape:
+                self._buffers[name] = torch.empty_like(state_dict[key], device=buf.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and bool(self.calibrated)
+
+
+class UniformQuantizer(Quantizer):
+    """Uniform affine quantizer, per-tensor or per-channel.
+
+    Args:
+        bits: bit width (2..16).
+        signed: signed integer grid, else unsigned.
+        symmetric: zero-point fixed at the grid centre, else asymmetric.
+        per_channel: one scale per slice along ``ch_axis``.
+        ch_axis: channel axis of the tensors this quantizer sees.
+        observer: name of the calibration observer (minmax, ema, percentile, omse).
+        kind: ``"weight"`` or ``"activation"``; decides population-mode layout.
+        bias_correction: weights only; match per-channel mean/std after rounding.
+    """
+
+    searchable = True
+
+    def __init__(self, bits=8, signed=False, symmetric=False, per_channel=False, ch_axis=0,
+                 observer="minmax", kind="activation", bias_correction=False):
+        super().__init__()
+        if kind not in ("weight", "activation"):
+            raise ValueError(f"kind must be 'weight' or 'activation', got {kind!r}")
+        self.qmin, self.qmax = int_range(bits, signed, symmetric)
+        self.bits, self.signed, self.symmetric = bits, signed, symmetric
+        self.per_channel, self.ch_axis, self.kind = per_channel, ch_axis, kind
+        self.observer_name = observer
+        self.bias_correction = bias_correction
+        self.observer = make_observer(observer, ch_axis if per_channel else None)
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1))
+        self._wcache = None
+
+    def extra_repr(self):
+        s = f"bits={self.bits}, {'signed' if self.signed else 'unsigned'}, "
+        s += f"{'symmetric' if self.symmetric else 'asymmetric'}, "
+        s += f"{'per-channel' if self.per_channel else 'per-tensor'}, observer={self.observer_name}"
+        return s + (", bias_correction" if self.bias_correction else "")
+
+    # -- calibration ---------------------------------------------------------
+    def finalize(self):
+        if not self.observer.ready:
+            return
+        scale, zp = self.observer.compute(self.qmin, self.qmax, self.symmetric)
+        dev = self.scale.device
+        self.scale = scale.reshape(-1).to(dev).clone()
+        self.zero_point = zp.reshape(-1).to(dev).clone()
+        self.calibrated.fill_(True)
+        self._wcache = None
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None):
+        """Set scale (and zero-point) directly, marking the quantizer calibrated."""
+        self.scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1).clone()
+        if zero_point is None:
+            zero_point = torch.zeros_like(self.scale)
+        self.zero_point = torch.as_tensor(zero_point, dtype=torch.float32).reshape(-1).clone()
+        self.calibrated.fill_(True)
+        self._wcache = None
+
+    # -- forward ---------------------------------------------------------------
+    def _axis(self, ndim: int) -> int | None:
+        return self.ch_axis % ndim if self.per_channel and self.scale.numel() > 1 else None
+
+    def _weight(self, w: torch.Tensor) -> torch.Tensor:
+        out = fake_quant_axis(w, self.scale, self.zero_point, self.qmin, self.qmax, self._axis(w.ndim))
+        return bias_correct(out, w, self.ch_axis) if self.bias_correction else out
+
+    def _pop_weight(self, w: torch.Tensor) -> torch.Tensor:
+        """P quantized copies of ``w`` (P, *w.shape), copy p with ``pop_scale[p]``."""
+        p = self.pop_scale.shape[0]
+        axis = self._axis(w.ndim)
+        if axis is None:  # per-tensor: one scale per copy
+            out = fake_quant(w.reshape(1, -1), self.pop_scale.reshape(p, 1), self.zero_point, self.qmin, self.qmax)
+        else:  # per-channel: channels of all copies on one axis
+            wm = w.movedim(axis, 0)
+            wp = wm.unsqueeze(0).expand(p, *wm.shape).reshape(p * wm.shape[0], *wm.shape[1:])
+            zp = self.zero_point.reshape(1, -1).expand(p, -1).reshape(-1)
+            out = fake_quant_axis(wp, self.pop_scale.reshape(-1), zp, self.qmin, self.qmax, 0)
+            out = out.reshape(p, *wm.shape).movedim(1, axis + 1)
+        out = out.reshape(p, *w.shape)
+        return bias_correct(out, w, self.ch_axis) if self.bias_correction else out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            self.observer.update(x)
+            return x
+        if not self.active:
+            return x
+        if self.pop_scale is not None:
+            if self.kind == "weight":
+                return self._pop_weight(x)
+            p = self.pop_scale.shape[0]
+            if self._axis(x.ndim) is None:  # per-tensor: candidate p's samples share scale p
+                xs = x.reshape(p, -1)
+                return fake_quant(xs, self.pop_scale.reshape(p, 1), self.zero_point, self.qmin,
+                                  self.qmax).reshape(x.shape)
+            bshape = [1] * x.ndim
+            bshape[self.ch_axis % x.ndim] = -1
+            xs = x.reshape(p, -1, *x.shape[1:])
+            s = self.pop_scale.reshape(p, *bshape)
+            return fake_quant(xs, s, self.zero_point.reshape(bshape), self.qmin, self.qmax).reshape(x.shape)
+        if self.kind == "weight":
+            c = self._wcache  # quantized weight, valid while scale, zero-point and weight are unchanged
+            if (c is not None and c[0] is self.scale and c[1] == self.scale._version and c[2] is x
+                    and c[3] == x._version and c[4] is self.zero_point and c[5] == self.zero_point._version):
+                return c[6]
+            out = self._weight(x)
+            self._wcache = (self.scale, self.scale._version, x, x._version, self.zero_point,
+                            self.zero_point._version, out)
+            return out
+        return fake_quant_axis(x, self.scale, self.zero_point, self.qmin, self.qmax, self._axis(x.ndim))
+
+
+class PTFQuantizer(Quantizer):
+    """Power-of-two-factor quantizer (FQ-ViT) for LayerNorm inputs.
+
+    Channels are on the last axis. One layer scale ``scale`` and one zero-point are
+    shared; channel c uses ``scale * 2**alpha[c]`` with alpha in {0..max_alpha},
+    chosen per channel for the least L2 error on the calibration data. The search
+    sees the single layer scale.
+    """
+
+    searchable = True
+
+    def __init__(self, bits=8, max_alpha=3):
+        super().__init__()
+        self.bits, self.max_alpha = bits, max_alpha
+        self.qmin, self.qmax = int_range(bits, signed=False)
+        self.observer = MinMaxObserver(ch_axis=-1)
+        self._rows: list[torch.Tensor] = []
+        self.register_buffer("scale", torch.ones(1))
+        self.register_buffer("zero_point", torch.zeros(1))
+        self.register_buffer("alpha", torch.zeros(1))
+
+    def extra_repr(self):
+        return f"bits={self.bits}, max_alpha={self.max_alpha}"
+
+    def finalize(self):
+        if not self.observer.ready:
+            return
+        gmin, gmax = self.observer.min_val.min(), self.observer.max_val.max()
+        scale_top, zp = qparams_from_range(gmin, gmax, self.qmin, self.qmax, symmetric=False)
+        base = scale_top / 2**self.max_alpha
+        rows = torch.cat(self._rows, dim=0)  # (N, C)
+        errs = []
+        for a in range(self.max_alpha + 1):
+            xq = fake_quant(rows, base * 2**a, zp, self.qmin, self.qmax)
+            errs.append((xq - rows).pow(2).mean(dim=0))
+        alpha = torch.stack(errs).argmin(dim=0).float()
+        dev = self.scale.device
+        self.scale = base.reshape(1).to(dev)
+        self.zero_point = zp.reshape(1).to(dev)
+        self.alpha = alpha.to(dev)
+        self.calibrated.fill_(True)
+        self._rows = []
+
+    def forward(self, x):
+        if self.calibrating:
+            self.observer.update(x)
+            rows = x.detach().float().reshape(-1, x.shape[-1])
+            if rows.shape[0] > 4096:
+                rows = rows[:: rows.shape[0] // 4096][:4096]
+            self._rows.append(rows.clone())
+            return x
+        if not self.active:
+            return x
+        factor = torch.pow(2.0, self.alpha)
+        if self.pop_scale is None:
+            zp = self.zero_point.expand_as(self.alpha)
+            return fake_quant_axis(x, self.scale * factor, zp, self.qmin, self.qmax, -1)
+        p = self.pop_scale.shape[0]
+        s = (self.pop_scale.reshape(p, 1) * factor).reshape(p, *([1] * (x.ndim - 1)), -1)
+        xs = x.reshape(p, -1, *x.shape[1:])
+        return fake_quant(xs, s, self.zero_point, self.qmin, self.qmax).reshape(x.shape)
+
+
+class Log2Quantizer(Quantizer):
+    """Log2 quantizer for values in [0, 1] (attention probabilities): x -> 2^-q,
+    q = round(-log2 x) in [0, 2^bits - 1]; values below the last level become 0."""
+
+    def __init__(self, bits=4):
+        super().__init__()
+        self.bits = bits
+        int_range(bits, signed=False)  # validates bits
+        self.calibrated.fill_(True)
+
+    def extra_repr(self):
+        return f"bits={self.bits}"
+
+    def forward(self, x):
+        if self.calibrating or not self.enabled:
+            return x
+        q = torch.round(-torch.log2(x.clamp_min(1e-30)))
+        levels = 2**self.bits
+        out = torch.pow(2.0, -q.clamp(0, levels - 1))
+        return torch.where(q >= levels, torch.zeros_like(out), out)
