@@ -1,0 +1,14 @@
+"""Import EvoTorch quietly (it is slow and logs at INFO on import): only modules that
+need it import this one, so ``import evolq`` stays fast."""
+import logging
+import warnings
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import evotorch  # noqa: E402
+    import evotorch.algorithms  # noqa: E402,F401
+
+for _name in ("evotorch", "evotorch.core", "evotorch.logging"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+__all__ = ["evotorch"]

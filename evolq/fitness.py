@@ -1,0 +1,114 @@
+"""The fitness hot loop: cached, batched evaluation of candidate scale vectors.
+
+* Full-precision outputs of the calibration set are computed once (``reference_outputs``).
+* The quantized activations entering each block are cached; while block i is searched
+  nothing before it changes, so candidates run only from block i to the output.
+  With the default last-block-first order one forward pass at the start of a pass
+  fills the cache for every block of that pass.
+* All candidates of a call are evaluated together: the block's quantizers hold
+  P scale vectors at once (population mode), and the rest of the model runs on
+  P x images samples, chunked so no forward sees more than ``max_batch`` samples.
+
+Works on any object with ``blocks`` (each with ``run``), ``run_blocks`` and
+``set_quant_enabled``: a ``QModel`` from any adapter.
+"""
+from __future__ import annotations
+
+import torch
+
+from .scales import ScaleSpace
+
+__all__ = ["reference_outputs", "BlockFitness"]
+
+
+@torch.no_grad()
+def reference_outputs(qmodel, inputs: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Outputs of the float model (quantizers off) for ``inputs``."""
+    qmodel.set_quant_enabled(False)
+    try:
+        return torch.cat([qmodel.run_blocks(inputs[i:i + batch_size]).float()
+                          for i in range(0, inputs.shape[0], batch_size)])
+    finally:
+        qmodel.set_quant_enabled(True)
+
+
+class BlockFitness:
+    """Batched fitness of candidate scale vectors for one block at a time.
+
+    Args:
+        qmodel: the quantized model (block view).
+        inputs: model inputs of the fitness set, (N, ...).
+        ref: cached float outputs for ``inputs``, (N, K).
+        loss: ``loss(out (P, N, K), ref (N, K)) -> (P,)``.
+        max_batch: most samples (candidates x images) in one forward.
+    """
+
+    def __init__(self, qmodel, inputs: torch.Tensor, ref: torch.Tensor, loss, max_batch: int = 512):
+        self.qmodel, self.inputs, self.ref, self.loss = qmodel, inputs, ref, loss
+        self.max_batch = int(max_batch)
+        self._acts: dict[int, torch.Tensor] = {}  # block index -> quantized input of that block
+        self.calls = 0
+        self.evaluations = 0
+
+    # -- activation cache --------------------------------------------------------
+    def invalidate(self, after: int = -1) -> None:
+        """Forget cached inputs of blocks after ``after`` (their upstream changed)."""
+        self._acts = {i: a for i, a in self._acts.items() if i <= after}
+
+    @torch.no_grad()
+    def block_input(self, index: int) -> torch.Tensor:
+        """Quantized activations entering block ``index`` (cached)."""
+        if index == 0:
+            return self.inputs
+        if index in self._acts:
+            return self._acts[index]
+        j = max([i for i in self._acts if i < index], default=0)
+        x = self.inputs if j == 0 else self._acts[j]
+        bs = self.max_batch
+        for b in range(j, index):
+            x = torch.cat([self.qmodel.blocks[b].run(x[i:i + bs]) for i in range(0, x.shape[0], bs)])
+            self._acts[b + 1] = x
+        return x
+
+    # -- evaluation --------------------------------------------------------------
+    @torch.no_grad()
+    def outputs(self, index: int, space: ScaleSpace, cands: torch.Tensor) -> torch.Tensor:
+        """Model outputs (P, N, K) with candidate p's scales in block ``index``."""
+        x_in = self.block_input(index)
+        p_total, n = cands.shape[0], x_in.shape[0]
+        while True:
+            try:
+                return self._outputs(index, space, cands, x_in, p_total, n)
+            except torch.cuda.OutOfMemoryError:
+                if self.max_batch <= 1:
+                    raise
+                self.max_batch //= 2  # same result, smaller chunks
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+    def _outputs(self, index, space, cands, x_in, p_total, n):
+        pc = max(1, min(p_total, self.max_batch // min(n, self.max_batch)))
+        ic = max(1, min(n, self.max_batch // pc))
+        out = None
+        for p0 in range(0, p_total, pc):
+            sub = cands[p0:p0 + pc]
+            k = sub.shape[0]
+            with space.population(sub):
+                for i0 in range(0, n, ic):
+                    xb = x_in[i0:i0 + ic]
+                    b = xb.shape[0]
+                    xb = xb.unsqueeze(0).expand(k, *xb.shape).reshape(k * b, *xb.shape[1:])
+                    y = self.qmodel.run_blocks(xb, index).float()
+                    if out is None:
+                        out = torch.empty(p_total, n, y.shape[-1], dtype=y.dtype, device=y.device)
+                    out[p0:p0 + k, i0:i0 + b] = y.reshape(k, b, -1)
+        return out
+
+    def __call__(self, index: int, space: ScaleSpace, cands: torch.Tensor) -> torch.Tensor:
+        """Losses (P,) of candidate scale vectors ``cands`` (P, dim) for block ``index``."""
+        if cands.ndim == 1:
+            cands = cands.unsqueeze(0)
+        out = self.outputs(index, space, cands)
+        self.calls += 1
+        self.evaluations += cands.shape[0]
+        return self.loss(out, self.ref)
