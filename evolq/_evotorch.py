@@ -12,3 +12,6 @@ for _name in ("evotorch", "evotorch.core", "evotorch.logging"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 __all__ = ["evotorch"]
+
+# EvoTorch copy-constructs tensors it is given (bounds, centers) and warns each time
+warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)

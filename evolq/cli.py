@@ -1,0 +1,198 @@
+"""Command line: ``evolq eval``, ``evolq quantize``, ``evolq demo``.
+
+User mistakes print one line (``evolq: error: ...``) and exit with code 2;
+Ctrl-C exits with 130 after the last finished block has been checkpointed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import EvolQError
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_model_args(p, quantize: bool):
+    p.add_argument("--model", required=True, help="timm model name (or torchvision:NAME)")
+    p.add_argument("--weights", help="local weights file (.safetensors or tensors-only .pth); "
+                                     "default: the assets folder, else timm's hub")
+    p.add_argument("--data", help="image folder: labels.csv layout (even labels calibrate, odd labels "
+                                  "evaluate) or ImageFolder tree; default: the bundled ImageNet sample")
+    p.add_argument("--w-bits", type=int, default=8 if not quantize else None, required=quantize,
+                   help="weight bits (2-8)")
+    p.add_argument("--a-bits", type=int, default=8 if not quantize else None, required=quantize,
+                   help="activation bits (4-8)")
+    p.add_argument("--calib-size", type=int, default=500, help="calibration images (default 500)")
+    p.add_argument("--limit", type=int, default=None, help="evaluation images (default: all of the split)")
+    p.add_argument("--act-observer", default="omse", help="minmax, ema, percentile or omse (default omse)")
+    p.add_argument("--attn-probs", default="uniform", choices=("uniform", "log2"))
+    p.add_argument("--no-ptf", action="store_true", help="plain uniform quantizers on LayerNorm inputs")
+    p.add_argument("--no-bias-correction", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="evolq", description="Post-training quantization by evolutionary "
+                                                                "search over quantization scales (Evol-Q).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    pe = sub.add_parser("eval", help="FP32 vs start-point (FQ-ViT regime) metrics")
+    _add_model_args(pe, quantize=False)
+    pe.add_argument("--json", action="store_true", help="print one JSON object")
+
+    pq = sub.add_parser("quantize", help="start point + Evol-Q search; writes report.json and the model")
+    _add_model_args(pq, quantize=True)
+    pq.add_argument("--searcher", default="tournament", help="tournament, cmaes, snes or pgpe")
+    pq.add_argument("--loss", default="infonce", help="infonce, mse, cosine or kl")
+    pq.add_argument("--passes", type=int, default=10)
+    pq.add_argument("--cycles", type=int, default=3, help="fitness evaluations per block and pass")
+    pq.add_argument("--scope", default="attn-weights", help="attn-weights (authors' code) or block (paper)")
+    pq.add_argument("--noise", default="absolute", help="absolute (+U(-eps,eps)) or relative")
+    pq.add_argument("--eps", type=float, default=None, help="mutation range (default by weight bits)")
+    pq.add_argument("--infonce-batch", type=int, default=100)
+    pq.add_argument("--holdout", type=float, default=0.1, help="calibration fraction that decides passes")
+    pq.add_argument("--max-batch", type=int, default=512, help="candidates x images per forward chunk")
+    pq.add_argument("--seed", type=int, default=0)
+    pq.add_argument("--device", default="cpu")
+    pq.add_argument("--out", required=True, help="output folder (report.json, model/, checkpoint)")
+    pq.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
+    pq.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    pd = sub.add_parser("demo", help="ViT-Tiny from the assets at W3A8: FP32 vs start vs Evol-Q (< 5 min)")
+    pd.add_argument("--w-bits", type=int, default=3)
+    pd.add_argument("--passes", type=int, default=1)
+    pd.add_argument("--cycles", type=int, default=2)
+    pd.add_argument("--calib-size", type=int, default=200)
+    pd.add_argument("--limit", type=int, default=500, help="evaluation images")
+    pd.add_argument("--out", default=None, help="also write report.json and the model here")
+    return parser
+
+
+def _load(args, quiet=False):
+    from .config import QuantConfig
+    from .data import assets_dir, load_images
+    from .models import load_model, model_transform
+
+    qcfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, act_observer=args.act_observer,
+                       attn_probs=args.attn_probs, ptf=not args.no_ptf,
+                       bias_correction=not args.no_bias_correction)
+    for name in ("calib_size", "limit"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise EvolQError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    model = load_model(args.model, args.weights)
+    tf = model_transform(model)
+    data = Path(args.data) if args.data else assets_dir() / "imagenet-sample"
+    xc, _ = load_images(data, tf, "calib", limit=args.calib_size, progress=not quiet)
+    xe, ye = load_images(data, tf, "eval", limit=args.limit, progress=not quiet)
+    return model, qcfg, xc, xe, ye
+
+
+def _short(m):
+    return {k: m[k] for k in ("top1", "top5", "agreement", "kl") if k in m}
+
+
+def _table(rows) -> str:
+    lines = [f"{'model':<12}{'top1':>8}{'top5':>8}{'agree':>8}{'KL':>9}"]
+    for name, m in rows:
+        lines.append(f"{name:<12}{m['top1']:8.2f}{m['top5']:8.2f}{m['agreement']:8.2f}{m['kl']:9.4f}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> int:
+    from .api import prepare_model
+    from .evaluate import evaluate_qmodel
+
+    model, qcfg, xc, xe, ye = _load(args, quiet=args.json)
+    qmodel = prepare_model(model, xc, qcfg, arch=args.model, progress=not args.json)
+    res, _ = evaluate_qmodel(qmodel, xe, ye, progress=not args.json)
+    out = {"model": args.model, "w_bits": args.w_bits, "a_bits": args.a_bits, "calib_images": int(xc.shape[0]),
+           "eval_images": int(xe.shape[0]), "fp32": _short(res["fp32"]), "quantized": _short(res["quantized"])}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{args.model} W{args.w_bits}A{args.a_bits}: {xc.shape[0]} calibration / {xe.shape[0]} evaluation images")
+        print(_table([("fp32", res["fp32"]), ("quantized", res["quantized"])]))
+    return 0
+
+
+def _run_quantize(model, arch, qcfg, scfg, xc, xe, ye, out_dir, resume) -> dict:
+    from .api import prepare_model, quantize_model, save_quantized
+    from .config import EvolQConfig
+    from .evaluate import evaluate_qmodel
+
+    t0 = time.perf_counter()
+    qmodel = prepare_model(model, xc, qcfg, arch=arch, progress=scfg.progress)
+    start, fp_logits = evaluate_qmodel(qmodel, xe, ye, progress=scfg.progress)
+    qmodel, rep = quantize_model(qmodel, xc, EvolQConfig(qcfg, scfg), checkpoint_dir=out_dir, resume=resume)
+    final, _ = evaluate_qmodel(qmodel, xe, ye, fp_logits=fp_logits, progress=scfg.progress)
+    report = {"model": arch, "fp32": _short(start["fp32"]), "start": _short(start["quantized"]),
+              "final": _short(final["quantized"]), "evaluations": rep["evaluations"],
+              "seconds": time.perf_counter() - t0, "search_seconds": rep["search_seconds"],
+              "calib_images": int(xc.shape[0]), "eval_images": int(xe.shape[0]), "search": rep}
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_quantized(qmodel, out_dir / "model")
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def cmd_quantize(args) -> int:
+    from .config import SearchConfig
+
+    scfg = SearchConfig(searcher=args.searcher, loss=args.loss, passes=args.passes, cycles=args.cycles,
+                        scope=args.scope, noise=args.noise, eps=args.eps, infonce_batch=args.infonce_batch,
+                        holdout=args.holdout, max_batch=args.max_batch, seed=args.seed, device=args.device,
+                        progress=not args.quiet)
+    model, qcfg, xc, xe, ye = _load(args, quiet=args.quiet)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EvolQError(f"--out {str(out)!r} exists and is not a folder")
+    report = _run_quantize(model, args.model, qcfg, scfg, xc, xe, ye, out, args.resume)
+    print(_table([("fp32", report["fp32"]), ("start", report["start"]), ("evol-q", report["final"])]))
+    print(f"{report['evaluations']} fitness evaluations, {report['seconds']:.0f} s; wrote {out / 'report.json'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .config import QuantConfig, SearchConfig
+    from .data import assets_dir, load_images
+    from .models import load_model, model_transform
+
+    arch = "vit_tiny_patch16_224"
+    print(f"evolq demo: {arch} (real ImageNet weights), W{args.w_bits}A8, {args.calib_size} calibration images "
+          f"(even labels), {args.limit} evaluation images (odd labels); {args.passes} pass x {args.cycles} cycles")
+    model = load_model(arch)
+    tf = model_transform(model)
+    data = assets_dir() / "imagenet-sample"
+    xc, _ = load_images(data, tf, "calib", limit=args.calib_size, progress=True)
+    xe, ye = load_images(data, tf, "eval", limit=args.limit, progress=True)
+    qcfg = QuantConfig(w_bits=args.w_bits, a_bits=8)
+    n_fit = xc.shape[0] - int(round(xc.shape[0] * 0.1))
+    scfg = SearchConfig(passes=args.passes, cycles=args.cycles, infonce_batch=min(100, max(2, n_fit // 3)))
+    out = Path(args.out) if args.out else None
+    report = _run_quantize(model, arch, qcfg, scfg, xc, xe, ye, out, resume=False)
+    print(_table([("fp32", report["fp32"]), ("start", report["start"]), ("evol-q", report["final"])]))
+    print(f"{report['evaluations']} fitness evaluations; search {report['search_seconds']:.0f} s, "
+          f"total {report['seconds']:.0f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return {"eval": cmd_eval, "quantize": cmd_quantize, "demo": cmd_demo}[args.command](args)
+    except EvolQError as e:
+        print(f"evolq: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evolq: interrupted; finished blocks are checkpointed: rerun with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
