@@ -5,6 +5,9 @@ place and returns its ``QModel`` block view.
 """
 from ._registry import Adapter, adapter_for, get_adapter, list_adapters, register_adapter
 from . import vit  # noqa: F401  (registers)
+from . import swin  # noqa: F401  (registers)
+from . import levit  # noqa: F401  (registers)
+from . import torchvision_vit  # noqa: F401  (registers)
 
 __all__ = ["Adapter", "adapter_for", "get_adapter", "list_adapters", "register_adapter", "quantize_structure"]
 

@@ -52,6 +52,6 @@ def adapter_for(model: nn.Module) -> Adapter:
     for a in _ADAPTERS.values():
         if a.matches(model):
             return a
-    fams = "; ".join(f"{n} ({d})" for n, d in _ADAPTERS.items())
+    fams = "; ".join(f"{n} ({a.description})" for n, a in _ADAPTERS.items())
     raise UnsupportedModelError(
         f"no adapter supports {type(model).__name__}; supported families: {fams}; {GUIDE}")

@@ -1,0 +1,151 @@
+"""torchvision VisionTransformer adapter (``vit_b_16``, ``vit_b_32``, ``vit_l_*``, ``vit_h_14``;
+load by name as ``torchvision:vit_b_16``).
+
+Quantized (the FQ-ViT regime of the timm ViT adapter): the patch-embedding Conv, the
+packed q/k/v input projection of every ``nn.MultiheadAttention`` (its
+``in_proj_weight``/``in_proj_bias`` parameters, now inside a ``QLinear`` named
+``in_proj``), ``out_proj``, the MLP Linears and the classifier (weights and inputs);
+q, k and v; the attention probabilities (uniform or log2); the GELU output; the input
+of every LayerNorm (PTF). Residual additions, the position embedding and the
+LayerNorm/GELU/softmax arithmetic stay in float.
+
+Blocks: ``stem`` (patch embedding, class token, position embedding),
+``encoder.layers.encoder_layer_{i}`` (searched: ``attn-weights`` = in_proj and
+out_proj weight scales, ``block`` = every searchable scale), ``head`` (final
+LayerNorm, class token, classifier).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..layers import quantizers_of
+from ..qmodel import Block, QModel
+from ._builder import act_quant, probs_quant, wrap_act, wrap_conv, wrap_linear, wrap_norm
+from ._registry import Adapter, register_adapter
+
+__all__ = ["QMultiheadAttention", "TorchvisionViTAdapter"]
+
+
+class QMultiheadAttention(nn.Module):
+    """Self-attention with quantized weights, q, k, v and attention probabilities, in
+    place of a batch-first ``nn.MultiheadAttention``.
+
+    Keeps the module's parameters: the packed ``in_proj_weight``/``in_proj_bias``
+    become the weight/bias of the ``QLinear`` ``in_proj``; ``out_proj`` is wrapped.
+    Takes and returns what ``nn.MultiheadAttention`` does (``(output, weights)``)
+    for self-attention (query, key and value the same tensor) without masks.
+    """
+
+    def __init__(self, mha: nn.MultiheadAttention, cfg):
+        super().__init__()
+        if not mha.batch_first:
+            raise UnsupportedModelError("only batch-first nn.MultiheadAttention is supported")
+        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+            raise UnsupportedModelError("nn.MultiheadAttention with kdim/vdim, bias_k/bias_v or "
+                                        "add_zero_attn is not supported")
+        e = mha.embed_dim
+        self.embed_dim, self.num_heads, self.head_dim = e, mha.num_heads, mha.head_dim
+        self.dropout = mha.dropout
+        packed = nn.Linear(e, 3 * e, bias=mha.in_proj_bias is not None, device="meta")
+        packed.weight = mha.in_proj_weight  # the original parameters, not copies
+        packed.bias = mha.in_proj_bias
+        self.in_proj = wrap_linear(packed, cfg)
+        self.out_proj = wrap_linear(mha.out_proj, cfg)
+        self.q_quant, self.k_quant, self.v_quant = act_quant(cfg, True), act_quant(cfg, True), act_quant(cfg, True)
+        self.probs_quant = probs_quant(cfg)
+
+    def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise NotImplementedError("quantized attention supports self-attention only")
+        if key_padding_mask is not None or attn_mask is not None or is_causal:
+            raise NotImplementedError("quantized attention does not take masks")
+        b, n, _ = query.shape
+        qkv = self.in_proj(query).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
+        attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+        attn = self.probs_quant(attn.softmax(dim=-1))
+        dropped = nn.functional.dropout(attn, self.dropout, self.training) if self.dropout > 0 else attn
+        out = self.out_proj((dropped @ v).transpose(1, 2).reshape(b, n, self.embed_dim))
+        if not need_weights:
+            return out, None
+        return out, attn.mean(dim=1) if average_attn_weights else attn
+
+
+def _quantize_encoder_block(block: nn.Module, cfg) -> None:
+    block.ln_1 = wrap_norm(block.ln_1, cfg)
+    block.self_attention = QMultiheadAttention(block.self_attention, cfg)
+    block.ln_2 = wrap_norm(block.ln_2, cfg)
+    mlp = block.mlp  # Sequential: Linear, GELU, Dropout, Linear, Dropout
+    kinds = [type(m) for m in mlp]
+    if len(mlp) != 5 or not (isinstance(mlp[0], nn.Linear) and isinstance(mlp[3], nn.Linear)):
+        raise UnsupportedModelError(f"unexpected torchvision ViT MLP layout: {[k.__name__ for k in kinds]}")
+    mlp[0] = wrap_linear(mlp[0], cfg)
+    mlp[1] = wrap_act(mlp[1], cfg)
+    mlp[3] = wrap_linear(mlp[3], cfg, quant_input=False)  # its input is the quantized GELU output
+
+
+def _is_torchvision_vit(model) -> bool:
+    try:
+        from torchvision.models.vision_transformer import VisionTransformer
+    except Exception:  # pragma: no cover - torchvision missing
+        return False
+    return isinstance(model, VisionTransformer)
+
+
+@register_adapter
+class TorchvisionViTAdapter(Adapter):
+    name = "torchvision_vit"
+    description = "torchvision VisionTransformer, e.g. torchvision:vit_b_16"
+
+    def matches(self, model):
+        return _is_torchvision_vit(model)
+
+    def quantize(self, model, cfg, arch=""):
+        from torchvision.models.vision_transformer import EncoderBlock
+
+        model.eval()
+        if not isinstance(model.conv_proj, nn.Conv2d):
+            raise UnsupportedModelError("torchvision ViTs with a convolutional stem are not supported")
+        if not all(isinstance(b, EncoderBlock) for b in model.encoder.layers):
+            raise UnsupportedModelError("this torchvision ViT variant's blocks are not supported")
+        if not all(isinstance(m, (nn.Linear, nn.Tanh)) for m in model.heads):
+            raise UnsupportedModelError("this torchvision ViT variant's head is not supported")
+
+        model.conv_proj = wrap_conv(model.conv_proj, cfg)
+        for blk in model.encoder.layers:
+            _quantize_encoder_block(blk, cfg)
+        model.encoder.ln = wrap_norm(model.encoder.ln, cfg)
+        after_act = False
+        for name, m in list(model.heads.named_children()):
+            if isinstance(m, nn.Linear):
+                setattr(model.heads, name, wrap_linear(m, cfg, quant_input=not after_act))
+                after_act = False
+            else:  # Tanh of the representation layer
+                setattr(model.heads, name, wrap_act(m, cfg))
+                after_act = True
+
+        def stem(x):
+            x = model._process_input(x)
+            x = torch.cat([model.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+            return model.encoder.dropout(x + model.encoder.pos_embedding)
+
+        def head(x):
+            return model.heads(model.encoder.ln(x)[:, 0])
+
+        blocks = [Block("stem", stem, quantizers_of(model.conv_proj, "conv_proj"))]
+        for name, blk in model.encoder.layers.named_children():
+            full = f"encoder.layers.{name}"
+            qs = quantizers_of(blk, full)
+            blocks.append(Block(full, blk, qs, {
+                "attn-weights": [f"{full}.self_attention.in_proj.weight_quant",
+                                 f"{full}.self_attention.out_proj.weight_quant"],
+                "block": [n for n, q in qs.items() if q.searchable],
+            }))
+        head_q = quantizers_of(model.encoder.ln, "encoder.ln")
+        head_q.update(quantizers_of(model.heads, "heads"))
+        blocks.append(Block("head", head, head_q))
+        return QModel(model, blocks, self.name, arch, cfg)
