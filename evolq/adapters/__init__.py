@@ -8,6 +8,8 @@ from . import vit  # noqa: F401  (registers)
 from . import swin  # noqa: F401  (registers)
 from . import levit  # noqa: F401  (registers)
 from . import torchvision_vit  # noqa: F401  (registers)
+from . import efficientnet  # noqa: F401  (registers)
+from . import resnet  # noqa: F401  (registers)
 
 __all__ = ["Adapter", "adapter_for", "get_adapter", "list_adapters", "register_adapter", "quantize_structure"]
 
