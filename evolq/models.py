@@ -65,6 +65,9 @@ def load_weights(model: nn.Module, path) -> nn.Module:
     path = Path(path)
     sd = _read_state_dict(path)
     own = model.state_dict()
+    for k in own:  # BatchNorm step counters are not weights; many published files omit them
+        if k.endswith("num_batches_tracked") and k not in sd:
+            sd[k] = own[k]
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
