@@ -96,6 +96,8 @@ def load_model(name: str, weights=None, hub: bool = True) -> nn.Module:
         weights = asset_model_file(name)
     if weights is not None:
         load_weights(model, weights)
+    elif name.startswith(TORCHVISION_PREFIX):
+        raise WeightsError(f"{name!r} needs a local weights file (no torchvision download here): pass weights")
     elif hub:
         import timm
 
