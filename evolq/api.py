@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
@@ -12,13 +13,13 @@ from torch import nn
 
 from .adapters import quantize_structure
 from .calibrate import calibrate
-from .checkpoint import CKPT_NAME, fingerprint
+from .checkpoint import CKPT_NAME, fingerprint, read_checkpoint_meta
 from .config import EvolQConfig, QuantConfig
 from .errors import CheckpointError, ConfigError, DataError, EvolQError
 from .qmodel import QModel
 
-__all__ = ["prepare_model", "quantize_model", "as_tensor_data", "split_calibration",
-           "save_quantized", "load_quantized"]
+__all__ = ["prepare_model", "quantize_model", "as_tensor_data", "split_calibration", "check_run_folder",
+           "run_settings", "save_quantized", "load_quantized"]
 
 FORMAT_VERSION = 1
 
@@ -91,6 +92,57 @@ def split_calibration(x: torch.Tensor, holdout: float, seed: int) -> tuple[torch
     return x[perm[n_hold:]], x[perm[:n_hold]]
 
 
+# settings that do not change the result (or only by float rounding) and may differ on resume
+RESUME_FREE = ("progress", "max_batch", "device")
+
+
+def run_settings(config: EvolQConfig) -> dict:
+    """The settings a resumed run must share with the run it continues."""
+    d = config.to_dict()
+    return {"quant": d["quant"], "search": {k: v for k, v in d["search"].items() if k not in RESUME_FREE}}
+
+
+def _device(name) -> torch.device:
+    try:
+        dev = torch.device(name)
+        torch.zeros(1, device=dev)
+    except Exception as e:
+        raise ConfigError(f"device {name!r} is not usable here ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
+    return dev
+
+
+def check_run_folder(checkpoint_dir, config: EvolQConfig | None = None, resume: bool = False) -> Path | None:
+    """Check a run folder before any expensive work; returns it as a ``Path``.
+
+    Raises ``CheckpointError`` if it holds a checkpoint and ``resume`` is false, if
+    that checkpoint is unreadable, or if it was written with other settings than
+    ``config`` (naming them); ``ConfigError`` for ``resume`` without a folder.
+    A folder without a checkpoint is fine either way (``resume`` then starts afresh).
+    """
+    if checkpoint_dir is None:
+        if resume:
+            raise ConfigError("resume needs the checkpoint folder of the run to continue")
+        return None
+    folder = Path(checkpoint_dir)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {str(folder)!r} exists and is not a folder")
+    ckpt = folder / CKPT_NAME
+    if not ckpt.exists():
+        return folder
+    if not resume:
+        raise CheckpointError(f"{str(folder)!r} already holds a run's checkpoint: resume it or choose another folder")
+    meta = read_checkpoint_meta(ckpt)
+    if config is not None and isinstance(meta.get("config"), dict) and meta["config"]:
+        old, new = meta["config"], json.loads(json.dumps(run_settings(config), default=str))
+        diffs = [f"{sec}.{k}: {old.get(sec, {}).get(k)!r} -> {new[sec].get(k)!r}"
+                 for sec in ("quant", "search") for k in sorted(set(old.get(sec, {})) | set(new[sec]))
+                 if old.get(sec, {}).get(k) != new[sec].get(k)]
+        if diffs:
+            raise CheckpointError(f"cannot resume {str(folder)!r} with other settings ({'; '.join(diffs[:4])}); "
+                                  f"use the original settings or another folder")
+    return folder
+
+
 def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | None = None, *,
                    arch: str = "", checkpoint_dir=None, resume: bool = False):
     """Quantize ``model`` and improve its scales block by block with evolutionary search.
@@ -123,9 +175,7 @@ def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | 
         raise DataError(f"the fitness set has {fit_x.shape[0]} samples (after holding out {hold_x.shape[0]}), fewer "
                         f"than the infoNCE batch of {scfg.infonce_batch}: give more calibration data or lower "
                         f"infonce_batch")
-    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt_dir is not None and (ckpt_dir / CKPT_NAME).exists() and not resume:
-        raise CheckpointError(f"{str(ckpt_dir)!r} already holds a run's checkpoint: resume it or choose another folder")
+    ckpt_dir = check_run_folder(checkpoint_dir, config, resume)
     t0 = time.perf_counter()
     if isinstance(model, QModel):
         qmodel = model
@@ -133,12 +183,12 @@ def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | 
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch nn.Module, got {type(model).__name__}")
         qmodel = prepare_model(model, x, config.quant, arch=arch, progress=scfg.progress)
-    qmodel.model.to(scfg.device)
+    qmodel.model.to(_device(scfg.device))
     fit_x, hold_x = fit_x.to(scfg.device), hold_x.to(scfg.device)
-    run_id = fingerprint(qmodel.arch, qmodel.family, config.to_dict()["quant"],
-                         {k: v for k, v in config.to_dict()["search"].items() if k not in ("progress", "max_batch", "device")},
+    summary = run_settings(config)
+    run_id = fingerprint(qmodel.arch, qmodel.family, summary["quant"], summary["search"],
                          x[:: max(1, x.shape[0] // 16)])
-    engine = SearchEngine(qmodel, fit_x, hold_x, scfg, config.quant.w_bits, ckpt_dir, run_id)
+    engine = SearchEngine(qmodel, fit_x, hold_x, scfg, config.quant.w_bits, ckpt_dir, run_id, summary)
     state = engine.run(resume=resume)
     report = {
         "config": config.to_dict(),
@@ -154,55 +204,145 @@ def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | 
 
 
 # -- save / load -----------------------------------------------------------------
-def save_quantized(qmodel: QModel, folder) -> Path:
+WEIGHTS_NAME, META_NAME = "model.safetensors", "evolq.json"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _model_record(qmodel: QModel, arch: str, model_kwargs: dict) -> dict:
+    return {"format": FORMAT_VERSION, "arch": arch, "family": qmodel.family, "model_kwargs": model_kwargs,
+            "quant": dataclasses.asdict(qmodel.config)}
+
+
+def save_quantized(qmodel: QModel, folder, model_kwargs: dict | None = None) -> Path:
     """Save as ``model.safetensors`` (every tensor, quantizer state included) plus
-    ``evolq.json`` (architecture, config, file hash). No pickled code."""
+    ``evolq.json`` (architecture, constructor arguments, quantization config, the
+    weights' SHA-256). No pickled code; both files are written atomically.
+
+    Args:
+        qmodel: a quantized model (``prepare_model`` / ``quantize_model``).
+        folder: output folder (created).
+        model_kwargs: extra arguments the architecture was built with
+            (``timm.create_model(arch, **model_kwargs)``), e.g. ``{"num_classes": 10}``.
+    """
     import hashlib
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save as st_save
 
-    if not qmodel.arch:
-        raise EvolQError("the model's architecture name is unknown; pass arch= to prepare_model/quantize_model")
+    if not isinstance(qmodel, QModel):
+        raise ConfigError(f"save_quantized takes a QModel, got {type(qmodel).__name__}")
+    arch = qmodel.arch or (getattr(qmodel.model, "pretrained_cfg", None) or {}).get("architecture", "")
+    if not arch:
+        raise ConfigError("the model's architecture name is unknown; pass arch= to prepare_model/quantize_model")
+    if not dataclasses.is_dataclass(qmodel.config):
+        raise ConfigError("this QModel has no quantization config (built by hand?); only adapter-built models "
+                          "can be saved and rebuilt")
+    model_kwargs = dict(model_kwargs or {})
+    try:
+        json.dumps(model_kwargs)
+    except (TypeError, ValueError):
+        raise ConfigError("model_kwargs must be JSON-able (numbers, strings, lists, dicts)") from None
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{str(folder)!r} exists and is not a folder")
     folder.mkdir(parents=True, exist_ok=True)
+    record = _model_record(qmodel, arch, model_kwargs)
     sd = {k: v.detach().cpu().contiguous().clone() for k, v in qmodel.model.state_dict().items()}
-    tmp = folder / "model.safetensors.tmp"
-    save_file(sd, str(tmp))
-    tmp.replace(folder / "model.safetensors")
-    digest = hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
-    meta = {"format": FORMAT_VERSION, "arch": qmodel.arch, "family": qmodel.family,
-            "quant": dataclasses.asdict(qmodel.config), "sha256": digest}
-    (folder / "evolq.json").write_text(json.dumps(meta, indent=2))
+    # the record is also stored inside the weights file, so a weights file and an
+    # evolq.json that do not belong together are detected on loading
+    blob = st_save(sd, metadata={"evolq": json.dumps(record, sort_keys=True)})
+    _atomic_write_bytes(folder / WEIGHTS_NAME, blob)
+    meta = dict(record, sha256=hashlib.sha256(blob).hexdigest())
+    _atomic_write_bytes(folder / META_NAME, json.dumps(meta, indent=2).encode())
     return folder
 
 
-def load_quantized(folder) -> QModel:
-    """Load a model saved by ``save_quantized``; refuses tampered or mismatched files."""
+def _build_model(arch: str, model_kwargs: dict) -> nn.Module:
+    from .models import TORCHVISION_PREFIX, create_model
+
+    if not model_kwargs:
+        return create_model(arch)
+    try:
+        if arch.startswith(TORCHVISION_PREFIX):
+            import torchvision
+
+            return torchvision.models.get_model(arch[len(TORCHVISION_PREFIX):], weights=None, **model_kwargs)
+        import timm
+
+        if not timm.is_model(arch.split(".")[0]):
+            return create_model(arch)  # raises UnknownModelError with suggestions
+        return timm.create_model(arch, pretrained=False, **model_kwargs)
+    except EvolQError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot build {arch!r} with {model_kwargs}: {(str(e).splitlines() or [''])[0][:160]}") from None
+
+
+def load_quantized(folder, model: nn.Module | None = None) -> QModel:
+    """Load a model saved by ``save_quantized``; refuses tampered or mismatched files.
+
+    Args:
+        folder: the folder ``save_quantized`` wrote.
+        model: optionally, a float model of the saved architecture to load into
+            (quantized in place); by default it is built from the saved name and
+            constructor arguments.
+
+    Raises ``CheckpointError`` when a file is missing or unreadable, the weights do
+    not match the SHA-256 in ``evolq.json``, the two files do not belong together,
+    or the tensors do not fit the architecture.
+    """
     import hashlib
 
-    from safetensors.torch import load_file
-
-    from .models import create_model
+    from safetensors.torch import load as st_load
 
     folder = Path(folder)
-    meta_path, weights = folder / "evolq.json", folder / "model.safetensors"
-    if not meta_path.exists() or not weights.exists():
+    meta_path, weights = folder / META_NAME, folder / WEIGHTS_NAME
+    if not meta_path.is_file() or not weights.is_file():
         raise CheckpointError(f"{str(folder)!r} holds no saved evolq model (evolq.json + model.safetensors)")
     try:
         meta = json.loads(meta_path.read_text())
-        arch, quant = meta["arch"], QuantConfig(**meta["quant"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{str(meta_path)!r} is not a valid evolq.json ({e})") from None
+        if not isinstance(meta, dict):
+            raise TypeError("not an object")
+        arch, quant, kwargs = meta["arch"], QuantConfig(**meta["quant"]), meta.get("model_kwargs") or {}
+        if not isinstance(arch, str) or not isinstance(kwargs, dict):
+            raise TypeError("arch or model_kwargs has the wrong type")
+    except (ValueError, KeyError, TypeError, EvolQError) as e:
+        raise CheckpointError(f"{str(meta_path)!r} is not a valid evolq.json "
+                              f"({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
     if meta.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"unsupported format {meta.get('format')!r} in {str(meta_path)!r}")
-    if hashlib.sha256(weights.read_bytes()).hexdigest() != meta.get("sha256"):
+    blob = weights.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
         raise CheckpointError(f"{str(weights)!r} does not match the hash in evolq.json: tampered or mismatched")
     try:
-        sd = load_file(str(weights))
+        sd = st_load(blob)  # the very bytes that were hashed
+        n = int.from_bytes(blob[:8], "little")
+        inner = json.loads((json.loads(blob[8:8 + n]).get("__metadata__") or {}).get("evolq", "null"))
     except Exception as e:
         raise CheckpointError(f"cannot read {str(weights)!r} ({type(e).__name__})") from None
-    model = create_model(arch).eval()
-    qmodel = quantize_structure(model, quant, arch=arch)
+    record = {k: meta.get(k) for k in ("format", "arch", "family", "model_kwargs", "quant")}
+    record["model_kwargs"] = record["model_kwargs"] or {}
+    if inner != json.loads(json.dumps(record, sort_keys=True)):
+        raise CheckpointError(f"{str(meta_path)!r} does not describe {str(weights)!r} (architecture or "
+                              f"quantization settings differ): tampered or mismatched")
+    if model is None:
+        model = _build_model(arch, kwargs)
+    elif not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    qmodel = quantize_structure(model.eval(), quant, arch=arch)
+    if meta.get("family") and qmodel.family != meta["family"]:
+        raise CheckpointError(f"saved model is a {meta['family']!r} model, the given one a {qmodel.family!r} model")
     try:
         qmodel.model.load_state_dict(sd, strict=True)
     except RuntimeError as e:

@@ -18,7 +18,37 @@ import torch
 
 from .scales import ScaleSpace
 
-__all__ = ["reference_outputs", "BlockFitness"]
+__all__ = ["reference_outputs", "chunked_forward", "is_oom", "BlockFitness"]
+
+
+def is_oom(err: BaseException) -> bool:
+    """True for an out-of-memory error: CUDA's, or the CPU allocator's."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+
+
+def _free_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def chunked_forward(fn, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``fn`` over ``x`` in chunks of ``batch_size`` samples, concatenated. On an
+    out-of-memory error the chunk size is halved and the failed chunk retried."""
+    outs, i, bs = [], 0, max(1, int(batch_size))
+    while i < x.shape[0]:
+        try:
+            outs.append(fn(x[i:i + bs]))
+        except Exception as e:
+            if not is_oom(e) or bs <= 1:
+                raise
+            bs //= 2
+            _free_cache()
+            continue
+        i += bs
+    return torch.cat(outs)
 
 
 @torch.no_grad()
@@ -26,8 +56,7 @@ def reference_outputs(qmodel, inputs: torch.Tensor, batch_size: int = 256) -> to
     """Outputs of the float model (quantizers off) for ``inputs``."""
     qmodel.set_quant_enabled(False)
     try:
-        return torch.cat([qmodel.run_blocks(inputs[i:i + batch_size]).float()
-                          for i in range(0, inputs.shape[0], batch_size)])
+        return chunked_forward(lambda xb: qmodel.run_blocks(xb).float(), inputs, batch_size)
     finally:
         qmodel.set_quant_enabled(True)
 
@@ -49,6 +78,7 @@ class BlockFitness:
         self._acts: dict[int, torch.Tensor] = {}  # block index -> quantized input of that block
         self.calls = 0
         self.evaluations = 0
+        self.oom_retries = 0  # times an out-of-memory error halved max_batch
 
     # -- activation cache --------------------------------------------------------
     def invalidate(self, after: int = -1) -> None:
@@ -64,31 +94,43 @@ class BlockFitness:
             return self._acts[index]
         j = max([i for i in self._acts if i < index], default=0)
         x = self.inputs if j == 0 else self._acts[j]
-        bs = self.max_batch
         for b in range(j, index):
-            x = torch.cat([self.qmodel.blocks[b].run(x[i:i + bs]) for i in range(0, x.shape[0], bs)])
+            x = chunked_forward(self.qmodel.blocks[b].run, x, self.max_batch)
             self._acts[b + 1] = x
         return x
 
     # -- evaluation --------------------------------------------------------------
     @torch.no_grad()
     def outputs(self, index: int, space: ScaleSpace, cands: torch.Tensor) -> torch.Tensor:
-        """Model outputs (P, N, K) with candidate p's scales in block ``index``."""
+        """Model outputs (P, N, K) with candidate p's scales in block ``index``.
+
+        Forwards see at most ``max_batch`` samples (candidates x images): whole image
+        sets for several candidates at once while they fit, else one candidate on
+        image chunks. On an out-of-memory error ``max_batch`` is halved for the rest
+        of the run and the call is redone: the same losses up to float rounding
+        (chunk sizes change the summation order of some kernels; see
+        docs/reliability.md).
+        """
         x_in = self.block_input(index)
         p_total, n = cands.shape[0], x_in.shape[0]
         while True:
             try:
                 return self._outputs(index, space, cands, x_in, p_total, n)
-            except torch.cuda.OutOfMemoryError:
-                if self.max_batch <= 1:
+            except Exception as e:
+                if not is_oom(e) or self.max_batch <= 1:
                     raise
-                self.max_batch //= 2  # same result, smaller chunks
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                self.max_batch //= 2  # smaller chunks, same candidates and images
+                self.oom_retries += 1
+                _free_cache()
 
-    def _outputs(self, index, space, cands, x_in, p_total, n):
+    def chunks(self, p_total: int, n: int) -> tuple[int, int]:
+        """(candidates, images) per forward for ``p_total`` candidates on ``n`` images."""
         pc = max(1, min(p_total, self.max_batch // min(n, self.max_batch)))
         ic = max(1, min(n, self.max_batch // pc))
+        return pc, ic
+
+    def _outputs(self, index, space, cands, x_in, p_total, n):
+        pc, ic = self.chunks(p_total, n)
         out = None
         for p0 in range(0, p_total, pc):
             sub = cands[p0:p0 + pc]

@@ -6,12 +6,14 @@ same class serves ViTs, CNNs, LSTMs and GNNs.
 
 Decision vectors are either the scales themselves (``"absolute"``) or ratios to the
 start scales (``"relative"``, start = all ones). Either way candidates are decoded
-to positive scales (absolute value, floored at ``min_scale``), non-finite losses
+to positive, finite scales (absolute value, floored at ``min_scale``, a non-finite
+coordinate replaced by its start value), non-finite losses
 are mapped to ``penalty`` (EvoTorch searchers crash on NaN/inf), and the best
 candidate ever evaluated is remembered.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -57,6 +59,8 @@ class BlockScaleProblem(evotorch.Problem):
                          dtype=torch.float32, eval_dtype=torch.float64, seed=seed)
         self.evaluations = 0
         self.best_values = center.clone()
+        if start_fitness is not None and not math.isfinite(float(start_fitness)):
+            start_fitness = self.penalty  # a broken start: any finite candidate beats it
         self.best_fitness = float("inf") if start_fitness is None else float(start_fitness)
         self.start_fitness = start_fitness
         self.history: list[float] = []  # best-so-far after each batch
@@ -70,7 +74,8 @@ class BlockScaleProblem(evotorch.Problem):
         """Decision vectors -> positive scales."""
         values = values.to(self.start)
         scales = values.abs() if self.parameterization == "absolute" else self.start * values.abs()
-        scales = torch.nan_to_num(scales, nan=1.0, posinf=1.0)
+        # a NaN/inf coordinate (a diverged searcher) falls back to the start scale there
+        scales = torch.where(torch.isfinite(scales), scales, self.start.expand_as(scales))
         return scales.clamp_min(self.min_scale)
 
     def sanitize(self, losses: torch.Tensor) -> torch.Tensor:
