@@ -153,13 +153,21 @@ def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | 
         calib_data: tensor of inputs, dataset or DataLoader (labels are ignored).
         config: ``EvolQConfig``; defaults are the paper's/the authors' settings.
         arch: architecture name, recorded for saving and loading.
-        checkpoint_dir: folder for a checkpoint after every block.
-        resume: continue from the checkpoint in ``checkpoint_dir`` (same run only).
+        checkpoint_dir: folder for an atomic checkpoint after every block (one run
+            per folder; see docs/reliability.md).
+        resume: continue from the checkpoint in ``checkpoint_dir`` (same settings,
+            model and data only); the result equals an uninterrupted run's. Without
+            a checkpoint there, the run starts afresh.
 
     Returns:
         ``(qmodel, report)``: the quantized model (``qmodel.model`` is the module)
         and a JSON-able report (per block: start/final fitness, evaluations,
         seconds; per pass: hold-out loss before/after and whether it was kept).
+
+    Raises:
+        ConfigError, DataError, UnsupportedModelError, CheckpointError: user
+        mistakes, with one-line messages. ``KeyboardInterrupt`` propagates after
+        the model (and the checkpoint) are back at the last finished block.
     """
     from .engine import SearchEngine
 

@@ -4,6 +4,7 @@ kill-and-resume driver."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import select
@@ -37,6 +38,25 @@ def small_config(**kw):
     base = dict(w_bits=4, passes=2, cycles=4, infonce_batch=8, eps=0.01, progress=False)
     base.update(kw)
     return EvolQConfig.make(**base)
+
+
+DEGENERATE_FACTORS = (0.0, 1e-30, 1e-9, 1e-6, 1e6, 1e30, float("nan"), float("inf"), -1.0)
+
+
+def degenerate_searcher(problem, budget, sigma, seed):
+    """A "searcher" (``SearchConfig.searcher`` callable) that evaluates only
+    degenerate scale vectors on the real model: start x {0, 1e-30, 1e-9, 1e-6, 1e6,
+    1e30, NaN, inf, -1}. Records the losses it saw on ``degenerate_searcher.seen``."""
+    class Step:
+        def step(self):
+            c = problem.center
+            vals = torch.stack([c * f if math.isfinite(f) else torch.full_like(c, f) for f in DEGENERATE_FACTORS])
+            degenerate_searcher.seen.append(problem.evaluate_values(vals).clone())
+
+    return Step(), 1
+
+
+degenerate_searcher.seen = []
 
 
 def strip_timings(obj):

@@ -359,7 +359,7 @@ def _poisoned_fitness(monkeypatch, mode):
 @pytest.mark.parametrize("searcher", ["tournament", "cmaes", "snes", "pgpe"])
 def test_degenerate_candidates_never_win(searcher, monkeypatch, x24):
     poisoned = _poisoned_fitness(monkeypatch, "some")
-    # eps 0.05 on 4-bit weight scales of ~0.01-0.05: many candidates hit the 1e-8 scale floor
+    # eps 0.05 on 4-bit weight scales of ~0.01: large, often near-zero steps
     cfg = fk.small_config(searcher=searcher, eps=0.05, cycles=8, popsize=4, holdout=0.0)
     qm, rep = quantize_model(fk.tiny_vit(), x24, cfg)
     assert poisoned, "the test did not poison anything"
@@ -384,6 +384,19 @@ def test_all_nan_fitness_keeps_the_start(searcher, monkeypatch, x24):
     qm, rep = quantize_model(fk.tiny_vit(), x24, fk.small_config(searcher=searcher, popsize=4, passes=1))
     assert fk.same_tensors(fk.scales_of(qm), fk.scales_of(qm0))
     assert all(b["final_fitness"] == b["start_fitness"] for b in rep["blocks"])
+
+
+def test_degenerate_scales_on_the_real_model(x24):
+    """Scales at 0, 1e-30, 1e30, NaN, inf, negative, evaluated on the real model:
+    no crash, finite losses, and the start (better than all of them) stays."""
+    qm0 = prepare_model(fk.tiny_vit(), x24, QuantConfig(w_bits=4))
+    fk.degenerate_searcher.seen.clear()
+    qm, rep = quantize_model(fk.tiny_vit(), x24, fk.small_config(searcher=fk.degenerate_searcher, passes=1,
+                                                                 loss="mse", holdout=0.0))
+    seen = torch.cat(fk.degenerate_searcher.seen)
+    assert seen.numel() == 2 * len(fk.DEGENERATE_FACTORS) and torch.isfinite(seen).all()
+    assert fk.same_tensors(fk.scales_of(qm), fk.scales_of(qm0))
+    assert all(b["final_fitness"] == b["start_fitness"] <= seen.min().item() for b in rep["blocks"])
 
 
 def test_problem_decodes_degenerate_vectors_to_positive_finite_scales():
