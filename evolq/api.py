@@ -21,7 +21,7 @@ from .qmodel import QModel
 __all__ = ["prepare_model", "quantize_model", "as_tensor_data", "split_calibration", "check_run_folder",
            "run_settings", "save_quantized", "load_quantized"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the record is also embedded in model.safetensors
 
 
 def as_tensor_data(data, name: str = "calibration data") -> torch.Tensor:
