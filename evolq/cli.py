@@ -151,7 +151,9 @@ def _run_quantize(model, arch, qcfg, scfg, xc, xe, ye, out_dir, resume) -> dict:
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_quantized(qmodel, out_dir / "model")
-        (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+        tmp = out_dir / "report.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(out_dir / "report.json")  # atomic
     return report
 
 
@@ -162,10 +164,16 @@ def cmd_quantize(args) -> int:
                         scope=args.scope, noise=args.noise, eps=args.eps, infonce_batch=args.infonce_batch,
                         holdout=args.holdout, max_batch=args.max_batch, seed=args.seed, device=args.device,
                         progress=not args.quiet)
-    model, qcfg, xc, xe, ye = _load(args, quiet=args.quiet)
+    from .api import check_run_folder
+    from .config import EvolQConfig, QuantConfig
+
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EvolQError(f"--out {str(out)!r} exists and is not a folder")
+    qcfg0 = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, act_observer=args.act_observer,
+                        attn_probs=args.attn_probs, ptf=not args.no_ptf, bias_correction=not args.no_bias_correction)
+    check_run_folder(out, EvolQConfig(qcfg0, scfg), args.resume)  # before any expensive work
+    model, qcfg, xc, xe, ye = _load(args, quiet=args.quiet)
     report = _run_quantize(model, args.model, qcfg, scfg, xc, xe, ye, out, args.resume)
     print(_table([("fp32", report["fp32"]), ("start", report["start"]), ("evol-q", report["final"])]))
     print(f"{report['evaluations']} fitness evaluations, {report['seconds']:.0f} s; wrote {out / 'report.json'}")

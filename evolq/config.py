@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
@@ -111,11 +112,11 @@ class SearchConfig:
         _check_int("seed", self.seed, 0, 2**63 - 1)
         if self.popsize is not None:
             _check_int("popsize", self.popsize, 2, 100_000)
-        if self.eps is not None and not (self.eps > 0):
+        if self.eps is not None and not (math.isfinite(self.eps) and self.eps > 0):
             raise ConfigError(f"eps must be positive, got {self.eps!r}")
         if not 0.0 <= self.holdout < 1.0:
             raise ConfigError(f"holdout must be in [0, 1), got {self.holdout!r}")
-        if not self.temperature > 0:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"temperature must be positive, got {self.temperature!r}")
 
     def eps_for(self, w_bits: int) -> float:
