@@ -152,15 +152,18 @@ def test_custom_conv_forward_is_refused():
         quantize_structure(model, QuantConfig(), "resnet")
 
 
-@pytest.mark.parametrize("family,block", [("efficientnet", "blocks.1.0"), ("efficientnet", "stem"),
-                                          ("resnet", "layer2.0")])
+@pytest.mark.parametrize("family,block", [("efficientnet", "blocks.1.0"), ("efficientnet", "blocks.1.1"),
+                                          ("efficientnet", "stem"), ("resnet", "layer2.0")])
 def test_population_fitness_equals_per_candidate(family, block):
     """Batched fitness of P candidates == each candidate installed and evaluated alone
-    (efficientnet blocks.1.0: stride-2 "same"-padded depthwise conv; stem: "same"-padded
-    conv on the image; resnet layer2.0: downsampling shortcut conv)."""
+    (efficientnet blocks.1.0: stride-2 "same"-padded depthwise conv; blocks.1.1: plain
+    depthwise QConv2d, groups > 1, with a residual add; stem: "same"-padded conv on the
+    image; resnet layer2.0: downsampling shortcut conv)."""
     qm = quantize_structure(make(family), QuantConfig(w_bits=4, a_bits=8), family)
     calibrate(qm, images(8, seed=2))
     idx = [b.name for b in qm.blocks].index(block)
+    if block.startswith("blocks."):  # a depthwise conv runs as a grouped conv of P x channels groups
+        assert any(m.conv.groups > 1 for m in qm.model.get_submodule(block).modules() if isinstance(m, QConv2d))
     space = ScaleSpace(qm.blocks[idx].searched("block"))  # weight and activation scales
     x = images(6, seed=3)
     fit = BlockFitness(qm, x, reference_outputs(qm, x), mse, max_batch=10)  # forces chunking
