@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--eps", type=float, default=None, help="mutation range (default by weight bits)")
     pq.add_argument("--infonce-batch", type=int, default=100)
     pq.add_argument("--holdout", type=float, default=0.1, help="calibration fraction that decides passes")
-    pq.add_argument("--max-batch", type=int, default=512, help="candidates x images per forward chunk")
+    pq.add_argument("--max-batch", type=int, default=32,
+                    help="candidates x images per forward chunk (default 32, CPU-cache friendly; raise on GPU)")
     pq.add_argument("--seed", type=int, default=0)
     pq.add_argument("--device", default="cpu")
     pq.add_argument("--out", required=True, help="output folder (report.json, model/, checkpoint)")

@@ -88,7 +88,7 @@ class SearchConfig:
     infonce_batch: int = 100
     temperature: float = 3.0
     seed: int = 0
-    max_batch: int = 512  # population x images per forward chunk (memory bound)
+    max_batch: int = 32  # population x images per forward chunk: memory bound; small chunks stay in CPU cache (raise on GPU)
     reuse_fitness: bool = True
     device: str = "cpu"
     progress: bool = True
