@@ -64,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pd = sub.add_parser("demo", help="ViT-Tiny from the assets at W3A8: FP32 vs start vs Evol-Q (< 5 min)")
     pd.add_argument("--w-bits", type=int, default=3)
-    pd.add_argument("--passes", type=int, default=1)
-    pd.add_argument("--cycles", type=int, default=2)
+    pd.add_argument("--passes", type=int, default=2)
+    pd.add_argument("--cycles", type=int, default=3)
     pd.add_argument("--calib-size", type=int, default=200)
     pd.add_argument("--limit", type=int, default=500, help="evaluation images")
     pd.add_argument("--out", default=None, help="also write report.json and the model here")
