@@ -18,14 +18,6 @@ from evolq.models import create_model, load_model, load_weights  # noqa: E402
 ARCH = "vit_tiny_patch16_224"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def one_line(excinfo):
     msg = str(excinfo.value)
     assert msg and "\n" not in msg, msg

@@ -23,14 +23,6 @@ from evolq.losses import mse  # noqa: E402
 from evolq.scales import ScaleSpace  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _randomize_bn(model, seed=0):
     """Non-trivial BatchNorm statistics, so folding is really exercised."""
     g = torch.Generator().manual_seed(seed)

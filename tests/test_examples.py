@@ -16,14 +16,11 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_clean_registry():
+def _clean_registry():
     from evolq.adapters import _registry
 
-    n = torch.get_num_threads()
     saved = dict(_registry._ADAPTERS)
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(n)
     _registry._ADAPTERS.clear()  # examples register their own adapters on import
     _registry._ADAPTERS.update(saved)
 

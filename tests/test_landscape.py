@@ -12,14 +12,6 @@ from evolq.landscape import block_landscape, directions, landscape_space, resolv
 from evolq.losses import mse
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _qvit():
     torch.manual_seed(0)
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3, img_size=32, patch_size=8,

@@ -15,16 +15,6 @@ from evolq.quant import (EMAObserver, Log2Quantizer, MinMaxObserver, OMSEObserve
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tensors are small: one intra-op thread is faster, and two threads on a
-    busy 2-core machine made some tests ~100x slower (OpenMP barrier spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 GRIDS = [(b, signed, sym) for b in range(2, 9) for signed in (False, True) for sym in (False, True)]
 
 

@@ -19,14 +19,6 @@ from evolq.scales import ScaleSpace
 from evolq.search.registry import make_searcher
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_vit(seed=0):
     torch.manual_seed(seed)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3, img_size=32, patch_size=8,

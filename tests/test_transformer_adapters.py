@@ -28,14 +28,6 @@ from evolq.quant import PTFQuantizer, UniformQuantizer  # noqa: E402
 from evolq.scales import ScaleSpace  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # --------------------------------------------------------------------------- tiny models
 def _swin(seed):
     torch.manual_seed(seed)

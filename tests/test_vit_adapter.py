@@ -18,16 +18,6 @@ from evolq.layers import QConv2d, QLinear, quantizers_of  # noqa: E402
 from evolq.quant import Log2Quantizer, PTFQuantizer, UniformQuantizer  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine two threads made calibration
-    ~6x slower (OpenMP barrier spinning); results are the same."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small_vit(seed=0, **kw):
     torch.manual_seed(seed)
     args = dict(pretrained=False, depth=2, img_size=32, patch_size=8, num_classes=10, embed_dim=48, num_heads=3)
