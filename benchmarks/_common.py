@@ -3,6 +3,7 @@ the search to the last blocks, and the fitness-vs-evaluations curve of a report.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -69,8 +70,12 @@ class CurveRecorder:
         return False
 
 
-def write_json(name: str, obj) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    p = RESULTS / name
-    p.write_text(json.dumps(obj, indent=1))
+def write_json(target: str | Path, obj) -> Path:
+    """Write ``obj`` atomically (a reader or a crash never sees half a file): a ``str``
+    is a file name in ``benchmarks/results/``, a ``Path`` is used as it is."""
+    p = RESULTS / target if isinstance(target, str) else Path(target)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, p)
     return p

@@ -36,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _common import write_json  # noqa: E402  (benchmarks/_common.py)
+
 from evolq import EvolQConfig, prepare_model, quantize_model  # noqa: E402
 from evolq.data import assets_dir, load_images  # noqa: E402
 from evolq.evaluate import metrics, predict  # noqa: E402
@@ -60,14 +62,6 @@ def parse_args(argv=None):
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "efficientnet.json"))
     return p.parse_args(argv)
 
-
-def write_json(path: Path, obj) -> None:
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def evaluate(qmodel, xe, ye, fp_logits):

@@ -35,3 +35,7 @@ def calibrate(qmodel, images: torch.Tensor, batch_size: int = 100, progress: boo
             q.calibrating = False
     for q in qs:
         q.finalize()
+    for m in qmodel.model.modules():  # layers whose weight quantization depends on activation qparams
+        hook = getattr(m, "after_calibration", None)
+        if callable(hook):
+            hook()

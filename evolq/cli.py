@@ -32,6 +32,9 @@ def _add_model_args(p, quantize: bool):
     p.add_argument("--attn-probs", default="uniform", choices=("uniform", "log2"))
     p.add_argument("--no-ptf", action="store_true", help="plain uniform quantizers on LayerNorm inputs")
     p.add_argument("--no-bias-correction", action="store_true")
+    p.add_argument("--preset", default="fq-vit", choices=("fq-vit", "outlier-aware"),
+                   help="quantization regime: fq-vit (the authors' start point, default) or outlier-aware "
+                        "(PTF with per-channel zero-points; per-channel linear inputs folded into the weights)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--cycles", type=int, default=3)
     pd.add_argument("--calib-size", type=int, default=200)
     pd.add_argument("--limit", type=int, default=500, help="evaluation images")
+    pd.add_argument("--preset", default="fq-vit", choices=("fq-vit", "outlier-aware"),
+                    help="start-point regime (default fq-vit, the authors')")
     pd.add_argument("--out", default=None, help="also write report.json and the model here")
 
     pl = sub.add_parser("landscape", help="loss surfaces of one block's scales along two random directions "
@@ -87,14 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args, quiet=False):
+def _quant_config(args):
     from .config import QuantConfig
+
+    return QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, act_observer=args.act_observer,
+                              attn_probs=args.attn_probs, ptf=not args.no_ptf,
+                              bias_correction=not args.no_bias_correction)
+
+
+def _load(args, quiet=False):
     from .data import assets_dir, load_images
     from .models import load_model, model_transform
 
-    qcfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, act_observer=args.act_observer,
-                       attn_probs=args.attn_probs, ptf=not args.no_ptf,
-                       bias_correction=not args.no_bias_correction)
+    qcfg = _quant_config(args)
     for name in ("calib_size", "limit"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -166,14 +176,12 @@ def cmd_quantize(args) -> int:
                         holdout=args.holdout, max_batch=args.max_batch, seed=args.seed, device=args.device,
                         progress=not args.quiet)
     from .api import check_run_folder
-    from .config import EvolQConfig, QuantConfig
+    from .config import EvolQConfig
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EvolQError(f"--out {str(out)!r} exists and is not a folder")
-    qcfg0 = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, act_observer=args.act_observer,
-                        attn_probs=args.attn_probs, ptf=not args.no_ptf, bias_correction=not args.no_bias_correction)
-    check_run_folder(out, EvolQConfig(qcfg0, scfg), args.resume)  # before any expensive work
+    check_run_folder(out, EvolQConfig(_quant_config(args), scfg), args.resume)  # before any expensive work
     model, qcfg, xc, xe, ye = _load(args, quiet=args.quiet)
     report = _run_quantize(model, args.model, qcfg, scfg, xc, xe, ye, out, args.resume)
     print(_table([("fp32", report["fp32"]), ("start", report["start"]), ("evol-q", report["final"])]))
@@ -187,14 +195,14 @@ def cmd_demo(args) -> int:
     from .models import load_model, model_transform
 
     arch = "vit_tiny_patch16_224"
-    print(f"evolq demo: {arch} (real ImageNet weights), W{args.w_bits}A8, {args.calib_size} calibration images "
+    print(f"evolq demo: {arch} (real ImageNet weights), W{args.w_bits}A8 {args.preset}, {args.calib_size} calibration images "
           f"(even labels), {args.limit} evaluation images (odd labels); {args.passes} pass x {args.cycles} cycles")
     model = load_model(arch)
     tf = model_transform(model)
     data = assets_dir() / "imagenet-sample"
     xc, _ = load_images(data, tf, "calib", limit=args.calib_size, progress=True)
     xe, ye = load_images(data, tf, "eval", limit=args.limit, progress=True)
-    qcfg = QuantConfig(w_bits=args.w_bits, a_bits=8)
+    qcfg = QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=8)
     n_fit = xc.shape[0] - int(round(xc.shape[0] * 0.1))
     scfg = SearchConfig(passes=args.passes, cycles=args.cycles, infonce_batch=min(100, max(2, n_fit // 3)))
     out = Path(args.out) if args.out else None

@@ -32,6 +32,16 @@ class QuantConfig:
     Defaults reproduce the authors' FQ-ViT start point: weights unsigned asymmetric
     per-channel MinMax with bias correction, activations uint8 per-tensor OMSE,
     PTF on LayerNorm inputs, softmax output uint8 uniform.
+
+    Beyond the authors' regime (``QuantConfig.preset("outlier-aware")``), for models
+    with a few huge activation channels (e.g. AugReg ViTs):
+
+    * ``ptf_zero_point="channel"``: one zero-point per LayerNorm-input channel
+      (FQ-ViT shares one), and ``ptf_max_alpha`` more power-of-two factors;
+    * ``linear_input="channel"``: per-channel scales and zero-points on the inputs of
+      Linear layers (for transformer MLPs this includes fc2, i.e. the GELU output),
+      folded into the weights before weight quantization (RepQ-ViT's
+      reparameterization), so the deployed matmul stays per-tensor.
     """
 
     w_bits: int = 8
@@ -42,6 +52,21 @@ class QuantConfig:
     ptf: bool = True
     attn_probs: str = "uniform"  # "uniform" (a_bits) or "log2" (attn_bits, default 4)
     attn_bits: int | None = None
+    ptf_zero_point: str = "shared"  # "shared" (FQ-ViT) or "channel"
+    ptf_max_alpha: int = 3
+    linear_input: str = "tensor"  # "tensor" (FQ-ViT) or "channel" (folded into the weights)
+
+    PRESETS = {
+        "fq-vit": {},
+        "outlier-aware": {"ptf_zero_point": "channel", "ptf_max_alpha": 5, "linear_input": "channel"},
+    }
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "QuantConfig":
+        """A named regime: ``"fq-vit"`` (the authors' start point, the defaults) or
+        ``"outlier-aware"``; keyword arguments override single fields."""
+        _check_choice("preset", name, tuple(cls.PRESETS))
+        return cls(**{**cls.PRESETS[name], **overrides})
 
     def __post_init__(self):
         self.validate()
@@ -56,6 +81,9 @@ class QuantConfig:
         _check_choice("attn_probs", self.attn_probs, ("uniform", "log2"))
         if self.attn_bits is not None:
             _check_int("attn_bits", self.attn_bits, 2, 8)
+        _check_choice("ptf_zero_point", self.ptf_zero_point, ("shared", "channel"))
+        _check_int("ptf_max_alpha", self.ptf_max_alpha, 0, 8)
+        _check_choice("linear_input", self.linear_input, ("tensor", "channel"))
 
     @property
     def probs_bits(self) -> int:
@@ -136,13 +164,16 @@ class EvolQConfig:
 
     @classmethod
     def make(cls, **kw) -> "EvolQConfig":
-        """Build from flat keyword arguments, e.g. ``EvolQConfig.make(w_bits=4, passes=2)``."""
+        """Build from flat keyword arguments, e.g. ``EvolQConfig.make(w_bits=4, passes=2)``;
+        ``preset="outlier-aware"`` starts the quantization fields from that preset."""
+        kw = dict(kw)
+        preset = kw.pop("preset", "fq-vit")
         qf = {f.name for f in dataclasses.fields(QuantConfig)}
         sf = {f.name for f in dataclasses.fields(SearchConfig)}
         unknown = set(kw) - qf - sf
         if unknown:
             raise ConfigError(f"unknown config option(s): {', '.join(sorted(unknown))}")
-        return cls(QuantConfig(**{k: v for k, v in kw.items() if k in qf}),
+        return cls(QuantConfig.preset(preset, **{k: v for k, v in kw.items() if k in qf}),
                    SearchConfig(**{k: v for k, v in kw.items() if k in sf}))
 
     def to_dict(self) -> dict:

@@ -18,7 +18,13 @@ __all__ = ["QLinear", "QConv2d", "QAct", "QNorm", "quantizers_of"]
 
 
 class QLinear(nn.Module):
-    """``nn.Linear`` with a quantized input and quantized weights."""
+    """``nn.Linear`` with a quantized input and quantized weights.
+
+    If the input quantizer has per-channel factors that must be folded into the
+    weights (``folds_into_weight``, e.g. ``ChannelFactorQuantizer``), the weight
+    quantizer sees ``W * factor`` (input columns scaled) and the result is divided by
+    the factors again: the product equals the deployed per-tensor integer matmul.
+    """
 
     def __init__(self, linear: nn.Linear, weight_quant: Quantizer, input_quant: Quantizer | None):
         super().__init__()
@@ -27,13 +33,40 @@ class QLinear(nn.Module):
         self.bias = linear.bias
         self.weight_quant = weight_quant
         self.input_quant = input_quant if input_quant is not None else nn.Identity()
+        self._fold_cache = None
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
+    def _factor(self):
+        iq = self.input_quant
+        if getattr(iq, "folds_into_weight", False) and bool(iq.calibrated) and not iq.calibrating:
+            return iq.factor
+        return None
+
+    def _folded_weight(self, f):
+        c = self._fold_cache  # W * factor, valid while weight and factor are unchanged
+        w = self.weight
+        if c is not None and c[0] is w and c[1] == w._version and c[2] is f and c[3] == f._version:
+            return c[4]
+        out = w * f
+        self._fold_cache = (w, w._version, f, f._version, out)
+        return out
+
+    @torch.no_grad()
+    def after_calibration(self) -> None:
+        """Refit the weight quantizer on the folded weight once the input factors are known."""
+        f = self._factor()
+        if f is not None and hasattr(self.weight_quant, "calibrate_from"):
+            self.weight_quant.calibrate_from(self._folded_weight(f))
+
     def forward(self, x):
         x = self.input_quant(x)
-        w = self.weight_quant(self.weight)
+        f = self._factor()
+        if f is None:
+            w = self.weight_quant(self.weight)
+        else:
+            w = self.weight_quant(self._folded_weight(f)) / f
         if w.ndim == 2:
             return F.linear(x, w, self.bias)
         p = w.shape[0]  # population of weights: x is (P*B, ..., in)

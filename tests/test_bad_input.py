@@ -226,7 +226,8 @@ def test_good_folder_loads_and_bad_arguments(tmp_path):
 @pytest.mark.parametrize("kw", [dict(w_bits=1), dict(w_bits=9), dict(a_bits=3), dict(a_bits=9),
                                 dict(w_bits=0), dict(w_bits=-4), dict(w_bits=8.0), dict(w_bits=True),
                                 dict(w_bits="8"), dict(attn_bits=1), dict(act_observer="median"),
-                                dict(attn_probs="log10")])
+                                dict(attn_probs="log10"), dict(ptf_zero_point="row"), dict(ptf_max_alpha=9),
+                                dict(ptf_max_alpha=-1), dict(linear_input="token")])
 def test_bad_quant_config(kw):
     with pytest.raises(ConfigError) as e:
         QuantConfig(**kw)
@@ -239,6 +240,18 @@ def test_bad_quant_config(kw):
 def test_good_bits_accepted(w_bits, a_bits):
     cfg = QuantConfig(w_bits=w_bits, a_bits=a_bits)
     assert (cfg.w_bits, cfg.a_bits) == (w_bits, a_bits)
+
+
+def test_presets():
+    assert QuantConfig.preset("fq-vit") == QuantConfig()
+    oa = QuantConfig.preset("outlier-aware", w_bits=4)
+    assert (oa.w_bits, oa.linear_input, oa.ptf_zero_point) == (4, "channel", "channel")
+    assert EvolQConfig.make(preset="outlier-aware", w_bits=4, passes=1).quant == oa
+    with pytest.raises(ConfigError) as e:
+        QuantConfig.preset("fast")
+    assert "outlier-aware" in one_line(e)
+    with pytest.raises(ConfigError):
+        EvolQConfig.make(preset="fast")
 
 
 def test_unknown_config_option():

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from evolq.layers import QConv2d, QLinear
-from evolq.quant import (EMAObserver, Log2Quantizer, MinMaxObserver, OMSEObserver, PercentileObserver,
-                         PTFQuantizer, UniformQuantizer, bias_correct, fake_quant, int_range,
+from evolq.quant import (ChannelFactorQuantizer, EMAObserver, Log2Quantizer, MinMaxObserver, OMSEObserver,
+                         PercentileObserver, PTFQuantizer, UniformQuantizer, bias_correct, fake_quant, int_range,
                          qparams_from_range)
 
 
@@ -392,10 +392,10 @@ def _population_layer(layer, make_input, P=3, B=2, seed=14):
     refs = []
     for p in range(P):
         wq.set_qparams(w_pop[p], wq.zero_point)
-        aq.set_qparams(a_pop[p], aq.zero_point)
+        aq.scale = a_pop[p].clone()
         refs.append(layer(x[p * B:(p + 1) * B]))
     wq.set_qparams(w0, wq.zero_point)
-    aq.set_qparams(a0, aq.zero_point)
+    aq.scale = a0
     return out, torch.cat(refs)
 
 
@@ -406,6 +406,8 @@ def _calibrated_layer(layer, x):
     for q in (layer.weight_quant, layer.input_quant):
         q.calibrating = False
         q.finalize()
+    if hasattr(layer, "after_calibration"):
+        layer.after_calibration()
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -442,3 +444,92 @@ def test_qlinear_matches_manual_fake_quant():
     x_ref = fake_quant(x, aq.scale, aq.zero_point, aq.qmin, aq.qmax)
     torch.testing.assert_close(layer(x), nn.functional.linear(x_ref, w_ref, lin.bias))
     assert not torch.allclose(layer(x), lin(x), atol=1e-4)
+
+
+# --------------------------------------------------------------------------- outlier-aware pieces
+def _outlier_rows(seed=11):
+    """Channels-last activations like an AugReg ViT residual stream: most channels
+    about +-3, two channels reaching about -300."""
+    g = _gen(seed)
+    x = torch.randn(400, 24, generator=g)
+    x[:, 3] = -300 * torch.rand(400, generator=g)
+    x[:, 17] = -120 * torch.rand(400, generator=g) + 5
+    return x
+
+
+def test_ptf_channel_zero_points_beat_shared_on_outlier_channels():
+    x = _outlier_rows()
+    shared = _calibrated(PTFQuantizer(8, max_alpha=3), x)
+    chan = _calibrated(PTFQuantizer(8, max_alpha=3, zero_point="channel"), x)
+    assert shared.zero_point.numel() == 1 and chan.zero_point.shape == (24,)
+    z = chan.zero_point
+    assert torch.equal(z, z.round()) and z.min() >= 0 and z.max() <= 255  # integer zero-points on the grid
+    normal = [c for c in range(24) if c not in (3, 17)]
+    e_shared = (shared(x) - x).pow(2).mean(0)
+    e_chan = (chan(x) - x).pow(2).mean(0)
+    assert (e_chan <= e_shared + 1e-9).all()  # per channel the shared zero-point is one of the options
+    assert e_chan[normal].mean() < 0.25 * e_shared[normal].mean()
+    # more power-of-two factors give the normal channels finer steps
+    chan5 = _calibrated(PTFQuantizer(8, max_alpha=5, zero_point="channel"), x)
+    assert (chan5(x) - x).pow(2).mean() < (chan(x) - x).pow(2).mean()
+    # channel c is still on the grid scale * 2**alpha[c] with its own zero-point
+    k = chan(x) / (chan.scale * 2.0 ** chan.alpha) + z
+    torch.testing.assert_close(k, k.round(), atol=1e-3, rtol=0)
+    with pytest.raises(ValueError):
+        PTFQuantizer(8, zero_point="per-row")
+
+
+def test_channel_factor_quantizer_equals_per_channel_quantizer():
+    x = _outlier_rows().reshape(4, 100, 24)
+    cf = _calibrated(ChannelFactorQuantizer(8, observer="minmax"), x)
+    pc = _calibrated(UniformQuantizer(8, per_channel=True, ch_axis=-1, observer="minmax"), x)
+    # one layer scale (the mean) times per-channel factors = the per-channel scales
+    torch.testing.assert_close(cf.scale * cf.factor, pc.scale)
+    torch.testing.assert_close(cf.factor.mean(), torch.tensor(1.0))
+    torch.testing.assert_close(cf(x), pc(x))
+    # population mode: candidate p scales every channel by the same layer scale
+    pop = cf.scale * torch.tensor([[0.9], [1.0], [1.2]])
+    cf.pop_scale = pop
+    out = cf(x.repeat(3, 1, 1))
+    cf.pop_scale = None
+    base = cf.scale.clone()
+    for p in range(3):
+        cf.scale = pop[p].clone()
+        torch.testing.assert_close(out[p * 4:(p + 1) * 4], cf(x), rtol=0, atol=0)
+    cf.scale = base
+
+
+def test_qlinear_folds_channel_factors_into_weights():
+    """With per-channel input factors, QLinear's output is the deployed integer
+    computation: per-tensor input scale, per-channel zero-points folded into the bias,
+    weights quantized per output channel after the factors are multiplied in."""
+    torch.manual_seed(3)
+    lin = nn.Linear(24, 7)
+    layer = QLinear(lin, UniformQuantizer(4, per_channel=True, kind="weight"), ChannelFactorQuantizer(8, "minmax"))
+    x = _outlier_rows().reshape(8, 50, 24)
+    _calibrated_layer(layer, x)
+    wq, aq = layer.weight_quant, layer.input_quant
+    r, s, z = aq.factor, aq.scale, aq.zero_point
+    w_fold = lin.weight * r  # the weight scales are fit on the folded weight
+    torch.testing.assert_close(wq.scale, (w_fold.amax(1).clamp(min=0) - w_fold.amin(1).clamp(max=0)) / 15)
+    # integer pipeline
+    q_x = torch.clamp(torch.round(x / (s * r)) + z, 0, 255)  # uint8 activations
+    w_scale, w_zp = wq.scale[:, None], wq.zero_point[:, None]
+    q_w = torch.clamp(torch.round(w_fold / w_scale) + w_zp, 0, 15) - w_zp  # int weights, zero-point removed
+    acc = (q_x - z) @ q_w.T  # the zero-point term is a constant per output: a bias in deployment
+    ref = acc * s * w_scale.T + lin.bias
+    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-3)
+    # the folded weight is cached, and recomputed when the weight changes in place
+    assert layer._folded_weight(r) is layer._folded_weight(r)
+    with torch.no_grad():
+        lin.weight.mul_(1.5)
+    torch.testing.assert_close(layer._folded_weight(r), lin.weight * r)
+
+
+def test_qlinear_population_with_channel_factor_input():
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 9)
+    layer = QLinear(lin, UniformQuantizer(4, per_channel=True, kind="weight", bias_correction=True),
+                    ChannelFactorQuantizer(8))
+    out, ref = _population_layer(layer, lambda n, g: torch.randn(n, 5, 12, generator=g) * torch.linspace(0.1, 9, 12))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -538,6 +538,20 @@ def test_save_load_in_a_fresh_process_is_exact(tmp_path, x24):
         assert torch.equal(load_quantized(tmp_path / "m", model=fk.tiny_vit(seed=5)).model(x), y)
 
 
+def test_save_load_outlier_aware_block_scope(tmp_path, x24):
+    """Per-channel zero-points, PTF factors and folded channel factors survive save/load,
+    after a search that moved their layer scales (scope "block")."""
+    qm, rep = quantize_model(fk.tiny_vit(), x24, fk.small_config(passes=1, preset="outlier-aware", scope="block"),
+                             arch=fk.ARCH)
+    assert rep["evaluations"] > 0
+    save_quantized(qm, tmp_path / "m", model_kwargs=fk.TINY_KW)
+    x = fk.images(4, seed=3)
+    back = load_quantized(tmp_path / "m")
+    assert back.config.linear_input == "channel" and back.config.ptf_zero_point == "channel"
+    with torch.no_grad():
+        assert torch.equal(back.model(x), qm.model(x))
+
+
 @pytest.mark.parametrize("tamper", ["flip_byte", "truncate", "json_bits", "json_arch", "swap_json", "garbage_json",
                                     "missing", "wrong_model"])
 def test_tampered_or_mismatched_files_are_refused(tamper, tmp_path, x24):

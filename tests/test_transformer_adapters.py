@@ -188,9 +188,10 @@ def test_swin_config_exercises_shifted_windows_and_merging():
 
 
 # --------------------------------------------------------------------------- block view
+@pytest.mark.parametrize("preset", ["fq-vit", "outlier-aware"])
 @pytest.mark.parametrize("family", ALL)
-def test_run_blocks_equals_model(family):
-    qm, float_model = quantized(family)
+def test_run_blocks_equals_model(family, preset):
+    qm, float_model = quantized(family, QuantConfig.preset(preset))
     x = images(family, 3, seed=5)
     with torch.no_grad():
         ref = float_model(x)
@@ -222,12 +223,13 @@ def test_state_dict_round_trip_into_fresh_structure(family):
         torch.testing.assert_close(fresh.model(x), qm.model(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("preset", ["fq-vit", "outlier-aware"])
 @pytest.mark.parametrize("family", ALL)
-def test_population_fitness_matches_per_candidate(family):
+def test_population_fitness_matches_per_candidate(family, preset):
     """Candidates evaluated together (P*B batch through the searched block and every
     block after it: window partitions, patch merging, subsampling, heads) give the
     outputs of installing each candidate alone."""
-    qm, _ = quantized(family)
+    qm, _ = quantized(family, QuantConfig.preset(preset))
     idx = 1  # first searched block: everything downstream runs in population mode
     space = ScaleSpace(qm.blocks[idx].searched("block"))  # weights, activations and PTF scales
     x = images(family, 4, seed=7)

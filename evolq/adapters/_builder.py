@@ -4,10 +4,10 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import QAct, QConv2d, QLinear, QNorm
-from ..quant import Log2Quantizer, PTFQuantizer, UniformQuantizer
+from ..quant import ChannelFactorQuantizer, Log2Quantizer, PTFQuantizer, UniformQuantizer
 
 __all__ = ["weight_quant", "act_quant", "probs_quant", "norm_input_quant", "wrap_linear",
-           "wrap_conv", "wrap_act", "wrap_norm", "replace_module"]
+           "linear_input_quant", "wrap_head", "wrap_conv", "wrap_act", "wrap_mlp_act", "wrap_norm", "replace_module"]
 
 
 def weight_quant(cfg, ch_axis=0) -> UniformQuantizer:
@@ -27,11 +27,36 @@ def probs_quant(cfg):
 
 
 def norm_input_quant(cfg):
-    return PTFQuantizer(cfg.a_bits) if cfg.ptf else act_quant(cfg)
+    if cfg.ptf:
+        return PTFQuantizer(cfg.a_bits, max_alpha=cfg.ptf_max_alpha, zero_point=cfg.ptf_zero_point)
+    return act_quant(cfg)
+
+
+def linear_input_quant(cfg):
+    """Input quantizer of a Linear: per tensor, or per-channel factors folded into its weights."""
+    if cfg.linear_input == "channel":
+        return ChannelFactorQuantizer(cfg.a_bits, observer=cfg.act_observer)
+    return act_quant(cfg)
 
 
 def wrap_linear(linear: nn.Linear, cfg, quant_input=True) -> QLinear:
+    return QLinear(linear, weight_quant(cfg), linear_input_quant(cfg) if quant_input else None)
+
+
+def wrap_head(linear: nn.Linear, cfg, quant_input=True) -> QLinear:
+    """A classifier Linear. Its input has one row per image (pooled features or the class
+    token), so it stays per tensor even with ``linear_input="channel"``: per-channel
+    statistics from N calibration images would rest on N values per channel."""
     return QLinear(linear, weight_quant(cfg), act_quant(cfg) if quant_input else None)
+
+
+def wrap_mlp_act(act: nn.Module, fc2: nn.Linear, cfg) -> tuple[nn.Module, QLinear]:
+    """A transformer MLP's activation and second Linear. FQ-ViT quantizes the GELU
+    output per tensor (``QAct``); with ``linear_input="channel"`` that quantizer moves
+    into fc2 as its per-channel input quantizer (same tensor, folded into fc2's weights)."""
+    if cfg.linear_input == "channel":
+        return act, wrap_linear(fc2, cfg)
+    return wrap_act(act, cfg), wrap_linear(fc2, cfg, quant_input=False)
 
 
 def wrap_conv(conv: nn.Conv2d, cfg, quant_input=True) -> QConv2d:

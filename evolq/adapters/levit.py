@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..layers import quantizers_of
 from ..qmodel import Block, QModel
-from ._builder import act_quant, probs_quant, wrap_act, wrap_conv, wrap_linear
+from ._builder import act_quant, probs_quant, wrap_act, wrap_conv, wrap_head, wrap_linear
 from ._registry import Adapter, register_adapter
 
 __all__ = ["QLevitAttention", "LevitAdapter", "fold_norm_after", "fold_norm_before"]
@@ -217,7 +217,7 @@ class LevitAdapter(Adapter):
         head_names = [n for n in ("head", "head_dist") if isinstance(getattr(model, n, None), NormLinear)]
         for n in head_names:
             nl = getattr(model, n)
-            setattr(model, n, wrap_linear(fold_norm_before(nl.bn, nl.linear), cfg))
+            setattr(model, n, wrap_head(fold_norm_before(nl.bn, nl.linear), cfg))
 
         def stem(x):
             x = model.stem(x)

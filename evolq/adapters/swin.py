@@ -24,7 +24,8 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..layers import quantizers_of
 from ..qmodel import Block, QModel
-from ._builder import act_quant, probs_quant, replace_module, wrap_act, wrap_conv, wrap_linear, wrap_norm
+from ._builder import (act_quant, probs_quant, replace_module, wrap_conv, wrap_head, wrap_linear, wrap_mlp_act,
+                       wrap_norm)
 from ._registry import Adapter, register_adapter
 from .vit import attention_scopes
 
@@ -84,8 +85,7 @@ def _quantize_swin_block(block: nn.Module, cfg) -> None:
     if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
         raise UnsupportedModelError("Swin MLPs with an inner norm are not supported")
     mlp.fc1 = wrap_linear(mlp.fc1, cfg)
-    mlp.act = wrap_act(mlp.act, cfg)
-    mlp.fc2 = wrap_linear(mlp.fc2, cfg, quant_input=False)  # its input is the quantized GELU output
+    mlp.act, mlp.fc2 = wrap_mlp_act(mlp.act, mlp.fc2, cfg)  # GELU output quantized once
 
 
 def _is_timm_swin(model) -> bool:
@@ -129,7 +129,7 @@ class SwinAdapter(Adapter):
         if not isinstance(model.norm, nn.Identity):
             model.norm = wrap_norm(model.norm, cfg)
         if isinstance(getattr(model.head, "fc", None), nn.Linear):
-            replace_module(model, "head.fc", wrap_linear(model.head.fc, cfg))
+            replace_module(model, "head.fc", wrap_head(model.head.fc, cfg))
 
         def head(x):
             return model.forward_head(model.norm(x))

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..layers import quantizers_of
 from ..qmodel import Block, QModel
-from ._builder import act_quant, probs_quant, wrap_act, wrap_conv, wrap_linear, wrap_norm
+from ._builder import (act_quant, probs_quant, wrap_act, wrap_conv, wrap_head, wrap_linear, wrap_mlp_act, wrap_norm)
 from ._registry import Adapter, register_adapter
 
 __all__ = ["QMultiheadAttention", "TorchvisionViTAdapter"]
@@ -84,8 +84,7 @@ def _quantize_encoder_block(block: nn.Module, cfg) -> None:
     if len(mlp) != 5 or not (isinstance(mlp[0], nn.Linear) and isinstance(mlp[3], nn.Linear)):
         raise UnsupportedModelError(f"unexpected torchvision ViT MLP layout: {[k.__name__ for k in kinds]}")
     mlp[0] = wrap_linear(mlp[0], cfg)
-    mlp[1] = wrap_act(mlp[1], cfg)
-    mlp[3] = wrap_linear(mlp[3], cfg, quant_input=False)  # its input is the quantized GELU output
+    mlp[1], mlp[3] = wrap_mlp_act(mlp[1], mlp[3], cfg)  # GELU output quantized once
 
 
 def _is_torchvision_vit(model) -> bool:
@@ -122,7 +121,7 @@ class TorchvisionViTAdapter(Adapter):
         after_act = False
         for name, m in list(model.heads.named_children()):
             if isinstance(m, nn.Linear):
-                setattr(model.heads, name, wrap_linear(m, cfg, quant_input=not after_act))
+                setattr(model.heads, name, wrap_head(m, cfg, quant_input=not after_act))
                 after_act = False
             else:  # Tanh of the representation layer
                 setattr(model.heads, name, wrap_act(m, cfg))

@@ -14,7 +14,8 @@ from torch import nn
 
 from ..layers import quantizers_of
 from ..qmodel import Block, QModel
-from ._builder import act_quant, probs_quant, replace_module, wrap_act, wrap_conv, wrap_linear, wrap_norm
+from ._builder import (act_quant, probs_quant, replace_module, wrap_conv, wrap_head, wrap_linear, wrap_mlp_act,
+                       wrap_norm)
 from ._registry import Adapter, register_adapter
 
 __all__ = ["QAttention", "ViTAdapter", "quantize_vit_block_attention", "attention_scopes"]
@@ -62,8 +63,7 @@ def quantize_vit_block_attention(block: nn.Module, cfg) -> None:
     block.norm2 = wrap_norm(block.norm2, cfg)
     mlp = block.mlp
     mlp.fc1 = wrap_linear(mlp.fc1, cfg)
-    mlp.act = wrap_act(mlp.act, cfg)
-    mlp.fc2 = wrap_linear(mlp.fc2, cfg, quant_input=False)  # its input is the quantized GELU output
+    mlp.act, mlp.fc2 = wrap_mlp_act(mlp.act, mlp.fc2, cfg)  # GELU output quantized once
 
 
 def attention_scopes(name: str, block: nn.Module, quantizers: dict) -> dict[str, list[str]]:
@@ -103,7 +103,7 @@ class ViTAdapter(Adapter):
         if not isinstance(model.fc_norm, nn.Identity):
             model.fc_norm = wrap_norm(model.fc_norm, cfg)
         if isinstance(model.head, nn.Linear):
-            replace_module(model, "head", wrap_linear(model.head, cfg))
+            replace_module(model, "head", wrap_head(model.head, cfg))
 
         def stem(x):
             return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))

@@ -1,4 +1,4 @@
-"""Fake-quantizer modules: uniform, power-of-two-factor (PTF) and log2.
+"""Fake-quantizer modules: uniform, power-of-two-factor (PTF), per-channel factor and log2.
 
 A quantizer owns its quantization parameters as plain tensor buffers (``scale``,
 ``zero_point``) that search code may read and overwrite. For evaluating many
@@ -21,7 +21,8 @@ from torch import nn
 from .observers import MinMaxObserver, make_observer
 from .range import fake_quant, fake_quant_axis, int_range, qparams_from_range
 
-__all__ = ["Quantizer", "UniformQuantizer", "PTFQuantizer", "Log2Quantizer", "bias_correct"]
+__all__ = ["Quantizer", "UniformQuantizer", "PTFQuantizer", "ChannelFactorQuantizer", "Log2Quantizer",
+           "bias_correct"]
 
 
 def bias_correct(w_q: torch.Tensor, w: torch.Tensor, ch_axis: int = 0) -> torch.Tensor:
@@ -114,6 +115,13 @@ class UniformQuantizer(Quantizer):
         self.calibrated.fill_(True)
         self._wcache = None
 
+    def calibrate_from(self, x: torch.Tensor) -> None:
+        """Fix the qparams from ``x`` alone with a fresh observer (e.g. a weight that
+        changed after calibration)."""
+        self.observer = make_observer(self.observer_name, self.ch_axis if self.per_channel else None)
+        self.observer.update(x)
+        self.finalize()
+
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None):
         """Set scale (and zero-point) directly, marking the quantizer calibrated."""
         self.scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1).clone()
@@ -177,67 +185,145 @@ class UniformQuantizer(Quantizer):
         return fake_quant_axis(x, self.scale, self.zero_point, self.qmin, self.qmax, self._axis(x.ndim))
 
 
-class PTFQuantizer(Quantizer):
-    """Power-of-two-factor quantizer (FQ-ViT) for LayerNorm inputs.
-
-    Channels are on the last axis. One layer scale ``scale`` and one zero-point are
-    shared; channel c uses ``scale * 2**alpha[c]`` with alpha in {0..max_alpha},
-    chosen per channel for the least L2 error on the calibration data. The search
-    sees the single layer scale.
-    """
+class _ChannelFactorBase(Quantizer):
+    """One searchable layer ``scale`` times fixed per-channel ``factor`` s (channels on
+    the last axis), with one shared or one per-channel zero-point. Channel c is
+    quantized with step ``scale * factor[c]``. The search sees the single layer scale."""
 
     searchable = True
+    folds_into_weight = False  # True: a following linear layer must absorb ``factor``
 
-    def __init__(self, bits=8, max_alpha=3):
+    def __init__(self, bits=8, zero_point="shared"):
         super().__init__()
-        self.bits, self.max_alpha = bits, max_alpha
+        if zero_point not in ("shared", "channel"):
+            raise ValueError(f"zero_point must be 'shared' or 'channel', got {zero_point!r}")
+        self.bits, self.zp_mode = bits, zero_point
         self.qmin, self.qmax = int_range(bits, signed=False)
-        self.observer = MinMaxObserver(ch_axis=-1)
-        self._rows: list[torch.Tensor] = []
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1))
-        self.register_buffer("alpha", torch.zeros(1))
 
-    def extra_repr(self):
-        return f"bits={self.bits}, max_alpha={self.max_alpha}"
-
-    def finalize(self):
-        if not self.observer.ready:
-            return
-        gmin, gmax = self.observer.min_val.min(), self.observer.max_val.max()
-        scale_top, zp = qparams_from_range(gmin, gmax, self.qmin, self.qmax, symmetric=False)
-        base = scale_top / 2**self.max_alpha
-        rows = torch.cat(self._rows, dim=0)  # (N, C)
-        errs = []
-        for a in range(self.max_alpha + 1):
-            xq = fake_quant(rows, base * 2**a, zp, self.qmin, self.qmax)
-            errs.append((xq - rows).pow(2).mean(dim=0))
-        alpha = torch.stack(errs).argmin(dim=0).float()
-        dev = self.scale.device
-        self.scale = base.reshape(1).to(dev)
-        self.zero_point = zp.reshape(1).to(dev)
-        self.alpha = alpha.to(dev)
-        self.calibrated.fill_(True)
-        self._rows = []
+    @property
+    def factor(self) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x):
         if self.calibrating:
-            self.observer.update(x)
-            rows = x.detach().float().reshape(-1, x.shape[-1])
-            if rows.shape[0] > 4096:
-                rows = rows[:: rows.shape[0] // 4096][:4096]
-            self._rows.append(rows.clone())
+            self.observe(x)
             return x
         if not self.active:
             return x
-        factor = torch.pow(2.0, self.alpha)
+        factor = self.factor
+        zp = self.zero_point.expand_as(factor)
         if self.pop_scale is None:
-            zp = self.zero_point.expand_as(self.alpha)
             return fake_quant_axis(x, self.scale * factor, zp, self.qmin, self.qmax, -1)
         p = self.pop_scale.shape[0]
         s = (self.pop_scale.reshape(p, 1) * factor).reshape(p, *([1] * (x.ndim - 1)), -1)
         xs = x.reshape(p, -1, *x.shape[1:])
-        return fake_quant(xs, s, self.zero_point, self.qmin, self.qmax).reshape(x.shape)
+        return fake_quant(xs, s, zp, self.qmin, self.qmax).reshape(x.shape)
+
+
+class PTFQuantizer(_ChannelFactorBase):
+    """Power-of-two-factor quantizer (FQ-ViT) for LayerNorm inputs.
+
+    Channels are on the last axis. Channel c uses ``scale * 2**alpha[c]`` with alpha in
+    {0..max_alpha}, chosen per channel for the least L2 error on the calibration data;
+    the top step ``scale * 2**max_alpha`` covers the whole observed range.
+
+    ``zero_point="shared"`` (FQ-ViT) uses one zero-point for all channels.
+    ``"channel"`` gives each channel its own zero-point (still integer, so an integer
+    LayerNorm subtracts it before the shift): with one shared zero-point, a layer whose
+    range is set by a few large negative channels leaves the normal channels only a
+    few levels above zero.
+    """
+
+    def __init__(self, bits=8, max_alpha=3, zero_point="shared"):
+        super().__init__(bits, zero_point)
+        if not isinstance(max_alpha, int) or not 0 <= max_alpha <= 12:
+            raise ValueError(f"max_alpha must be an integer in 0..12, got {max_alpha!r}")
+        self.max_alpha = max_alpha
+        self.observer = MinMaxObserver(ch_axis=-1)
+        self._rows: list[torch.Tensor] = []
+        self.register_buffer("alpha", torch.zeros(1))
+
+    def extra_repr(self):
+        return f"bits={self.bits}, max_alpha={self.max_alpha}, zero_point={self.zp_mode}"
+
+    @property
+    def factor(self):
+        return torch.pow(2.0, self.alpha)
+
+    def observe(self, x):
+        self.observer.update(x)
+        rows = x.detach().float().reshape(-1, x.shape[-1])
+        if rows.shape[0] > 4096:
+            rows = rows[:: rows.shape[0] // 4096][:4096]
+        self._rows.append(rows.clone())
+
+    def finalize(self):
+        if not self.observer.ready:
+            return
+        mn, mx = self.observer.min_val.clamp(max=0), self.observer.max_val.clamp(min=0)
+        scale_top, zp = qparams_from_range(mn.min(), mx.max(), self.qmin, self.qmax, symmetric=False)
+        base = scale_top / 2**self.max_alpha
+        rows = torch.cat(self._rows, dim=0)  # (N, C)
+        errs, zps = [], []
+        for a in range(self.max_alpha + 1):
+            step = base * 2**a
+            z = torch.clamp(self.qmin - torch.round(mn / step), self.qmin, self.qmax) if self.zp_mode == "channel" \
+                else zp.expand_as(mn)
+            xq = fake_quant(rows, step, z, self.qmin, self.qmax)
+            errs.append((xq - rows).pow(2).mean(dim=0))
+            zps.append(z)
+        alpha = torch.stack(errs).argmin(dim=0)
+        dev = self.scale.device
+        self.scale = base.reshape(1).to(dev)
+        self.zero_point = (torch.stack(zps).gather(0, alpha[None])[0] if self.zp_mode == "channel"
+                           else zp.reshape(1)).to(dev)
+        self.alpha = alpha.float().to(dev)
+        self.calibrated.fill_(True)
+        self._rows = []
+
+
+class ChannelFactorQuantizer(_ChannelFactorBase):
+    """Per-channel asymmetric quantizer (channels on the last axis) written as one
+    layer scale times fixed per-channel factors, with per-channel zero-points.
+
+    Calibration runs a per-channel observer; the layer scale is the mean of the
+    per-channel scales and ``factor[c]`` = scale_c / layer scale (RepQ-ViT's
+    reparameterization). Meant for the input of a linear layer that absorbs the
+    factors into its weight columns before weight quantization (``folds_into_weight``):
+    the deployed matmul then takes one per-tensor scale, and the per-channel zero-points
+    become a bias term. ``QLinear`` does that fold.
+    """
+
+    folds_into_weight = True
+
+    def __init__(self, bits=8, observer="omse"):
+        super().__init__(bits, zero_point="channel")
+        self.observer_name = observer
+        self.observer = make_observer(observer, -1)
+        self.register_buffer("channel_factor", torch.ones(1))
+
+    def extra_repr(self):
+        return f"bits={self.bits}, per-channel factors, observer={self.observer_name}"
+
+    @property
+    def factor(self):
+        return self.channel_factor
+
+    def observe(self, x):
+        self.observer.update(x)
+
+    def finalize(self):
+        if not self.observer.ready:
+            return
+        scale, zp = self.observer.compute(self.qmin, self.qmax, False)
+        layer = scale.mean()
+        dev = self.scale.device
+        self.scale = layer.reshape(1).to(dev)
+        self.channel_factor = (scale / layer).reshape(-1).to(dev)
+        self.zero_point = zp.reshape(-1).to(dev)
+        self.calibrated.fill_(True)
 
 
 class Log2Quantizer(Quantizer):
