@@ -31,13 +31,56 @@ def f2(x):
     return f"{x:.2f}"
 
 
+def ms(stat, digits=1):
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def section_accuracy(lines):
+    for name in ("accuracy", "accuracy_outlier-aware"):
+        d = load(name)
+        if not d or not d.get("summary"):
+            continue
+        st = d["settings"]
+        lines += [f"## Accuracy over seeds (`{name}.json`)", "",
+                  f"`benchmarks/accuracy.py`: start point `{st.get('preset', 'fq-vit')}`; per seed, "
+                  f"{st['calib']} calibration images drawn from the 500-image pool ({st['holdout']:.0%} held out "
+                  f"to keep or roll back a pass) and the search seeded; Evol-Q {st['passes']} pass(es) x "
+                  f"{st['cycles']} cycles per block, {st['searcher']}, {st['loss']}; {d['n_eval']} evaluation "
+                  f"images. Mean ± sample standard deviation over seeds {st['seeds']}.", ""]
+        rows = []
+        for model, fp in d["fp32"].items():
+            rows.append([model, "FP32", "", f2(fp["top1"]), "100", "0"])
+            for r in d["summary"]:
+                if r["model"] == model:
+                    rows.append(["", f"W{r['w_bits']}A{r['a_bits']}", "start" if r["stage"] == "start" else "Evol-Q",
+                                 ms(r["top1"]), ms(r["agreement"]), ms(r["kl"], 4)])
+        lines += [table(["model", "bits", "stage", "top-1", "agreement", "KL"], rows), ""]
+        deltas = []
+        for model in d["fp32"]:
+            for bits in sorted({r["w_bits"] for r in d["runs"] if r["model"] == model}, reverse=True):
+                rs = [r for r in d["runs"] if r["model"] == model and r["w_bits"] == bits]
+                dt = [r["final"]["top1"] - r["start"]["top1"] for r in rs]
+                paper = PAPER_DEIT_T.get(bits)
+                deltas.append([model, f"W{bits}A8", " ".join(f"{v:+.1f}" for v in dt),
+                               f"{sum(dt) / len(dt):+.2f}",
+                               f"{paper[1] - paper[0]:+.2f}" if paper else "-", rs[0]["evaluations"],
+                               ", ".join("/".join("kept" if k else "rolled back" for k in r["passes_kept"]) or "-"
+                                        for r in rs)])
+        lines += ["Evol-Q minus start point, top-1 per seed, against the paper's published delta (DeiT-Tiny, "
+                  "full ImageNet val, 10 passes x 3 cycles):", "",
+                  table(["model", "bits", "delta per seed", "mean delta", "paper delta (DeiT-T)", "evals per run",
+                         "pass per seed (hold-out decision)"], deltas), ""]
+
+
 def section_start_point(lines):
     d = load("start_point")
     if not d:
         return
-    lines += ["## Start point (FQ-ViT regime, no search)", "",
+    lines += ["## Start point (no search)", "",
               f"`benchmarks/start_point.py`: {d['model']} ({d.get('weights', '')}), {d['n_calib']} calibration / "
-              f"{d['n_eval']} evaluation images. FP32 top-1 {f2(d['fp32']['top1'])}.", ""]
+              f"{d['n_eval']} evaluation images. FP32 top-1 {f2(d['fp32']['top1'])}. Tables `bits` and `ablation`: "
+              "the authors' FQ-ViT regime (the default); `outlier` and `outlier-ablation`: the "
+              "`outlier-aware` preset and its pieces (see docs/concepts.md).", ""]
     rows = [[r["table"], r["label"], f2(r["metrics"]["top1"]), f2(r["metrics"]["agreement"]),
              f"{r['metrics']['kl']:.4f}"] for r in d["runs"]]
     lines += [table(["table", "config", "top-1", "agreement", "KL"], rows), ""]
@@ -187,7 +230,7 @@ def main():
              "All numbers: ImageNet sample bundled with the assets (calibration = even labels, evaluation = odd "
              "labels, disjoint), CPU, small settings. Accuracy on a few hundred images moves in steps of "
              "100/N points: treat differences of a point or two as noise.", ""]
-    for sec in (section_start_point, section_search, section_speed, section_efficientnet, section_searchers, section_losses, section_scaling,
+    for sec in (section_accuracy, section_start_point, section_search, section_speed, section_efficientnet, section_searchers, section_losses, section_scaling,
                 section_landscape):
         sec(lines)
     OUT.parent.mkdir(parents=True, exist_ok=True)
