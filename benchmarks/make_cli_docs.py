@@ -78,7 +78,11 @@ def api_docs():
         except (TypeError, ValueError):
             sig = ""
         kind = "class" if inspect.isclass(obj) else "function"
-        parts += [f"## `{name}`", "", f"{kind} `{name}{sig}`" if len(sig) < 300 else f"{kind} `{name}(...)`", ""]
+        if len(sig) < 300:
+            parts += [f"## `{name}`", "", f"{kind} `{name}{sig}`", ""]
+        else:  # one parameter per line
+            params = ",\n    ".join(str(p) for p in inspect.signature(obj).parameters.values())
+            parts += [f"## `{name}`", "", kind, "", "```python", f"{name}(\n    {params},\n)", "```", ""]
         doc = inspect.getdoc(obj) or ""
         if doc:
             parts += ["```text", doc, "```", ""]

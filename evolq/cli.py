@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--loss", default="infonce", help="infonce, mse, cosine or kl")
     pq.add_argument("--passes", type=int, default=10)
     pq.add_argument("--cycles", type=int, default=3, help="fitness evaluations per block and pass")
-    pq.add_argument("--scope", default="attn-weights", help="attn-weights (authors' code) or block (paper)")
+    pq.add_argument("--scope", default="attn-weights",
+                    help="attn-weights (authors' code: qkv and proj weights), weights (every weight of the block) "
+                         "or block (paper: every scale)")
     pq.add_argument("--noise", default="absolute", help="absolute (+U(-eps,eps)) or relative")
     pq.add_argument("--eps", type=float, default=None, help="mutation range (default by weight bits)")
     pq.add_argument("--infonce-batch", type=int, default=100)
@@ -80,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(pl, quantize=False)
     pl.add_argument("--block", default="-1", help="searchable block: index (3 -> blocks.3; -1 the last) or name "
                                                   "(blocks.5.0)")
-    pl.add_argument("--layer", default="attn-weights", help="a scope (attn-weights, block) or one layer's weight "
-                                                            "scales (qkv, proj, fc1, fc2; conv_pw, conv_dw, ...)")
+    pl.add_argument("--layer", default="attn-weights",
+                    help="a scope (attn-weights, weights, block) or one layer's weight scales (qkv, proj, fc1, fc2; "
+                         "conv_pw, conv_dw, ...)")
     pl.add_argument("--grid", type=int, default=9, help="points per axis (default 9)")
     pl.add_argument("--radius", type=float, default=0.1, help="largest relative change (RMS) per axis")
     pl.add_argument("--losses", default="infonce,mse", help="calibration losses, comma-separated")

@@ -12,7 +12,7 @@ __all__ = ["QuantConfig", "SearchConfig", "EvolQConfig", "LOSSES", "SEARCHERS", 
 
 LOSSES = ("infonce", "mse", "cosine", "kl")
 SEARCHERS = ("tournament", "cmaes", "snes", "pgpe")
-SCOPES = ("attn-weights", "block")
+SCOPES = ("attn-weights", "weights", "block")
 
 
 def _check_int(name, value, lo, hi):

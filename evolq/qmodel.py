@@ -29,13 +29,20 @@ class Block:
         quantizers: every quantizer the block owns, by qualified name.
         scopes: search scope -> names (keys of ``quantizers``) of the quantizers whose
             scales are searched under that scope. A scope with no names means the
-            block is not searched under it.
+            block is not searched under it. ``"weights"`` is derived from ``"block"``
+            (its weight quantizers) unless the adapter gives it.
     """
 
     name: str
     run: Callable[[torch.Tensor], torch.Tensor]
     quantizers: dict[str, Quantizer] = field(default_factory=dict)
     scopes: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        # "weights": the weight scales among the block's searchable scales (derived unless given)
+        if "block" in self.scopes and "weights" not in self.scopes:
+            self.scopes["weights"] = [n for n in self.scopes["block"]
+                                      if getattr(self.quantizers.get(n), "kind", None) == "weight"]
 
     def searched(self, scope: str) -> dict[str, Quantizer]:
         return {n: self.quantizers[n] for n in self.scopes.get(scope, [])}

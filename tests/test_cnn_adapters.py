@@ -96,6 +96,7 @@ def test_every_conv_and_linear_is_wrapped_and_bn_folded(family):
         ws = b.searched("attn-weights")
         assert ws and all(q.kind == "weight" for q in ws.values())
         assert set(ws) < set(b.searched("block"))
+        assert list(b.searched("weights")) == list(ws)  # a CNN has no attention: the two scopes agree
         n_w += len(ws)
     assert n_w == len(targets)
     with pytest.raises(Exception, match="already quantized"):

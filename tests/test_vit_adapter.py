@@ -112,8 +112,11 @@ def test_attn_weights_scope():
         assert set(names) < set(block_scope)
         assert all(q.searchable for q in block_scope.values())
         assert not any(isinstance(q, Log2Quantizer) for q in block_scope.values())
+        # "weights": every weight scale of the block, derived from "block"
+        assert b.scopes["weights"] == [f"blocks.{i}.{n}.weight_quant" for n in ("attn.qkv", "attn.proj",
+                                                                                  "mlp.fc1", "mlp.fc2")]
     for b in (qm.blocks[0], qm.blocks[-1]):
-        assert b.searched("attn-weights") == {}
+        assert b.searched("attn-weights") == {} and b.searched("weights") == {}
 
 
 def test_attn_probs_log2_and_no_ptf():
