@@ -7,6 +7,8 @@ Reports FP32 top-1, then W8A8 / W4A8 / W3A8 (top-1, top-5, top-1 agreement with
 FP32, KL(FP32 || quantized)), and a one-factor-at-a-time ablation at W4A8:
 MinMax vs OMSE activation observer, with/without weight bias correction,
 with/without PTF on LayerNorm inputs, uniform vs log2 attention probabilities.
+Then the ``outlier-aware`` preset (beyond the authors' regime) at each bit width, and
+its two pieces one at a time at W8A8.
 
     .venv/bin/python benchmarks/start_point.py                 # full: 500 + 500 images
     .venv/bin/python benchmarks/start_point.py --calib 32 --eval 64 --out /tmp/sp.json
@@ -29,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _common import write_json  # noqa: E402  (benchmarks/_common.py)
+
 from evolq.adapters import quantize_structure  # noqa: E402
 from evolq.calibrate import calibrate  # noqa: E402
 from evolq.config import QuantConfig  # noqa: E402
@@ -48,6 +52,18 @@ RUNS = [
     ("ablation", "no bias correction", dict(w_bits=4, bias_correction=False)),
     ("ablation", "no PTF", dict(w_bits=4, ptf=False)),
     ("ablation", "attn probs: log2 (4-bit)", dict(w_bits=4, attn_probs="log2")),
+    # beyond the authors' regime: the outlier-aware preset, and what each of its pieces buys at W8A8
+    ("outlier", "W8A8 outlier-aware", dict(preset="outlier-aware", w_bits=8)),
+    ("outlier", "W4A8 outlier-aware", dict(preset="outlier-aware", w_bits=4)),
+    ("outlier", "W3A8 outlier-aware", dict(preset="outlier-aware", w_bits=3)),
+    ("outlier-ablation", "W8A8 + PTF channel zero-points, alpha<=5",
+     dict(w_bits=8, ptf_zero_point="channel", ptf_max_alpha=5)),
+    ("outlier-ablation", "W8A8 + per-channel linear inputs", dict(w_bits=8, linear_input="channel")),
+    # at low weight bits the folded factors hurt the weights: the PTF piece alone
+    ("outlier-ablation", "W4A8 + PTF channel zero-points, alpha<=5",
+     dict(w_bits=4, ptf_zero_point="channel", ptf_max_alpha=5)),
+    ("outlier-ablation", "W3A8 + PTF channel zero-points, alpha<=5",
+     dict(w_bits=3, ptf_zero_point="channel", ptf_max_alpha=5)),
 ]
 
 
@@ -61,7 +77,8 @@ def parse_args(argv=None):
                    help="calibration batch size (observer statistics depend on it; 100 = library default)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1 is fastest on a shared 2-core machine)")
-    p.add_argument("--only", nargs="*", default=None, help="run only these labels (e.g. W8A8)")
+    p.add_argument("--only", nargs="*", default=None,
+                   help="run only these labels (e.g. W8A8); rows of other labels already in --out are kept")
     return p.parse_args(argv)
 
 
@@ -81,12 +98,6 @@ def print_table(title, rows):
                        f"{m['kl']:.4f}", f"{r['calib_s']:.0f}", f"{r['eval_s']:.0f}"], widths))
     sys.stdout.flush()
 
-
-def write_json(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def main(argv=None):
@@ -123,9 +134,15 @@ def main(argv=None):
         "runs": [],
     }
     runs = [r for r in RUNS if args.only is None or r[1] in args.only]
-    baseline = {}
+    if args.only is not None and out.exists():  # keep the other rows of an earlier run with the same data
+        old = json.loads(out.read_text())
+        if (old.get("n_calib"), old.get("n_eval")) == (result["n_calib"], result["n_eval"]):
+            result["runs"] = [r for r in old.get("runs", []) if r["label"] not in args.only]
+    order = {label: i for i, (_, label, _) in enumerate(RUNS)}
+    baseline, baseline8 = {}, {}
     for table, label, overrides in runs:
-        cfg = QuantConfig(**overrides)
+        overrides = dict(overrides)
+        cfg = QuantConfig.preset(overrides.pop("preset", "fq-vit"), **overrides)
         model = copy.deepcopy(float_model)
         qm = quantize_structure(model, cfg, ARCH)
         t = time.time()
@@ -140,13 +157,18 @@ def main(argv=None):
                "calib_s": calib_s, "eval_s": eval_s}
         if label == "W4A8":
             baseline = row
+        if label == "W8A8":
+            baseline8 = row
         result["runs"].append(row)
+        result["runs"].sort(key=lambda r: order.get(r["label"], len(order)))
         print(f"  {label:26s} top-1 {m['top1']:5.1f}  top-5 {m['top5']:5.1f}  agree {m['agreement']:5.1f}  "
               f"KL {m['kl']:.4f}  cos {m['logit_cosine']:.4f}  (calib {calib_s:.0f}s, eval {eval_s:.0f}s)",
               flush=True)
         write_json(out, result)  # partial results survive an interrupted run
         del qm, model
 
+    baseline = next((r for r in result["runs"] if r["label"] == "W4A8"), baseline)
+    baseline8 = next((r for r in result["runs"] if r["label"] == "W8A8"), baseline8)
     print(f"\nFP32 top-1 {fp['top1']:.1f}  top-5 {fp['top5']:.1f}  on {xe.shape[0]} evaluation images")
     bits_rows = [r for r in result["runs"] if r["table"] == "bits"]
     if bits_rows:
@@ -155,6 +177,14 @@ def main(argv=None):
     if abl:
         rows = ([dict(baseline, label="W4A8 baseline (defaults)")] if baseline else []) + abl
         print_table("Ablation at W4A8 (one change from the baseline each)", rows)
+    out_rows = [r for r in result["runs"] if r["table"] == "outlier"]
+    if out_rows:
+        print_table("Outlier-aware preset (PTF with per-channel zero-points, alpha<=5; per-channel linear inputs "
+                    "folded into the weights)", out_rows)
+    oab = [r for r in result["runs"] if r["table"] == "outlier-ablation"]
+    if oab:
+        rows = ([dict(baseline8, label="W8A8 FQ-ViT (defaults)")] if baseline8 else []) + oab
+        print_table("Outlier-aware pieces at W8A8 (one change from the FQ-ViT defaults each)", rows)
     result["total_s"] = time.time() - t0
     write_json(out, result)
     print(f"\nwrote {out} ({result['total_s']:.0f}s in all)")
