@@ -145,7 +145,8 @@ def section_losses(lines):
     lines += ["## Fitness losses over passes (evaluation split)", "",
               f"`benchmarks/losses.py`: {d['model']} W{d['w_bits']}A8, {d['cycles']} cycles per block, "
               f"blocks {', '.join(d['blocks'])}, {d['calib_images']} calibration / {d['eval_images']} evaluation "
-              f"images. Each cell: top-1 / agreement / KL on the evaluation split.", "",
+              f"images, hold-out {d.get('holdout', 0.1):.0%} (0%: every pass kept). Each cell: top-1 / agreement / "
+              f"KL on the evaluation split.", "",
               "![losses](../benchmarks/results/losses.png)", ""]
     head = ["loss"] + [f"pass {c['pass']}" for c in d["runs"][0]["per_pass"]]
     rows = [[r["loss"]] + [f"{c['top1']:.2f} / {c['agreement']:.2f} / {c['kl']:.3f}" for c in r["per_pass"]]
