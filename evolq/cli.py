@@ -35,6 +35,9 @@ def _add_model_args(p, quantize: bool):
     p.add_argument("--preset", default="fq-vit", choices=("fq-vit", "outlier-aware"),
                    help="quantization regime: fq-vit (the authors' start point, default) or outlier-aware "
                         "(PTF with per-channel zero-points; per-channel linear inputs folded into the weights)")
+    p.add_argument("--linear-input-strength", type=float, default=None,
+                   help="outlier-aware: share of each Linear input channel's range moved into the weights "
+                        "(0..1, default 0.5; 1 suits 8-bit weights only)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _quant_config(args):
     from .config import QuantConfig
 
+    extra = {} if args.linear_input_strength is None else {"linear_input_strength": args.linear_input_strength}
     return QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, act_observer=args.act_observer,
                               attn_probs=args.attn_probs, ptf=not args.no_ptf,
-                              bias_correction=not args.no_bias_correction)
+                              bias_correction=not args.no_bias_correction, **extra)
 
 
 def _load(args, quiet=False):

@@ -42,6 +42,10 @@ class QuantConfig:
       Linear layers (for transformer MLPs this includes fc2, i.e. the GELU output),
       folded into the weights before weight quantization (RepQ-ViT's
       reparameterization), so the deployed matmul stays per-tensor.
+      ``linear_input_strength`` (0..1, default 0.5) says how much of each channel's
+      range moves into the weights, as SmoothQuant's migration strength: factors
+      ``(s_c / mean s) ** strength``; 1 is fully per-channel activations (best for
+      8-bit weights only), 0 keeps one scale and only per-channel zero-points.
     """
 
     w_bits: int = 8
@@ -55,10 +59,12 @@ class QuantConfig:
     ptf_zero_point: str = "shared"  # "shared" (FQ-ViT) or "channel"
     ptf_max_alpha: int = 3
     linear_input: str = "tensor"  # "tensor" (FQ-ViT) or "channel" (folded into the weights)
+    linear_input_strength: float = 0.5  # "channel": factors (s_c / mean s)^strength; 1 = fully per channel
 
     PRESETS = {
         "fq-vit": {},
-        "outlier-aware": {"ptf_zero_point": "channel", "ptf_max_alpha": 5, "linear_input": "channel"},
+        "outlier-aware": {"ptf_zero_point": "channel", "ptf_max_alpha": 5, "linear_input": "channel",
+                          "linear_input_strength": 0.5},
     }
 
     @classmethod
@@ -84,6 +90,9 @@ class QuantConfig:
         _check_choice("ptf_zero_point", self.ptf_zero_point, ("shared", "channel"))
         _check_int("ptf_max_alpha", self.ptf_max_alpha, 0, 8)
         _check_choice("linear_input", self.linear_input, ("tensor", "channel"))
+        st = self.linear_input_strength
+        if isinstance(st, bool) or not isinstance(st, (int, float)) or not 0.0 <= st <= 1.0:
+            raise ConfigError(f"linear_input_strength must be a number in [0, 1], got {st!r}")
 
     @property
     def probs_bits(self) -> int:

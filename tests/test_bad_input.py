@@ -227,7 +227,8 @@ def test_good_folder_loads_and_bad_arguments(tmp_path):
                                 dict(w_bits=0), dict(w_bits=-4), dict(w_bits=8.0), dict(w_bits=True),
                                 dict(w_bits="8"), dict(attn_bits=1), dict(act_observer="median"),
                                 dict(attn_probs="log10"), dict(ptf_zero_point="row"), dict(ptf_max_alpha=9),
-                                dict(ptf_max_alpha=-1), dict(linear_input="token")])
+                                dict(ptf_max_alpha=-1), dict(linear_input="token"),
+                                dict(linear_input_strength=1.5), dict(linear_input_strength="half")])
 def test_bad_quant_config(kw):
     with pytest.raises(ConfigError) as e:
         QuantConfig(**kw)

@@ -481,7 +481,7 @@ def test_ptf_channel_zero_points_beat_shared_on_outlier_channels():
 
 def test_channel_factor_quantizer_equals_per_channel_quantizer():
     x = _outlier_rows().reshape(4, 100, 24)
-    cf = _calibrated(ChannelFactorQuantizer(8, observer="minmax"), x)
+    cf = _calibrated(ChannelFactorQuantizer(8, observer="minmax", strength=1.0), x)
     pc = _calibrated(UniformQuantizer(8, per_channel=True, ch_axis=-1, observer="minmax"), x)
     # one layer scale (the mean) times per-channel factors = the per-channel scales
     torch.testing.assert_close(cf.scale * cf.factor, pc.scale)
@@ -499,13 +499,34 @@ def test_channel_factor_quantizer_equals_per_channel_quantizer():
     cf.scale = base
 
 
-def test_qlinear_folds_channel_factors_into_weights():
+def test_channel_factor_strength_moves_part_of_the_range():
+    x = _outlier_rows()
+    pc = _calibrated(UniformQuantizer(8, per_channel=True, ch_axis=-1, observer="minmax"), x)
+    spread, errs = [], []
+    for b in (0.0, 0.5, 1.0):
+        cf = _calibrated(ChannelFactorQuantizer(8, observer="minmax", strength=b), x)
+        step = cf.scale * cf.factor
+        assert (step >= pc.scale * (1 - 1e-5)).all()  # every channel's observed range still fits ...
+        y = cf(x)
+        assert (y - x).abs().max() <= step.max() / 2 * (1 + 1e-4)  # ... so nothing is clipped
+        torch.testing.assert_close(cf.factor, (pc.scale / pc.scale.mean()) ** b)
+        spread.append((cf.factor.max() / cf.factor.min()).item())
+        errs.append((y - x).pow(2).mean().item())
+    assert spread[0] == pytest.approx(1.0) and spread[0] < spread[1] < spread[2]
+    assert errs[0] > errs[1] > errs[2]  # finer activation steps the more range moves into the weights
+    with pytest.raises(ValueError):
+        ChannelFactorQuantizer(8, strength=1.5)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5, 0.0])
+def test_qlinear_folds_channel_factors_into_weights(strength):
     """With per-channel input factors, QLinear's output is the deployed integer
     computation: per-tensor input scale, per-channel zero-points folded into the bias,
     weights quantized per output channel after the factors are multiplied in."""
     torch.manual_seed(3)
     lin = nn.Linear(24, 7)
-    layer = QLinear(lin, UniformQuantizer(4, per_channel=True, kind="weight"), ChannelFactorQuantizer(8, "minmax"))
+    layer = QLinear(lin, UniformQuantizer(4, per_channel=True, kind="weight"),
+                    ChannelFactorQuantizer(8, "minmax", strength=strength))
     x = _outlier_rows().reshape(8, 50, 24)
     _calibrated_layer(layer, x)
     wq, aq = layer.weight_quant, layer.input_quant

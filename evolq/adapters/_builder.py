@@ -35,7 +35,7 @@ def norm_input_quant(cfg):
 def linear_input_quant(cfg):
     """Input quantizer of a Linear: per tensor, or per-channel factors folded into its weights."""
     if cfg.linear_input == "channel":
-        return ChannelFactorQuantizer(cfg.a_bits, observer=cfg.act_observer)
+        return ChannelFactorQuantizer(cfg.a_bits, observer=cfg.act_observer, strength=cfg.linear_input_strength)
     return act_quant(cfg)
 
 

@@ -288,9 +288,13 @@ class ChannelFactorQuantizer(_ChannelFactorBase):
     """Per-channel asymmetric quantizer (channels on the last axis) written as one
     layer scale times fixed per-channel factors, with per-channel zero-points.
 
-    Calibration runs a per-channel observer; the layer scale is the mean of the
-    per-channel scales and ``factor[c]`` = scale_c / layer scale (RepQ-ViT's
-    reparameterization). Meant for the input of a linear layer that absorbs the
+    Calibration runs a per-channel observer (scales s_c, zero-points). With
+    ``strength=1`` the layer scale is the mean of the s_c and ``factor[c]`` = s_c / layer
+    scale (RepQ-ViT's reparameterization: fully per-channel steps). With ``strength``
+    b < 1 the factors are (s_c / mean s)^b and the layer scale max_c s_c / factor[c],
+    so every channel's range still fits: part of each channel's range moves into the
+    weights, part stays in the activation step (SmoothQuant's migration strength);
+    b = 0 keeps one step for all channels and only per-channel zero-points. Meant for the input of a linear layer that absorbs the
     factors into its weight columns before weight quantization (``folds_into_weight``):
     the deployed matmul then takes one per-tensor scale, and the per-channel zero-points
     become a bias term. ``QLinear`` does that fold.
@@ -298,14 +302,16 @@ class ChannelFactorQuantizer(_ChannelFactorBase):
 
     folds_into_weight = True
 
-    def __init__(self, bits=8, observer="omse"):
+    def __init__(self, bits=8, observer="omse", strength=1.0):
         super().__init__(bits, zero_point="channel")
-        self.observer_name = observer
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
+        self.observer_name, self.strength = observer, float(strength)
         self.observer = make_observer(observer, -1)
         self.register_buffer("channel_factor", torch.ones(1))
 
     def extra_repr(self):
-        return f"bits={self.bits}, per-channel factors, observer={self.observer_name}"
+        return f"bits={self.bits}, per-channel factors (strength {self.strength:g}), observer={self.observer_name}"
 
     @property
     def factor(self):
@@ -318,11 +324,19 @@ class ChannelFactorQuantizer(_ChannelFactorBase):
         if not self.observer.ready:
             return
         scale, zp = self.observer.compute(self.qmin, self.qmax, False)
-        layer = scale.mean()
+        scale, zp = scale.reshape(-1), zp.reshape(-1)
+        if self.strength == 1.0:
+            layer = scale.mean()
+            factor = scale / layer
+        else:  # factors (s_c / mean s)^strength; the layer scale widens so every channel's range still fits
+            factor = (scale / scale.mean()).pow(self.strength)
+            layer = (scale / factor).max()
+            lo = (self.qmin - zp) * scale  # each channel's lower clip value
+            zp = torch.clamp(self.qmin - torch.round(lo / (layer * factor)), self.qmin, self.qmax)
         dev = self.scale.device
         self.scale = layer.reshape(1).to(dev)
-        self.channel_factor = (scale / layer).reshape(-1).to(dev)
-        self.zero_point = zp.reshape(-1).to(dev)
+        self.channel_factor = factor.to(dev)
+        self.zero_point = zp.to(dev)
         self.calibrated.fill_(True)
 
 
