@@ -153,7 +153,8 @@ def main(argv=None):
             start = metrics(predict(qmodel.model, xe, 50), ye, fp_logits)
             qmodel, rep = quantize_model(qmodel, xc, cfg)
             final = metrics(predict(qmodel.model, xe, 50), ye, fp_logits)
-            row = {"model": model_name, "w_bits": bits, "a_bits": 8, "seed": seed, "start": start,
+            row = {"model": model_name, "w_bits": bits, "a_bits": 8, "seed": seed, "quant": cfg.to_dict()["quant"],
+                   "start": start,
                    "final": final, "evaluations": rep["evaluations"], "search_seconds": rep["search_seconds"],
                    "calib_seconds": calib_s, "passes_kept": [p["kept"] for p in rep["passes"]]}
             result["runs"].append(row)

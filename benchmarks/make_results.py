@@ -86,6 +86,26 @@ def section_start_point(lines):
     lines += [table(["table", "config", "top-1", "agreement", "KL"], rows), ""]
 
 
+def section_preset_strength(lines):
+    d = load("preset_strength")
+    if not d:
+        return
+    lines += ["## Choosing the outlier-aware migration strength (calibration pool only)", "",
+              f"`benchmarks/preset_strength.py`: {d['model']}, outlier-aware start point calibrated on "
+              f"{d['n_calib']} calibration-pool images and scored on {d['n_score']} other calibration-pool "
+              "images (KL and agreement with FP32; the evaluation split is not used). The preset takes the "
+              "lowest KL per weight bit width: "
+              + ", ".join(f"W{b}: {s:g}" for b, s in d["best"].items()) + ".", ""]
+    strengths = sorted({r["strength"] for r in d["rows"]})
+    rows = []
+    for b in sorted({r["w_bits"] for r in d["rows"]}, reverse=True):
+        by = {r["strength"]: r for r in d["rows"] if r["w_bits"] == b}
+        rows.append([f"W{b}A8"] + [f"{by[s]['kl']:.4f} / {by[s]['agreement']:.1f}" if s in by else "-"
+                                   for s in strengths])
+    lines += [table(["bits"] + [f"strength {s:g}" for s in strengths], rows), "",
+              "Each cell: KL / agreement (%).", ""]
+
+
 def section_search(lines):
     d = load("search")
     if not d:
@@ -231,7 +251,7 @@ def main():
              "All numbers: ImageNet sample bundled with the assets (calibration = even labels, evaluation = odd "
              "labels, disjoint), CPU, small settings. Accuracy on a few hundred images moves in steps of "
              "100/N points: treat differences of a point or two as noise.", ""]
-    for sec in (section_accuracy, section_start_point, section_search, section_speed, section_efficientnet, section_searchers, section_losses, section_scaling,
+    for sec in (section_accuracy, section_start_point, section_preset_strength, section_search, section_speed, section_efficientnet, section_searchers, section_losses, section_scaling,
                 section_landscape):
         sec(lines)
     OUT.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def _add_model_args(p, quantize: bool):
                         "(PTF with per-channel zero-points; per-channel linear inputs folded into the weights)")
     p.add_argument("--linear-input-strength", type=float, default=None,
                    help="outlier-aware: share of each Linear input channel's range moved into the weights "
-                        "(0..1, default 0.5; 1 suits 8-bit weights only)")
+                        "(0..1; default by weight bits: 0.75 at 8, 0.25 at 4 and below)")
 
 
 def build_parser() -> argparse.ArgumentParser:

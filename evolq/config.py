@@ -63,16 +63,28 @@ class QuantConfig:
 
     PRESETS = {
         "fq-vit": {},
-        "outlier-aware": {"ptf_zero_point": "channel", "ptf_max_alpha": 5, "linear_input": "channel",
-                          "linear_input_strength": 0.5},
+        "outlier-aware": {"ptf_zero_point": "channel", "ptf_max_alpha": 5, "linear_input": "channel"},
     }
+
+    @staticmethod
+    def outlier_strength(w_bits: int) -> float:
+        """The outlier-aware preset's ``linear_input_strength`` for ``w_bits``: the lowest
+        KL on calibration-pool images in ``benchmarks/preset_strength.py`` (ViT-Tiny:
+        0.75 at 8 bits, 0.25 at 4 and 3 bits; 5-7 bits were not measured and get 0.5)."""
+        return 0.75 if w_bits >= 8 else 0.25 if w_bits <= 4 else 0.5
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "QuantConfig":
         """A named regime: ``"fq-vit"`` (the authors' start point, the defaults) or
-        ``"outlier-aware"``; keyword arguments override single fields."""
+        ``"outlier-aware"`` (its ``linear_input_strength`` follows ``w_bits``, see
+        ``outlier_strength``); keyword arguments override single fields."""
         _check_choice("preset", name, tuple(cls.PRESETS))
-        return cls(**{**cls.PRESETS[name], **overrides})
+        fields = {**cls.PRESETS[name], **overrides}
+        if name == "outlier-aware" and "linear_input_strength" not in overrides:
+            w_bits = fields.get("w_bits", cls.w_bits)
+            if isinstance(w_bits, int) and not isinstance(w_bits, bool):  # else validation reports it
+                fields["linear_input_strength"] = cls.outlier_strength(w_bits)
+        return cls(**fields)
 
     def __post_init__(self):
         self.validate()

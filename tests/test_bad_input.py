@@ -248,6 +248,9 @@ def test_presets():
     oa = QuantConfig.preset("outlier-aware", w_bits=4)
     assert (oa.w_bits, oa.linear_input, oa.ptf_zero_point) == (4, "channel", "channel")
     assert EvolQConfig.make(preset="outlier-aware", w_bits=4, passes=1).quant == oa
+    # the migration strength follows the weight bits unless given
+    assert [QuantConfig.preset("outlier-aware", w_bits=b).linear_input_strength for b in (8, 4, 3)] == [0.75, 0.25, 0.25]
+    assert QuantConfig.preset("outlier-aware", w_bits=4, linear_input_strength=1.0).linear_input_strength == 1.0
     with pytest.raises(ConfigError) as e:
         QuantConfig.preset("fast")
     assert "outlier-aware" in one_line(e)
