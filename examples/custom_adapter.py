@@ -11,9 +11,12 @@ per scope, and register it.
 """
 from __future__ import annotations
 
-import argparse
 import copy
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_digits.py, also when loaded by path
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +26,8 @@ from evolq import Block, EvolQConfig, QModel, prepare_model, quantize_model
 from evolq.adapters import Adapter, register_adapter
 from evolq.layers import QConv2d, QLinear, quantizers_of
 from evolq.quant import UniformQuantizer
+
+from _digits import accuracy, parse, parser, print_result, split, train  # noqa: E402
 
 
 class TinyConvNet(nn.Module):
@@ -85,53 +90,17 @@ class TinyConvNetAdapter(Adapter):
 # ---------------------------------------------------------------------- use it
 def load_digits_images(seed):
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     d = load_digits()
     x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)  # (1797, 1, 8, 8)
-    y = torch.tensor(d.target)
-    idx = torch.arange(len(y))
-    tr, te = train_test_split(idx, test_size=0.3, random_state=seed, stratify=y)
-    tr, ca = train_test_split(tr, test_size=1 / 7, random_state=seed, stratify=y[tr])
-    return (x[tr], y[tr]), x[ca], (x[te], y[te])
-
-
-def train(model, x, y, epochs, seed):
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), 64):
-            b = perm[i:i + 64]
-            loss = F.cross_entropy(model(x[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def accuracy(model, x, y):
-    return (model(x).argmax(1) == y).float().mean().item() * 100
+    return split(x, torch.tensor(d.target), seed)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--w-bits", type=int, default=2)
-    ap.add_argument("--a-bits", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=15)
-    ap.add_argument("--passes", type=int, default=3)
-    ap.add_argument("--cycles", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="smoke test: 1 epoch, 1 pass x 3 cycles")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.epochs, args.passes, args.cycles = 1, 1, 3
-    torch.set_num_threads(1)
-    torch.manual_seed(args.seed)
+    args = parse(parser(__doc__, w_bits=2, a_bits=4, epochs=15, passes=3, cycles=40), argv)
     t0 = time.time()
     (xtr, ytr), xcal, (xte, yte) = load_digits_images(args.seed)
-    model = train(TinyConvNet(), xtr, ytr, args.epochs, args.seed)
+    model = train(TinyConvNet(), xtr, ytr, args.epochs, args.seed, lr=3e-3)
     fp32 = accuracy(model, xte, yte)
 
     cfg = EvolQConfig.make(w_bits=args.w_bits, a_bits=args.a_bits, passes=args.passes, cycles=args.cycles,
@@ -144,9 +113,7 @@ def main(argv=None):
     searched = accuracy(qmodel.model, xte, yte)
     print(f"adapter {qmodel.family!r}: blocks {[b.name for b in qmodel.blocks]}; {report['evaluations']} "
           f"evaluations, passes kept {[p['kept'] for p in report['passes']]}, {time.time() - t0:.0f}s in all")
-    print(f"test accuracy  FP32 {fp32:.2f}%   W{args.w_bits}A{args.a_bits} start {start:.2f}%   "
-          f"W{args.w_bits}A{args.a_bits} Evol-Q {searched:.2f}%")
-    return {"fp32": fp32, "start": start, "searched": searched, "report": report}
+    return {**print_result(args, fp32, start, searched), "report": report}
 
 
 if __name__ == "__main__":

@@ -21,10 +21,13 @@ pass kept only if the hold-out loss did not get worse.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
+import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_digits.py, also when loaded by path
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +40,8 @@ from evolq.losses import infonce
 from evolq.problems import BlockScaleProblem
 from evolq.quant import UniformQuantizer
 from evolq.search import make_searcher
+
+from _digits import accuracy, parse, parser, print_result, train  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the graph
@@ -139,45 +144,16 @@ def search(qmodel: QModel, x_fit, x_hold, passes: int, cycles: int, eps: float, 
 
 
 # --------------------------------------------------------------------------- main
-def train(model, x, y, epochs, seed):
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3, weight_decay=5e-4)
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y), 64):
-            b = perm[i:i + 64]
-            loss = F.cross_entropy(model(x[b]), y[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def accuracy(model, x, y) -> float:
-    return (model(x).argmax(1) == y).float().mean().item() * 100
-
-
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__, w_bits=2, a_bits=4, epochs=40, passes=4, cycles=60)
     ap.add_argument("--k", type=int, default=6, help="neighbours per node")
     ap.add_argument("--hidden", type=int, default=32)
-    ap.add_argument("--w-bits", type=int, default=2)
-    ap.add_argument("--a-bits", type=int, default=4)
-    ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--passes", type=int, default=4)
-    ap.add_argument("--cycles", type=int, default=60)
     ap.add_argument("--eps", type=float, default=1e-3, help="tournament mutation range (absolute)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="smoke test: 2 epochs, 1 pass x 3 cycles")
-    args = ap.parse_args(argv)
-    if args.quick:
-        args.epochs, args.passes, args.cycles = 2, 1, 3
-    torch.set_num_threads(1)
-    torch.manual_seed(args.seed)
+    args = parse(ap, argv, quick_epochs=2)
     t0 = time.time()
     x, y, tr, ca, te = knn_graph_trees(args.k, args.seed)
-    model = train(GraphSAGE(args.k, hidden=args.hidden), x[tr], y[tr], args.epochs, args.seed)
+    model = train(GraphSAGE(args.k, hidden=args.hidden), x[tr], y[tr], args.epochs, args.seed, lr=5e-3,
+                  weight_decay=5e-4)
     fp32 = accuracy(model, x[te], y[te])
     print(f"digits {args.k}-NN graph: {len(y)} nodes, {len(tr)} labelled, {len(ca)} calibration, {len(te)} test "
           f"(2-hop trees of {x.shape[1]} nodes); trained in {time.time() - t0:.0f}s")
@@ -191,9 +167,7 @@ def main(argv=None):
     searched = accuracy(qmodel.model, x[te], y[te])
     print(f"search: {args.passes} pass(es) x {args.cycles} cycles over {len(qmodel.blocks)} blocks in "
           f"{time.time() - t:.0f}s, passes kept {[p['kept'] for p in log]}")
-    print(f"test accuracy  FP32 {fp32:.2f}%   W{args.w_bits}A{args.a_bits} start {start:.2f}%   "
-          f"W{args.w_bits}A{args.a_bits} Evol-Q {searched:.2f}%")
-    return {"fp32": fp32, "start": start, "searched": searched, "passes": log}
+    return {**print_result(args, fp32, start, searched), "passes": log}
 
 
 if __name__ == "__main__":
