@@ -30,12 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from _common import write_json  # noqa: E402  (benchmarks/_common.py)
+from _common import load_data, write_json  # noqa: E402  (benchmarks/_common.py)
 
 from evolq import EvolQConfig, prepare_model, quantize_model  # noqa: E402
-from evolq.data import assets_dir, load_images  # noqa: E402
 from evolq.evaluate import metrics, predict  # noqa: E402
-from evolq.models import load_model, model_transform  # noqa: E402
 
 MODELS = ["vit_tiny_patch16_224", "tf_efficientnet_lite0"]
 METRICS = ("top1", "top5", "agreement", "kl")
@@ -125,17 +123,12 @@ def main(argv=None):
             result["runs"] = old.get("runs", [])
             result["fp32"] = old.get("fp32", {})
             print(f"resuming: {len(result['runs'])} finished row(s) in {out}")
-    root = assets_dir(required=True)
-    data = root / "imagenet-sample"
     for model_name in args.models:
         todo = [(b, s) for b in args.bits for s in args.seeds
                 if not any(r["model"] == model_name and r["w_bits"] == b and r["seed"] == s for r in result["runs"])]
         if not todo:
             continue
-        base = load_model(model_name, hub=False)
-        tf = model_transform(base)
-        pool, _ = load_images(data, tf, "calib", limit=500)
-        xe, ye = load_images(data, tf, "eval", limit=args.eval)
+        base, pool, xe, ye = load_data(model_name, 500, args.eval)  # the whole calibration pool
         result["n_eval"] = int(xe.shape[0])
         fp_logits = predict(base, xe, 50)
         result["fp32"][model_name] = metrics(fp_logits, ye)
