@@ -38,7 +38,7 @@ from evolq.errors import (CheckpointError, ConfigError, DataError, EvolQError, U
                           UnsupportedModelError, WeightsError)
 from evolq.fitness import BlockFitness, reference_outputs  # noqa: E402
 from evolq.losses import infonce  # noqa: E402
-from evolq.scales import ScaleSpace  # noqa: E402
+from evolq.qnn.scales import ScaleSpace  # noqa: E402
 
 ROWS: list[dict] = []
 TMP = Path(tempfile.mkdtemp(prefix="evolq-faults-"))

@@ -24,8 +24,8 @@ if str(ROOT) not in sys.path:
 
 from _common import write_json  # noqa: E402  (benchmarks/_common.py)
 
-from evolq.adapters import quantize_structure  # noqa: E402
-from evolq.calibrate import calibrate  # noqa: E402
+from evolq.adapters import wrap_model  # noqa: E402
+from evolq.qnn.calibrate import calibrate  # noqa: E402
 from evolq.config import QuantConfig  # noqa: E402
 from evolq.data import assets_dir, load_images  # noqa: E402
 from evolq.evaluate import metrics, predict  # noqa: E402
@@ -54,7 +54,7 @@ def main(argv=None):
     rows = []
     for bits in args.bits:
         for st in args.strengths:
-            qm = quantize_structure(copy.deepcopy(base), QuantConfig.preset("outlier-aware", w_bits=bits,
+            qm = wrap_model(copy.deepcopy(base), QuantConfig.preset("outlier-aware", w_bits=bits,
                                                                             linear_input_strength=st), ARCH)
             calibrate(qm, xc)
             m = metrics(predict(qm.model, xs, 50), labels, fp)

@@ -22,7 +22,7 @@ from _common import load_data, search_last_blocks, setup, write_json  # noqa: E4
 from evolq import EvolQConfig, prepare_model, quantize_model  # noqa: E402
 from evolq.fitness import BlockFitness, reference_outputs  # noqa: E402
 from evolq.losses import infonce  # noqa: E402
-from evolq.scales import ScaleSpace  # noqa: E402
+from evolq.qnn.scales import ScaleSpace  # noqa: E402
 
 
 def time_call(qmodel, x, index, pop, repeats):

@@ -23,7 +23,7 @@ from evolq.data import assets_dir, load_images
 from evolq.engine import block_seed
 from evolq.losses import infonce
 from evolq.models import load_model, model_transform
-from evolq.scales import ScaleSpace
+from evolq.qnn.scales import ScaleSpace
 
 
 @torch.no_grad()

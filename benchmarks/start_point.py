@@ -33,8 +33,8 @@ if str(ROOT) not in sys.path:
 
 from _common import write_json  # noqa: E402  (benchmarks/_common.py)
 
-from evolq.adapters import quantize_structure  # noqa: E402
-from evolq.calibrate import calibrate  # noqa: E402
+from evolq.adapters import wrap_model  # noqa: E402
+from evolq.qnn.calibrate import calibrate  # noqa: E402
 from evolq.config import QuantConfig  # noqa: E402
 from evolq.data import assets_dir, load_images  # noqa: E402
 from evolq.evaluate import metrics, predict  # noqa: E402
@@ -147,7 +147,7 @@ def main(argv=None):
         overrides = dict(overrides)
         cfg = QuantConfig.preset(overrides.pop("preset", "fq-vit"), **overrides)
         model = copy.deepcopy(float_model)
-        qm = quantize_structure(model, cfg, ARCH)
+        qm = wrap_model(model, cfg, ARCH)
         t = time.time()
         calibrate(qm, xc, batch_size=args.calib_batch_size)
         calib_s = time.time() - t

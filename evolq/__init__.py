@@ -3,13 +3,16 @@
     from evolq import quantize_model, EvolQConfig
     qmodel, report = quantize_model(model, calib_images, EvolQConfig.make(w_bits=4, passes=2))
 """
+from .adapters import list_adapters, register_adapter
 from .api import load_quantized, prepare_model, quantize_model, save_quantized
-from .calibrate import calibrate
 from .config import EvolQConfig, QuantConfig, SearchConfig
 from .errors import (CheckpointError, ConfigError, DataError, EvolQError, UnknownModelError,
                      UnsupportedModelError, WeightsError)
-from .qmodel import Block, QModel
-from .scales import ScaleSpace
+from .losses import list_losses, register_loss
+from .qnn.calibrate import calibrate
+from .qnn.qmodel import Block, QModel
+from .qnn.scales import ScaleSpace
+from .search import list_searchers, register_searcher
 
 __version__ = "0.1.0"
 
@@ -17,5 +20,6 @@ __all__ = [
     "quantize_model", "prepare_model", "save_quantized", "load_quantized", "calibrate",
     "EvolQConfig", "QuantConfig", "SearchConfig", "Block", "QModel", "ScaleSpace",
     "EvolQError", "ConfigError", "DataError", "UnknownModelError", "UnsupportedModelError",
-    "WeightsError", "CheckpointError", "__version__",
+    "WeightsError", "CheckpointError", "list_adapters", "register_adapter", "list_searchers",
+    "register_searcher", "list_losses", "register_loss", "__version__",
 ]

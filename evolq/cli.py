@@ -11,9 +11,29 @@ import sys
 import time
 from pathlib import Path
 
+from .config import QuantConfig, SearchConfig, field_default
 from .errors import EvolQError
 
 __all__ = ["main", "build_parser"]
+
+
+def _q(name):
+    return field_default(QuantConfig, name)
+
+
+def _s(name):
+    return field_default(SearchConfig, name)
+
+
+def _searcher_arg(text: str):
+    """KEY=VALUE, the value read as JSON where it parses (numbers, true/false), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
 
 
 def _add_model_args(p, quantize: bool):
@@ -28,11 +48,14 @@ def _add_model_args(p, quantize: bool):
                    help="activation bits (4-8)")
     p.add_argument("--calib-size", type=int, default=500, help="calibration images (default 500)")
     p.add_argument("--limit", type=int, default=None, help="evaluation images (default: all of the split)")
-    p.add_argument("--act-observer", default="omse", help="minmax, ema, percentile or omse (default omse)")
-    p.add_argument("--attn-probs", default="uniform", choices=("uniform", "log2"))
+    from .quant import OBSERVERS
+
+    p.add_argument("--act-observer", default=_q("act_observer"), choices=tuple(OBSERVERS),
+                   help=f"activation observer (default {_q('act_observer')})")
+    p.add_argument("--attn-probs", default=_q("attn_probs"), choices=("uniform", "log2"))
     p.add_argument("--no-ptf", action="store_true", help="plain uniform quantizers on LayerNorm inputs")
     p.add_argument("--no-bias-correction", action="store_true")
-    p.add_argument("--preset", default="fq-vit", choices=("fq-vit", "outlier-aware"),
+    p.add_argument("--preset", default="fq-vit", choices=tuple(QuantConfig.PRESETS),
                    help="quantization regime: fq-vit (the authors' start point, default) or outlier-aware "
                         "(PTF with per-channel zero-points; per-channel linear inputs folded into the weights)")
     p.add_argument("--linear-input-strength", type=float, default=None,
@@ -51,21 +74,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     pq = sub.add_parser("quantize", help="start point + Evol-Q search; writes report.json and the model")
     _add_model_args(pq, quantize=True)
-    pq.add_argument("--searcher", default="tournament", help="tournament, cmaes, snes or pgpe")
-    pq.add_argument("--loss", default="infonce", help="infonce, mse, cosine or kl")
-    pq.add_argument("--passes", type=int, default=10)
-    pq.add_argument("--cycles", type=int, default=3, help="fitness evaluations per block and pass")
-    pq.add_argument("--scope", default="attn-weights",
+    from .config import SCOPES
+    from .losses import list_losses
+    from .search import list_searchers
+
+    pq.add_argument("--searcher", default=_s("searcher"), choices=list_searchers(), help="the search algorithm")
+    pq.add_argument("--searcher-arg", type=_searcher_arg, action="append", default=[], metavar="KEY=VALUE",
+                    help="extra searcher argument, repeatable (e.g. abs_child=false for the tournament)")
+    pq.add_argument("--loss", default=_s("loss"), choices=list_losses(), help="the fitness loss")
+    pq.add_argument("--passes", type=int, default=_s("passes"))
+    pq.add_argument("--cycles", type=int, default=_s("cycles"), help="fitness evaluations per block and pass")
+    pq.add_argument("--scope", default=_s("scope"), choices=SCOPES,
                     help="attn-weights (authors' code: qkv and proj weights), weights (every weight of the block) "
                          "or block (paper: every scale)")
-    pq.add_argument("--noise", default="absolute", help="absolute (+U(-eps,eps)) or relative")
-    pq.add_argument("--eps", type=float, default=None, help="mutation range (default by weight bits)")
-    pq.add_argument("--infonce-batch", type=int, default=100)
-    pq.add_argument("--holdout", type=float, default=0.1, help="calibration fraction that decides passes")
-    pq.add_argument("--max-batch", type=int, default=32,
-                    help="candidates x images per forward chunk (default 32, CPU-cache friendly; raise on GPU)")
-    pq.add_argument("--seed", type=int, default=0)
-    pq.add_argument("--device", default="cpu")
+    pq.add_argument("--noise", default=_s("noise"), choices=("absolute", "relative"),
+                    help="absolute (+U(-eps,eps)) or relative")
+    pq.add_argument("--eps", type=float, default=_s("eps"), help="mutation range (default by weight bits)")
+    pq.add_argument("--infonce-batch", type=int, default=_s("infonce_batch"))
+    pq.add_argument("--holdout", type=float, default=_s("holdout"), help="calibration fraction that decides passes")
+    pq.add_argument("--max-batch", type=int, default=_s("max_batch"),
+                    help=f"candidates x images per forward chunk (default {_s('max_batch')}, CPU-cache friendly; "
+                         f"raise on GPU)")
+    pq.add_argument("--seed", type=int, default=_s("seed"))
+    pq.add_argument("--device", default=_s("device"))
     pq.add_argument("--out", required=True, help="output folder (report.json, model/, checkpoint)")
     pq.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
     pq.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -76,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--cycles", type=int, default=3)
     pd.add_argument("--calib-size", type=int, default=200)
     pd.add_argument("--limit", type=int, default=500, help="evaluation images")
-    pd.add_argument("--preset", default="fq-vit", choices=("fq-vit", "outlier-aware"),
+    pd.add_argument("--preset", default="fq-vit", choices=tuple(QuantConfig.PRESETS),
                     help="start-point regime (default fq-vit, the authors')")
     pd.add_argument("--out", default=None, help="also write report.json and the model here")
 
@@ -99,8 +130,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quant_config(args):
-    from .config import QuantConfig
-
     extra = {} if args.linear_input_strength is None else {"linear_input_strength": args.linear_input_strength}
     return QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, act_observer=args.act_observer,
                               attn_probs=args.attn_probs, ptf=not args.no_ptf,
@@ -111,7 +140,7 @@ def _load(args, quiet=False):
     from .data import assets_dir, load_images
     from .models import load_model, model_transform
 
-    qcfg = _quant_config(args)
+    quant = _quant_config(args)
     for name in ("calib_size", "limit"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -121,7 +150,7 @@ def _load(args, quiet=False):
     data = Path(args.data) if args.data else assets_dir() / "imagenet-sample"
     xc, _ = load_images(data, tf, "calib", limit=args.calib_size, progress=not quiet)
     xe, ye = load_images(data, tf, "eval", limit=args.limit, progress=not quiet)
-    return model, qcfg, xc, xe, ye
+    return model, quant, xc, xe, ye
 
 
 def _short(m):
@@ -139,8 +168,8 @@ def cmd_eval(args) -> int:
     from .api import prepare_model
     from .evaluate import evaluate_qmodel
 
-    model, qcfg, xc, xe, ye = _load(args, quiet=args.json)
-    qmodel = prepare_model(model, xc, qcfg, arch=args.model, progress=not args.json)
+    model, quant, xc, xe, ye = _load(args, quiet=args.json)
+    qmodel = prepare_model(model, xc, quant, arch=args.model, progress=not args.json)
     res, _ = evaluate_qmodel(qmodel, xe, ye, progress=not args.json)
     out = {"model": args.model, "w_bits": args.w_bits, "a_bits": args.a_bits, "calib_images": int(xc.shape[0]),
            "eval_images": int(xe.shape[0]), "fp32": _short(res["fp32"]), "quantized": _short(res["quantized"])}
@@ -152,16 +181,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _run_quantize(model, arch, qcfg, scfg, xc, xe, ye, out_dir, resume) -> dict:
-    from .api import prepare_model, quantize_model, save_quantized
+def _run_quantize(model, arch, quant, search, xc, xe, ye, out_dir, resume) -> dict:
+    from .api import prepare_model, quantize_model
     from .config import EvolQConfig
     from .evaluate import evaluate_qmodel
+    from .io import save_quantized, write_json
 
     t0 = time.perf_counter()
-    qmodel = prepare_model(model, xc, qcfg, arch=arch, progress=scfg.progress)
-    start, fp_logits = evaluate_qmodel(qmodel, xe, ye, progress=scfg.progress)
-    qmodel, rep = quantize_model(qmodel, xc, EvolQConfig(qcfg, scfg), checkpoint_dir=out_dir, resume=resume)
-    final, _ = evaluate_qmodel(qmodel, xe, ye, fp_logits=fp_logits, progress=scfg.progress)
+    qmodel = prepare_model(model, xc, quant, arch=arch, progress=search.progress)
+    start, fp_logits = evaluate_qmodel(qmodel, xe, ye, progress=search.progress)
+    qmodel, rep = quantize_model(qmodel, xc, EvolQConfig(quant, search), checkpoint_dir=out_dir, resume=resume)
+    final, _ = evaluate_qmodel(qmodel, xe, ye, fp_logits=fp_logits, progress=search.progress)
     report = {"model": arch, "fp32": _short(start["fp32"]), "start": _short(start["quantized"]),
               "final": _short(final["quantized"]), "evaluations": rep["evaluations"],
               "seconds": time.perf_counter() - t0, "search_seconds": rep["search_seconds"],
@@ -169,35 +199,30 @@ def _run_quantize(model, arch, qcfg, scfg, xc, xe, ye, out_dir, resume) -> dict:
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_quantized(qmodel, out_dir / "model")
-        tmp = out_dir / "report.json.tmp"
-        tmp.write_text(json.dumps(report, indent=2))
-        tmp.replace(out_dir / "report.json")  # atomic
+        write_json(out_dir / "report.json", report)
     return report
 
 
 def cmd_quantize(args) -> int:
-    from .config import SearchConfig
-
-    scfg = SearchConfig(searcher=args.searcher, loss=args.loss, passes=args.passes, cycles=args.cycles,
-                        scope=args.scope, noise=args.noise, eps=args.eps, infonce_batch=args.infonce_batch,
-                        holdout=args.holdout, max_batch=args.max_batch, seed=args.seed, device=args.device,
-                        progress=not args.quiet)
-    from .api import check_run_folder
+    search = SearchConfig(searcher=args.searcher, searcher_kwargs=dict(args.searcher_arg), loss=args.loss,
+                          passes=args.passes, cycles=args.cycles, scope=args.scope, noise=args.noise, eps=args.eps,
+                          infonce_batch=args.infonce_batch, holdout=args.holdout, max_batch=args.max_batch,
+                          seed=args.seed, device=args.device, progress=not args.quiet)
+    from .checkpoint import check_run_folder
     from .config import EvolQConfig
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EvolQError(f"--out {str(out)!r} exists and is not a folder")
-    check_run_folder(out, EvolQConfig(_quant_config(args), scfg), args.resume)  # before any expensive work
-    model, qcfg, xc, xe, ye = _load(args, quiet=args.quiet)
-    report = _run_quantize(model, args.model, qcfg, scfg, xc, xe, ye, out, args.resume)
+    check_run_folder(out, EvolQConfig(_quant_config(args), search), args.resume)  # before any expensive work
+    model, quant, xc, xe, ye = _load(args, quiet=args.quiet)
+    report = _run_quantize(model, args.model, quant, search, xc, xe, ye, out, args.resume)
     print(_table([("fp32", report["fp32"]), ("start", report["start"]), ("evol-q", report["final"])]))
     print(f"{report['evaluations']} fitness evaluations, {report['seconds']:.0f} s; wrote {out / 'report.json'}")
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .config import QuantConfig, SearchConfig
     from .data import assets_dir, load_images
     from .models import load_model, model_transform
 
@@ -209,11 +234,11 @@ def cmd_demo(args) -> int:
     data = assets_dir() / "imagenet-sample"
     xc, _ = load_images(data, tf, "calib", limit=args.calib_size, progress=True)
     xe, ye = load_images(data, tf, "eval", limit=args.limit, progress=True)
-    qcfg = QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=8)
+    quant = QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=8)
     n_fit = xc.shape[0] - int(round(xc.shape[0] * 0.1))
-    scfg = SearchConfig(passes=args.passes, cycles=args.cycles, infonce_batch=min(100, max(2, n_fit // 3)))
+    search = SearchConfig(passes=args.passes, cycles=args.cycles, infonce_batch=min(100, max(2, n_fit // 3)))
     out = Path(args.out) if args.out else None
-    report = _run_quantize(model, arch, qcfg, scfg, xc, xe, ye, out, resume=False)
+    report = _run_quantize(model, arch, quant, search, xc, xe, ye, out, resume=False)
     print(_table([("fp32", report["fp32"]), ("start", report["start"]), ("evol-q", report["final"])]))
     print(f"{report['evaluations']} fitness evaluations; search {report['search_seconds']:.0f} s, "
           f"total {report['seconds']:.0f} s")
@@ -224,16 +249,16 @@ def cmd_landscape(args) -> int:
     from .api import prepare_model
     from .landscape import block_landscape, save_landscape
 
-    model, qcfg, xc, xe, ye = _load(args, quiet=True)
-    qmodel = prepare_model(model, xc, qcfg, arch=args.model)
+    model, quant, xc, xe, ye = _load(args, quiet=True)
+    qmodel = prepare_model(model, xc, quant, arch=args.model)
     t0 = time.perf_counter()
     res = block_landscape(qmodel, xc, xe, ye, block=args.block, layer=args.layer, grid=args.grid,
                           radius=args.radius, seed=args.seed, losses=[x for x in args.losses.split(",") if x],
                           infonce_batch=args.infonce_batch, max_batch=args.max_batch)
     res["seconds"] = time.perf_counter() - t0
-    res["w_bits"], res["a_bits"] = qcfg.w_bits, qcfg.a_bits
+    res["w_bits"], res["a_bits"] = quant.w_bits, quant.a_bits
     js, png = save_landscape(res, args.out)
-    print(f"{args.model} W{qcfg.w_bits}A{qcfg.a_bits} {res['block']} [{args.layer}]: {res['dim']} scales, "
+    print(f"{args.model} W{quant.w_bits}A{quant.a_bits} {res['block']} [{args.layer}]: {res['dim']} scales, "
           f"{args.grid}x{args.grid} grid, +-{args.radius}, {res['seconds']:.0f} s")
     print(f"{'surface':<16}{'center':>12}{'min':>12}{'max':>12}{'roughness':>11}")
     for k, g in res["surfaces"].items():

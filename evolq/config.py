@@ -8,11 +8,15 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-__all__ = ["QuantConfig", "SearchConfig", "EvolQConfig", "LOSSES", "SEARCHERS", "SCOPES"]
+__all__ = ["QuantConfig", "SearchConfig", "EvolQConfig", "SCOPES", "field_default"]
 
-LOSSES = ("infonce", "mse", "cosine", "kl")
-SEARCHERS = ("tournament", "cmaes", "snes", "pgpe")
 SCOPES = ("attn-weights", "weights", "block")
+
+
+def field_default(cls, name: str):
+    """The default of dataclass field ``name`` (the CLI reads its defaults from here)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def _check_int(name, value, lo, hi):
@@ -120,9 +124,16 @@ class SearchConfig:
     ``cycles`` is the fitness-evaluation budget per block and pass: the tournament
     spends one evaluation per cycle; population searchers (cmaes, snes, pgpe) get the
     same number of evaluations, rounded to whole generations of ``popsize``.
+
+    ``searcher`` is a registered name (``evolq.search.list_searchers()``), an EvoTorch
+    ``SearchAlgorithm`` class (e.g. ``evotorch.algorithms.XNES``) or a factory;
+    ``searcher_kwargs`` go to it (e.g. ``{"abs_child": False}`` for the tournament's
+    plain ``parent + U(-eps, eps)``). ``loss`` is a registered loss
+    (``evolq.losses.list_losses()``).
     """
 
-    searcher: str = "tournament"
+    searcher: object = "tournament"
+    searcher_kwargs: dict = field(default_factory=dict)
     loss: str = "infonce"
     passes: int = 10
     cycles: int = 3
@@ -146,9 +157,21 @@ class SearchConfig:
         self.validate()
 
     def validate(self):
-        _check_choice("loss", self.loss, LOSSES)
-        if not callable(self.searcher):
-            _check_choice("searcher", self.searcher, SEARCHERS)
+        from .losses import LOSSES
+        from .search import SEARCHERS
+        from .search.registry import is_search_algorithm
+
+        _check_choice("loss", self.loss, LOSSES.names())
+        if isinstance(self.searcher, str):
+            _check_choice("searcher", self.searcher, SEARCHERS.names())
+        elif isinstance(self.searcher, type):
+            if not is_search_algorithm(self.searcher):
+                raise ConfigError(f"searcher class {self.searcher.__name__} is not an EvoTorch SearchAlgorithm")
+        elif not callable(self.searcher):
+            raise ConfigError(f"searcher must be a name ({', '.join(SEARCHERS.names())}), an EvoTorch "
+                              f"SearchAlgorithm class or a factory, got {type(self.searcher).__name__}")
+        if not isinstance(self.searcher_kwargs, dict) or not all(isinstance(k, str) for k in self.searcher_kwargs):
+            raise ConfigError("searcher_kwargs must be a dict with string keys")
         _check_choice("scope", self.scope, SCOPES)
         _check_choice("noise", self.noise, ("absolute", "relative"))
         _check_choice("order", self.order, ("last-first", "first-last"))
@@ -199,6 +222,6 @@ class EvolQConfig:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        if callable(self.search.searcher):
+        if not isinstance(self.search.searcher, str):
             d["search"]["searcher"] = getattr(self.search.searcher, "__name__", "custom")
         return d

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 
-__all__ = ["assets_dir", "asset_model_file", "ImageDataset", "load_images", "IMAGE_EXTS"]
+__all__ = ["assets_dir", "asset_model_file", "ImageDataset", "load_images", "IMAGE_EXTS", "as_tensor_data",
+           "split_calibration", "resolve_device"]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -144,3 +145,52 @@ def load_images(root, transform, split="all", limit=None, progress=False) -> tup
         xs.append(x)
         ys.append(y)
     return torch.stack(xs), torch.tensor(ys)
+
+
+# -- user data as tensors ---------------------------------------------------------
+def as_tensor_data(data, name: str = "calibration data") -> torch.Tensor:
+    """Turn a tensor, a DataLoader (batches) or a dataset (single samples), each item a
+    tensor or an (input, label) pair, into one float tensor of inputs; check it."""
+    if isinstance(data, torch.Tensor):
+        x = data
+    else:
+        try:
+            parts = [item[0] if isinstance(item, (tuple, list)) else item for item in data]
+        except TypeError:
+            raise DataError(f"{name} must be a tensor, a dataset or a DataLoader, got {type(data).__name__}") from None
+        if not parts:
+            raise DataError(f"{name} is empty")
+        bad = [type(p).__name__ for p in parts if not isinstance(p, torch.Tensor)]
+        if bad:
+            raise DataError(f"{name} yields {bad[0]}, expected tensors or (tensor, label) pairs")
+        batched = isinstance(data, torch.utils.data.DataLoader)
+        shapes = {tuple(p.shape[1:] if batched else p.shape) for p in parts}
+        if len(shapes) > 1:
+            raise DataError(f"{name} has inconsistent sample shapes: {sorted(shapes)[:3]}")
+        x = torch.cat(parts) if batched else torch.stack(parts)
+    if x.ndim == 0 or x.shape[0] == 0:
+        raise DataError(f"{name} is empty")
+    if not x.is_floating_point():
+        raise DataError(f"{name} must be floating point, got {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise DataError(f"{name} contains NaN or inf values")
+    return x.float()
+
+
+def split_calibration(x: torch.Tensor, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic split into (fitness set, hold-out set)."""
+    n = x.shape[0]
+    n_hold = int(round(n * holdout))
+    if holdout > 0 and n_hold == 0 and n >= 2:
+        n_hold = 1
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    return x[perm[n_hold:]], x[perm[:n_hold]]
+
+
+def resolve_device(name) -> torch.device:
+    try:
+        dev = torch.device(name)
+        torch.zeros(1, device=dev)
+    except Exception as e:
+        raise ConfigError(f"device {name!r} is not usable here ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
+    return dev

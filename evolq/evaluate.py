@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .calibrate import iter_batches
+from .qnn.calibrate import iter_batches
 
 __all__ = ["predict", "metrics", "evaluate_qmodel"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .scales import ScaleSpace
+from .qnn.scales import ScaleSpace
 
 __all__ = ["reference_outputs", "chunked_forward", "is_oom", "BlockFitness"]
 

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from .errors import ConfigError
 from .fitness import BlockFitness, reference_outputs
 from .losses import get_loss
-from .qmodel import QModel
-from .scales import ScaleSpace
+from .qnn.qmodel import QModel
+from .qnn.scales import ScaleSpace
 
 __all__ = ["resolve_block", "landscape_space", "directions", "block_landscape", "roughness",
            "plot_landscape", "save_landscape"]

@@ -5,15 +5,30 @@ of shape (N, K) and returns P losses (lower is better), in float64.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from .registry import Registry
 
-__all__ = ["infonce", "mse", "cosine", "kl", "LOSS_FUNCTIONS", "get_loss"]
+__all__ = ["infonce", "mse", "cosine", "kl", "LOSSES", "register_loss", "list_losses", "get_loss", "make_loss"]
+
+LOSSES: Registry = Registry("loss")
 
 
-def infonce(out, ref, batch_size: int = 100, temperature: float = 3.0):
+def register_loss(name: str, fn=None):
+    """Register a loss ``fn(out (P, N, K), ref (N, K), **settings) -> (P,)`` (lower is better);
+    ``settings`` are ``batch_size`` and ``temperature`` from ``SearchConfig``."""
+    return LOSSES.register(name, fn)
+
+
+def list_losses() -> tuple[str, ...]:
+    return LOSSES.names()
+
+
+@register_loss("infonce")
+def infonce(out, ref, batch_size: int = 100, temperature: float = 3.0, **_):
     """The authors' code form: L2-normalised outputs, in-batch similarity / T,
     cross-entropy against the diagonal, times 2T; averaged over batches of
     ``batch_size`` consecutive samples (a last, smaller batch counts as one)."""
@@ -31,14 +46,17 @@ def infonce(out, ref, batch_size: int = 100, temperature: float = 3.0):
     return torch.stack(losses, dim=1).mean(dim=1)
 
 
+@register_loss("mse")
 def mse(out, ref, **_):
     return (out.double() - ref.double()).pow(2).mean(dim=(1, 2))
 
 
+@register_loss("cosine")
 def cosine(out, ref, **_):
     return 1 - F.cosine_similarity(out.double(), ref.double().unsqueeze(0), dim=-1).mean(dim=1)
 
 
+@register_loss("kl")
 def kl(out, ref, **_):
     """Mean KL(softmax(ref) || softmax(out)) per sample."""
     lo = F.log_softmax(out.double(), dim=-1)
@@ -46,11 +64,10 @@ def kl(out, ref, **_):
     return (lr.exp() * (lr - lo)).sum(dim=-1).mean(dim=1)
 
 
-LOSS_FUNCTIONS = {"infonce": infonce, "mse": mse, "cosine": cosine, "kl": kl}
-
-
 def get_loss(name: str):
-    try:
-        return LOSS_FUNCTIONS[name]
-    except KeyError:
-        raise ConfigError(f"unknown loss {name!r}; choose one of: {', '.join(LOSS_FUNCTIONS)}") from None
+    return LOSSES.get(name)
+
+
+def make_loss(search):
+    """The loss of ``search`` (a ``SearchConfig``) with its settings bound."""
+    return functools.partial(LOSSES.get(search.loss), batch_size=search.infonce_batch, temperature=search.temperature)

@@ -24,7 +24,7 @@ from torch import nn
 
 from evolq import Block, EvolQConfig, QModel, prepare_model, quantize_model
 from evolq.adapters import Adapter, register_adapter
-from evolq.layers import QConv2d, QLinear, quantizers_of
+from evolq.qnn.layers import QConv2d, QLinear, quantizers_of
 from evolq.quant import UniformQuantizer
 
 from _digits import accuracy, parse, parser, print_result, split, train  # noqa: E402
@@ -44,15 +44,15 @@ class TinyConvNet(nn.Module):
 
 
 # ---------------------------------------------------------------------- the adapter
-def weight_quantizer(cfg):
+def weight_quantizer(quant):
     """Per-output-channel weights: these scales are what the search changes by default."""
-    return UniformQuantizer(cfg.w_bits, per_channel=True, ch_axis=0, observer=cfg.weight_observer,
-                            kind="weight", bias_correction=cfg.bias_correction)
+    return UniformQuantizer(quant.w_bits, per_channel=True, ch_axis=0, observer=quant.weight_observer,
+                            kind="weight", bias_correction=quant.bias_correction)
 
 
-def input_quantizer(cfg):
+def input_quantizer(quant):
     """Per-tensor activations (a population of scales is applied per candidate's sample slice)."""
-    return UniformQuantizer(cfg.a_bits, signed=False, observer=cfg.act_observer, kind="activation")
+    return UniformQuantizer(quant.a_bits, signed=False, observer=quant.act_observer, kind="activation")
 
 
 def scopes(quantizers: dict) -> dict:
@@ -70,12 +70,12 @@ class TinyConvNetAdapter(Adapter):
     def matches(self, model):
         return isinstance(model, TinyConvNet)
 
-    def quantize(self, model, cfg, arch=""):
+    def wrap(self, model, quant, arch=""):
         model.eval()
         # 1. wrap every layer that multiplies (in place; the wrappers keep the parameters)
-        model.conv1 = QConv2d(model.conv1, weight_quantizer(cfg), input_quantizer(cfg))
-        model.conv2 = QConv2d(model.conv2, weight_quantizer(cfg), input_quantizer(cfg))
-        model.fc = QLinear(model.fc, weight_quantizer(cfg), input_quantizer(cfg))
+        model.conv1 = QConv2d(model.conv1, weight_quantizer(quant), input_quantizer(quant))
+        model.conv2 = QConv2d(model.conv2, weight_quantizer(quant), input_quantizer(quant))
+        model.fc = QLinear(model.fc, weight_quantizer(quant), input_quantizer(quant))
         # 2. blocks that, run in order, equal model(x); each owns its quantizers by qualified name
         runs = {"conv1": lambda x: F.relu(model.conv1(x)),
                 "conv2": lambda x: F.relu(model.conv2(x)),
@@ -84,7 +84,7 @@ class TinyConvNetAdapter(Adapter):
         for name, run in runs.items():
             qs = quantizers_of(getattr(model, name), name)
             blocks.append(Block(name, run, qs, scopes(qs)))
-        return QModel(model, blocks, self.name, arch, cfg)
+        return QModel(model, blocks, self.name, arch, quant)
 
 
 # ---------------------------------------------------------------------- use it
@@ -103,13 +103,13 @@ def main(argv=None):
     model = train(TinyConvNet(), xtr, ytr, args.epochs, args.seed, lr=3e-3)
     fp32 = accuracy(model, xte, yte)
 
-    cfg = EvolQConfig.make(w_bits=args.w_bits, a_bits=args.a_bits, passes=args.passes, cycles=args.cycles,
+    config = EvolQConfig.make(w_bits=args.w_bits, a_bits=args.a_bits, passes=args.passes, cycles=args.cycles,
                            infonce_batch=64, holdout=0.2, seed=args.seed, progress=False)
-    qmodel = prepare_model(copy.deepcopy(model), xcal, cfg.quant)  # finds TinyConvNetAdapter, calibrates
+    qmodel = prepare_model(copy.deepcopy(model), xcal, config.quant)  # finds TinyConvNetAdapter, calibrates
     with torch.no_grad():  # the contract every adapter must keep
         assert torch.equal(qmodel.run_blocks(xte[:4]), qmodel.model(xte[:4]))
     start = accuracy(qmodel.model, xte, yte)
-    qmodel, report = quantize_model(qmodel, xcal, cfg)
+    qmodel, report = quantize_model(qmodel, xcal, config)
     searched = accuracy(qmodel.model, xte, yte)
     print(f"adapter {qmodel.family!r}: blocks {[b.name for b in qmodel.blocks]}; {report['evaluations']} "
           f"evaluations, passes kept {[p['kept'] for p in report['passes']]}, {time.time() - t0:.0f}s in all")

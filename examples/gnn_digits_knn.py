@@ -35,7 +35,7 @@ from torch import nn
 
 from evolq import Block, QModel, QuantConfig, ScaleSpace, calibrate
 from evolq.fitness import BlockFitness, reference_outputs
-from evolq.layers import QLinear, quantizers_of
+from evolq.qnn.layers import QLinear, quantizers_of
 from evolq.losses import infonce
 from evolq.problems import BlockScaleProblem
 from evolq.quant import UniformQuantizer
@@ -94,20 +94,20 @@ class GraphSAGE(nn.Module):
 
 
 # --------------------------------------------------------------------------- the block view
-def quantize_graphsage(model: GraphSAGE, cfg: QuantConfig) -> QModel:
+def quantize_graphsage(model: GraphSAGE, quant: QuantConfig) -> QModel:
     """Wrap both layers' linear maps (weights per output channel, inputs per tensor)
     and describe the model as two blocks: what an adapter would do."""
     for name in ("sage1", "sage2"):
         layer = getattr(model, name)
-        wq = UniformQuantizer(cfg.w_bits, per_channel=True, kind="weight", observer=cfg.weight_observer,
-                              bias_correction=cfg.bias_correction)
-        aq = UniformQuantizer(cfg.a_bits, observer=cfg.act_observer, kind="activation")
+        wq = UniformQuantizer(quant.w_bits, per_channel=True, kind="weight", observer=quant.weight_observer,
+                              bias_correction=quant.bias_correction)
+        aq = UniformQuantizer(quant.a_bits, observer=quant.act_observer, kind="activation")
         layer.lin = QLinear(layer.lin, wq, aq)
     blocks = []
     for name, run in (("sage1", model.sage1), ("sage2", lambda h: model.sage2(h)[:, 0])):
         qs = quantizers_of(getattr(model, name), name)
         blocks.append(Block(name, run, qs, scopes={"block": list(qs)}))
-    return QModel(model, blocks, "graphsage-example", "", cfg)
+    return QModel(model, blocks, "graphsage-example", "", quant)
 
 
 def search(qmodel: QModel, x_fit, x_hold, passes: int, cycles: int, eps: float, seed: int) -> list[dict]:

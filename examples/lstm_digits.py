@@ -27,7 +27,7 @@ from torch import nn
 
 from evolq import Block, EvolQConfig, QModel, prepare_model, quantize_model
 from evolq.adapters import Adapter, register_adapter
-from evolq.layers import QLinear, quantizers_of
+from evolq.qnn.layers import QLinear, quantizers_of
 from evolq.quant import UniformQuantizer
 
 from _digits import accuracy, parse, parser, print_result, split, train  # noqa: E402
@@ -71,11 +71,11 @@ class LSTMClassifier(nn.Module):
 
 
 # --------------------------------------------------------------------------- the adapter
-def _wrap(linear: nn.Linear, cfg) -> QLinear:
+def _wrap(linear: nn.Linear, quant) -> QLinear:
     """QLinear: weights per output channel (the searched scales), input per tensor."""
-    wq = UniformQuantizer(cfg.w_bits, per_channel=True, ch_axis=0, observer=cfg.weight_observer, kind="weight",
-                          bias_correction=cfg.bias_correction)
-    aq = UniformQuantizer(cfg.a_bits, signed=False, observer=cfg.act_observer, kind="activation")
+    wq = UniformQuantizer(quant.w_bits, per_channel=True, ch_axis=0, observer=quant.weight_observer, kind="weight",
+                          bias_correction=quant.bias_correction)
+    aq = UniformQuantizer(quant.a_bits, signed=False, observer=quant.act_observer, kind="activation")
     return QLinear(linear, wq, aq)
 
 
@@ -87,19 +87,19 @@ class LSTMDigitsAdapter(Adapter):
     def matches(self, model):
         return isinstance(model, LSTMClassifier)
 
-    def quantize(self, model, cfg, arch=""):
+    def wrap(self, model, quant, arch=""):
         blocks = []
         for i, layer in enumerate(model.layers):
-            layer.ih, layer.hh = _wrap(layer.ih, cfg), _wrap(layer.hh, cfg)
+            layer.ih, layer.hh = _wrap(layer.ih, quant), _wrap(layer.hh, quant)
             qs = quantizers_of(layer, f"layers.{i}")
             blocks.append(Block(f"layers.{i}", layer, qs, scopes={
                 "attn-weights": [n for n, q in qs.items() if q.kind == "weight"],  # default scope: weight scales
                 "block": list(qs)}))
-        model.fc = _wrap(model.fc, cfg)
+        model.fc = _wrap(model.fc, quant)
         qs = quantizers_of(model.fc, "fc")
         blocks.append(Block("head", lambda h: model.fc(h[:, -1]), qs, scopes={
             "attn-weights": ["fc.weight_quant"], "block": list(qs)}))
-        return QModel(model, blocks, self.name, arch, cfg)
+        return QModel(model, blocks, self.name, arch, quant)
 
 
 # --------------------------------------------------------------------------- data, training
@@ -124,12 +124,12 @@ def main(argv=None):
     print(f"digits as sequences: {len(ytr)} train, {len(xcal)} calibration, {len(yte)} test; "
           f"trained in {time.time() - t0:.0f}s")
 
-    cfg = EvolQConfig.make(w_bits=args.w_bits, a_bits=args.a_bits, passes=args.passes, cycles=args.cycles,
+    quant = EvolQConfig.make(w_bits=args.w_bits, a_bits=args.a_bits, passes=args.passes, cycles=args.cycles,
                            scope=args.scope, infonce_batch=64, holdout=0.2, seed=args.seed, progress=False)
-    qmodel = prepare_model(copy.deepcopy(model), xcal, cfg.quant)  # the start point, via the adapter
+    qmodel = prepare_model(copy.deepcopy(model), xcal, quant.quant)  # the start point, via the adapter
     start = accuracy(qmodel.model, xte, yte)
     t = time.time()
-    qmodel, report = quantize_model(qmodel, xcal, cfg)
+    qmodel, report = quantize_model(qmodel, xcal, quant)
     searched = accuracy(qmodel.model, xte, yte)
     kept = [p["kept"] for p in report["passes"]]
     print(f"search: {args.passes} pass(es) x {args.cycles} cycles over {len(qmodel.blocks)} blocks, scope "

@@ -14,13 +14,13 @@ timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 
 from evolq import EvolQConfig, QuantConfig, UnsupportedModelError, load_quantized, quantize_model, save_quantized  # noqa: E402
-from evolq.adapters import quantize_structure  # noqa: E402
+from evolq.adapters import wrap_model  # noqa: E402
 from evolq.adapters._cnn import FoldedBNAct, QConv2dSame, fold_bn  # noqa: E402
-from evolq.calibrate import calibrate  # noqa: E402
+from evolq.qnn.calibrate import calibrate  # noqa: E402
 from evolq.fitness import BlockFitness, reference_outputs  # noqa: E402
-from evolq.layers import QConv2d, QLinear, quantizers_of  # noqa: E402
+from evolq.qnn.layers import QConv2d, QLinear, quantizers_of  # noqa: E402
 from evolq.losses import mse  # noqa: E402
-from evolq.scales import ScaleSpace  # noqa: E402
+from evolq.qnn.scales import ScaleSpace  # noqa: E402
 
 
 def _randomize_bn(model, seed=0):
@@ -59,7 +59,7 @@ def test_every_conv_and_linear_is_wrapped_and_bn_folded(family):
     targets = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     weights = {n: m.weight for n, m in targets.items()}
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    qm = quantize_structure(model, QuantConfig(w_bits=4), family)
+    qm = wrap_model(model, QuantConfig(w_bits=4), family)
     assert qm.family == family.split("_")[0]
     n_same = 0
     for name, orig in targets.items():
@@ -100,14 +100,14 @@ def test_every_conv_and_linear_is_wrapped_and_bn_folded(family):
         n_w += len(ws)
     assert n_w == len(targets)
     with pytest.raises(Exception, match="already quantized"):
-        quantize_structure(qm.model, QuantConfig(), family)
+        wrap_model(qm.model, QuantConfig(), family)
 
 
 @pytest.mark.parametrize("family", ["efficientnet", "resnet"])
 def test_folded_float_model_equals_original_and_blocks_compose(family):
     model = make(family)
     float_model = copy.deepcopy(model)
-    qm = quantize_structure(model, QuantConfig(w_bits=4, a_bits=8), family)
+    qm = wrap_model(model, QuantConfig(w_bits=4, a_bits=8), family)
     calibrate(qm, images(8, seed=2))
     x = images(3, seed=5)
     with torch.no_grad():
@@ -142,7 +142,7 @@ def test_custom_conv_forward_is_refused():
     model = torchvision.models.resnet18(num_classes=10).eval()
     model.layer1[0].conv2 = WeirdConv(64, 64, 3, padding=1, bias=False)
     with pytest.raises(UnsupportedModelError, match="layer1.0.conv2"):
-        quantize_structure(model, QuantConfig(), "resnet")
+        wrap_model(model, QuantConfig(), "resnet")
 
 
 @pytest.mark.parametrize("family,block", [("efficientnet", "blocks.1.0"), ("efficientnet", "blocks.1.1"),
@@ -152,7 +152,7 @@ def test_population_fitness_equals_per_candidate(family, block):
     (efficientnet blocks.1.0: stride-2 "same"-padded depthwise conv; blocks.1.1: plain
     depthwise QConv2d, groups > 1, with a residual add; stem: "same"-padded conv on the
     image; resnet layer2.0: downsampling shortcut conv)."""
-    qm = quantize_structure(make(family), QuantConfig(w_bits=4, a_bits=8), family)
+    qm = wrap_model(make(family), QuantConfig(w_bits=4, a_bits=8), family)
     calibrate(qm, images(8, seed=2))
     idx = [b.name for b in qm.blocks].index(block)
     if block.startswith("blocks."):  # a depthwise conv runs as a grouped conv of P x channels groups
@@ -175,7 +175,7 @@ def test_population_fitness_equals_per_candidate(family, block):
 
 @pytest.mark.parametrize("family", ["efficientnet", "resnet"])
 def test_quantize_model_end_to_end(family):
-    qmodel = quantize_structure(make(family), QuantConfig(w_bits=4, a_bits=8), family)
+    qmodel = wrap_model(make(family), QuantConfig(w_bits=4, a_bits=8), family)
     calib = images(20, seed=6)
     calibrate(qmodel, calib)
     before = ScaleSpace(qmodel.quantizers()).vector()
@@ -200,7 +200,7 @@ def test_quantize_model_end_to_end(family):
 def test_resnet_save_load_round_trip(tmp_path):
     """Loading re-folds a fresh random model, then loads the folded, searched tensors."""
     model = _randomize_bn(torchvision.models.resnet18().eval(), 1)
-    qm = quantize_structure(model, QuantConfig(w_bits=4), "torchvision:resnet18")
+    qm = wrap_model(model, QuantConfig(w_bits=4), "torchvision:resnet18")
     calibrate(qm, images(4, seed=2))
     save_quantized(qm, tmp_path / "r18")
     loaded = load_quantized(tmp_path / "r18")

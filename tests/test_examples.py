@@ -46,14 +46,14 @@ def test_example_runs_quick(name, capsys):
 
 def test_custom_adapter_is_found_and_blocks_compose():
     mod = _load("custom_adapter")
-    from evolq.adapters import adapter_for, quantize_structure
+    from evolq.adapters import adapter_for, wrap_model
     from evolq import QuantConfig
-    from evolq.calibrate import calibrate
+    from evolq.qnn.calibrate import calibrate
 
     torch.manual_seed(0)
     model = mod.TinyConvNet().eval()
     assert adapter_for(model).name == "tiny-convnet"
-    qm = quantize_structure(model, QuantConfig(w_bits=4), "")
+    qm = wrap_model(model, QuantConfig(w_bits=4), "")
     x = torch.rand(6, 1, 8, 8)
     calibrate(qm, x)
     with torch.no_grad():

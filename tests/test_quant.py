@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from evolq.layers import QConv2d, QLinear
+from evolq.qnn.layers import QConv2d, QLinear
 from evolq.quant import (ChannelFactorQuantizer, EMAObserver, Log2Quantizer, MinMaxObserver, OMSEObserver,
                          PercentileObserver, PTFQuantizer, UniformQuantizer, bias_correct, fake_quant, int_range,
                          qparams_from_range)

@@ -28,7 +28,7 @@ from evolq.errors import (CheckpointError, ConfigError, DataError, EvolQError, U
                           UnsupportedModelError, WeightsError)
 from evolq.fitness import BlockFitness, reference_outputs  # noqa: E402
 from evolq.losses import infonce  # noqa: E402
-from evolq.scales import ScaleSpace  # noqa: E402
+from evolq.qnn.scales import ScaleSpace  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -308,7 +308,7 @@ def test_cli_output_folder_with_another_runs_checkpoint(tmp_path, capsys):
         Image.new("RGB", (40, 40), (40 * i, 90, 200)).save(data / f"im{i}.png")
     (data / "labels.csv").write_text("file,label\n" + "".join(f"im{i}.png,{i}\n" for i in range(6)))
     out = tmp_path / "out"
-    from evolq.api import run_settings
+    from evolq.checkpoint import run_settings
 
     other = run_settings(EvolQConfig.make(w_bits=4, a_bits=8, passes=1, infonce_batch=2, seed=7))
     save_checkpoint(out / CKPT_NAME, {"prepass": torch.ones(2)},

@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from evolq import EvolQConfig, QModel, Block, calibrate, prepare_model, quantize_model
-from evolq.adapters._builder import wrap_linear
+from evolq.qnn.builder import wrap_linear
 from evolq.config import QuantConfig
 from evolq.fitness import BlockFitness, reference_outputs
-from evolq.layers import quantizers_of
-from evolq.losses import LOSS_FUNCTIONS, infonce
+from evolq.qnn.layers import quantizers_of
+from evolq.losses import LOSSES, infonce
 from evolq.problems import BlockScaleProblem
-from evolq.scales import ScaleSpace
+from evolq.qnn.scales import ScaleSpace
 from evolq.search.registry import make_searcher
 
 
@@ -71,7 +71,7 @@ def test_infonce_matches_the_authors_form():
             vals.append(F.cross_entropy(o @ r.T / t, torch.arange(4)) * 2 * t)
         assert math.isclose(got[p].item(), torch.stack(vals).mean().item(), rel_tol=1e-9)
     # perfect outputs score lower than noisy ones, for every loss
-    for name, fn in LOSS_FUNCTIONS.items():
+    for name, fn in LOSSES.items():
         good, bad = fn(ref.unsqueeze(0), ref), fn((ref + torch.randn_like(ref)).unsqueeze(0), ref)
         assert good.item() < bad.item(), name
 

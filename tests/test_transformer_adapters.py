@@ -17,15 +17,15 @@ from torch import nn
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 
-from evolq.adapters import adapter_for, quantize_structure  # noqa: E402
+from evolq.adapters import adapter_for, wrap_model  # noqa: E402
 from evolq.api import quantize_model  # noqa: E402
-from evolq.calibrate import calibrate  # noqa: E402
+from evolq.qnn.calibrate import calibrate  # noqa: E402
 from evolq.config import EvolQConfig, QuantConfig  # noqa: E402
 from evolq.errors import UnsupportedModelError  # noqa: E402
 from evolq.fitness import BlockFitness  # noqa: E402
-from evolq.layers import QAct, QConv2d, QLinear, QNorm, quantizers_of  # noqa: E402
+from evolq.qnn.layers import QAct, QConv2d, QLinear, QNorm, quantizers_of  # noqa: E402
 from evolq.quant import PTFQuantizer, UniformQuantizer  # noqa: E402
-from evolq.scales import ScaleSpace  # noqa: E402
+from evolq.qnn.scales import ScaleSpace  # noqa: E402
 
 
 # --------------------------------------------------------------------------- tiny models
@@ -93,7 +93,7 @@ def images(family, n, seed=1):
 def quantized(family, cfg=None, calib=True, seed=0):
     model = build(family, seed)
     float_model = copy.deepcopy(model)
-    qm = quantize_structure(model, cfg or QuantConfig(), family)
+    qm = wrap_model(model, cfg or QuantConfig(), family)
     if calib:
         calibrate(qm, images(family, 8, seed=2))
     return qm, float_model
@@ -112,7 +112,7 @@ def test_every_layer_wrapped_and_owned_once(family):
     n_attn = sum(type(m).__name__ in ("WindowAttention", "Attention", "AttentionDownsample", "MultiheadAttention")
                  for m in model.modules())
 
-    qm = quantize_structure(model, QuantConfig(), family)
+    qm = wrap_model(model, QuantConfig(), family)
     assert [b.name for b in qm.blocks] == FAMILIES[family][3]
     wrapped = [(n, m) for n, m in qm.model.named_modules() if isinstance(m, (QLinear, QConv2d))]
     # one quantized layer per Linear/Conv (plus the packed in_proj of each MultiheadAttention)
@@ -166,7 +166,7 @@ def test_every_layer_wrapped_and_owned_once(family):
     for b in (qm.blocks[0], qm.blocks[-1]):
         assert not b.scopes.get("attn-weights") and not b.scopes.get("block")
     with pytest.raises(Exception, match="already quantized"):
-        quantize_structure(qm.model, QuantConfig(), family)
+        wrap_model(qm.model, QuantConfig(), family)
 
 
 def test_unsupported_model_error_lists_families():
@@ -216,7 +216,7 @@ def test_state_dict_round_trip_into_fresh_structure(family):
     """What load_quantized does: quantize a fresh model of the same architecture and
     load the saved tensors (LeViT: the folded weights) strictly."""
     qm, _ = quantized(family)
-    fresh = quantize_structure(build(family, seed=9), QuantConfig(), family)
+    fresh = wrap_model(build(family, seed=9), QuantConfig(), family)
     fresh.model.load_state_dict(qm.model.state_dict(), strict=True)
     x = images(family, 2, seed=6)
     with torch.no_grad():

@@ -11,10 +11,10 @@ from torch import nn
 
 timm = pytest.importorskip("timm")
 
-from evolq.adapters import quantize_structure  # noqa: E402
-from evolq.calibrate import calibrate  # noqa: E402
+from evolq.adapters import wrap_model  # noqa: E402
+from evolq.qnn.calibrate import calibrate  # noqa: E402
 from evolq.config import QuantConfig  # noqa: E402
-from evolq.layers import QConv2d, QLinear, quantizers_of  # noqa: E402
+from evolq.qnn.layers import QConv2d, QLinear, quantizers_of  # noqa: E402
 from evolq.quant import ChannelFactorQuantizer, Log2Quantizer, PTFQuantizer, UniformQuantizer  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def images(n, seed=1, size=32):
 def quantized_small(cfg=None, calib=True, **kw):
     model = small_vit(**kw)
     float_model = copy.deepcopy(model)
-    qm = quantize_structure(model, cfg or QuantConfig(), "vit_tiny_patch16_224")
+    qm = wrap_model(model, cfg or QuantConfig(), "vit_tiny_patch16_224")
     if calib:
         calibrate(qm, images(8, seed=2))
     return qm, float_model
@@ -43,7 +43,7 @@ def test_every_linear_and_conv_is_wrapped():
     targets = {n: type(m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
     params = {n: p for n, p in model.named_parameters()}
     assert len(targets) == 1 + 2 * 4 + 1  # patch conv, 4 linears per block, head
-    qm = quantize_structure(model, QuantConfig(), "vit")
+    qm = wrap_model(model, QuantConfig(), "vit")
     for name, cls in targets.items():
         wrapped = qm.model.get_submodule(name)
         assert isinstance(wrapped, QConv2d if cls is nn.Conv2d else QLinear), name
@@ -59,7 +59,7 @@ def test_every_linear_and_conv_is_wrapped():
     assert n_norms == 2 * 2 + 1  # norm1/norm2 per block + final norm
     # quantizing twice is refused
     with pytest.raises(Exception, match="already quantized"):
-        quantize_structure(qm.model, QuantConfig(), "vit")
+        wrap_model(qm.model, QuantConfig(), "vit")
 
 
 def test_each_quantizer_owned_by_exactly_one_block():
@@ -213,7 +213,7 @@ def test_real_vit_tiny_w8a8_close_to_fp32():
     xc, _ = load_images(root / "imagenet-sample", tf, "calib", limit=32)
     xe, ye = load_images(root / "imagenet-sample", tf, "eval", limit=32)
     fp = predict(model, xe)
-    qm = quantize_structure(model, QuantConfig(w_bits=8, a_bits=8), "vit_tiny_patch16_224")
+    qm = wrap_model(model, QuantConfig(w_bits=8, a_bits=8), "vit_tiny_patch16_224")
     calibrate(qm, xc)
     ql = predict(qm.model, xe)
     r, r_fp = metrics(ql, ye, fp), metrics(fp, ye)
@@ -227,7 +227,7 @@ def test_real_vit_tiny_w8a8_close_to_fp32():
     assert 1e-4 < r["kl"] < 0.5, r  # quantization is active, yet the outputs stay close
     # the outlier-aware preset removes most of that loss on this AugReg model
     # (measured: agreement 96.9% (31/32), KL 0.047, logit cosine mean 0.979 / min 0.954)
-    qo = quantize_structure(copy.deepcopy(float_model), QuantConfig.preset("outlier-aware"), "vit_tiny_patch16_224")
+    qo = wrap_model(copy.deepcopy(float_model), QuantConfig.preset("outlier-aware"), "vit_tiny_patch16_224")
     calibrate(qo, xc)
     ol = predict(qo.model, xe)
     ro = metrics(ol, ye, fp)

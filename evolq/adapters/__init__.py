@@ -1,9 +1,11 @@
 """Adapters map model families to blocks (one family per file, registered by name).
 
-``quantize(model, config)`` finds the adapter for ``model``, fake-quantizes it in
-place and returns its ``QModel`` block view.
+``wrap_model(model, quant)`` finds the adapter for ``model``, fake-quantizes it in
+place and returns its ``QModel`` block view. A new family is one file plus one
+import line below.
 """
-from ._registry import Adapter, adapter_for, get_adapter, list_adapters, register_adapter
+from ._registry import (ADAPTERS, IMAGES, Adapter, InputSpec, adapter_for, get_adapter, list_adapters,
+                        register_adapter)
 from . import vit  # noqa: F401  (registers)
 from . import swin  # noqa: F401  (registers)
 from . import levit  # noqa: F401  (registers)
@@ -11,14 +13,39 @@ from . import torchvision_vit  # noqa: F401  (registers)
 from . import efficientnet  # noqa: F401  (registers)
 from . import resnet  # noqa: F401  (registers)
 
-__all__ = ["Adapter", "adapter_for", "get_adapter", "list_adapters", "register_adapter", "quantize_structure"]
+__all__ = ["ADAPTERS", "IMAGES", "Adapter", "InputSpec", "adapter_for", "get_adapter", "list_adapters",
+           "register_adapter", "wrap_model", "check_inputs"]
 
 
-def quantize_structure(model, config, arch: str = ""):
+def wrap_model(model, quant, arch: str = ""):
     """Wrap ``model``'s layers with (uncalibrated) quantizers; returns the ``QModel``."""
-    from ..layers import quantizers_of
     from ..errors import EvolQError
+    from ..qnn.layers import quantizers_of
 
     if quantizers_of(model):
         raise EvolQError("this model is already quantized; pass a fresh float model")
-    return adapter_for(model).quantize(model, config, arch=arch)
+    return adapter_for(model).wrap(model, quant, arch=arch)
+
+
+def check_inputs(qmodel, x) -> None:
+    """Check ``x`` against the adapter's ``input_spec`` and run one float sample
+    through the model, so a wrong input is a ``DataError``, not a torch traceback."""
+    import torch
+
+    from ..errors import DataError, EvolQError
+
+    spec = ADAPTERS.get(qmodel.family).input_spec if qmodel.family in ADAPTERS else None
+    if spec is not None and spec.ndim is not None and x.ndim != spec.ndim:
+        raise DataError(f"a {qmodel.family} model takes {spec.shape or f'{spec.ndim}-D inputs'}; "
+                        f"got {tuple(x.shape)}")
+    qmodel.set_quant_enabled(False)
+    try:
+        with torch.no_grad():
+            qmodel.model(x[:1])
+    except EvolQError:
+        raise
+    except Exception as e:
+        raise DataError(f"the model cannot run on inputs shaped {tuple(x.shape[1:])}: "
+                        f"{str(e).splitlines()[0][:160]}") from None
+    finally:
+        qmodel.set_quant_enabled(True)

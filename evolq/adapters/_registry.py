@@ -1,29 +1,52 @@
-"""Adapter registry: family name -> adapter, and lookup of the adapter for a model."""
+"""Adapter registry: family name -> adapter, and lookup of the adapter for a model.
+
+An adapter states its metadata as data (``name``, ``description``, ``input_spec``,
+``scopes``), the way a timm entrypoint states its ``pretrained_cfg``, and delegates
+building to ``wrap``.
+"""
 from __future__ import annotations
 
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..registry import Registry
 
-__all__ = ["Adapter", "register_adapter", "get_adapter", "adapter_for", "list_adapters"]
+__all__ = ["Adapter", "InputSpec", "ADAPTERS", "register_adapter", "get_adapter", "adapter_for", "list_adapters"]
 
-_ADAPTERS: dict[str, "Adapter"] = {}
+ADAPTERS: Registry["Adapter"] = Registry("adapter", UnsupportedModelError)
 
 GUIDE = "see docs/adapters.md to write one"
 
 
+class InputSpec:
+    """What a model takes: ``ndim`` dimensions (batch first; None: any) and a
+    human-readable ``shape`` for error messages."""
+
+    def __init__(self, ndim: int | None = None, shape: str = ""):
+        self.ndim, self.shape = ndim, shape
+
+
+IMAGES = InputSpec(4, "images shaped (N, 3, H, W)")
+
+
 class Adapter:
-    """Maps one model family to blocks. Subclasses set ``name`` and implement
-    ``matches`` and ``quantize``; ``families`` is a human-readable list for errors."""
+    """Maps one model family to blocks.
+
+    Subclasses set the metadata (``name``, ``description``; ``input_spec`` and
+    ``scopes`` when they differ from the defaults) and implement ``matches`` and
+    ``wrap``. Register them with ``@register_adapter``.
+    """
 
     name = ""
     description = ""
+    input_spec: InputSpec = InputSpec()
+    scopes: tuple[str, ...] = ("attn-weights", "weights", "block")
 
     def matches(self, model: nn.Module) -> bool:
         raise NotImplementedError
 
-    def quantize(self, model: nn.Module, config, arch: str = ""):
-        """Fake-quantize ``model`` in place and return its ``QModel``."""
+    def wrap(self, model: nn.Module, quant, arch: str = ""):
+        """Fake-quantize ``model`` in place (quantizers uncalibrated) and return its ``QModel``."""
         raise NotImplementedError
 
 
@@ -32,26 +55,23 @@ def register_adapter(cls):
     inst = cls()
     if not inst.name:
         raise ValueError("adapter needs a name")
-    _ADAPTERS[inst.name] = inst
+    ADAPTERS.register(inst.name, inst)
     return cls
 
 
 def list_adapters() -> dict[str, str]:
-    return {n: a.description for n, a in _ADAPTERS.items()}
+    """Registered families: name -> description."""
+    return {n: a.description for n, a in ADAPTERS.items()}
 
 
 def get_adapter(name: str) -> Adapter:
-    try:
-        return _ADAPTERS[name]
-    except KeyError:
-        raise UnsupportedModelError(
-            f"no adapter named {name!r}; available: {', '.join(sorted(_ADAPTERS))}") from None
+    return ADAPTERS.get(name)
 
 
 def adapter_for(model: nn.Module) -> Adapter:
-    for a in _ADAPTERS.values():
+    for a in ADAPTERS._entries.values():
         if a.matches(model):
             return a
-    fams = "; ".join(f"{n} ({a.description})" for n, a in _ADAPTERS.items())
+    fams = "; ".join(f"{n} ({a.description})" for n, a in ADAPTERS.items())
     raise UnsupportedModelError(
         f"no adapter supports {type(model).__name__}; supported families: {fams}; {GUIDE}")

@@ -31,10 +31,10 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..layers import quantizers_of
-from ..qmodel import Block, QModel
+from ..qnn.layers import quantizers_of
+from ..qnn.qmodel import Block, QModel
 from ._cnn import check_all_wrapped, conv_scopes, fold_bn, wrap_all
-from ._registry import Adapter, register_adapter
+from ._registry import IMAGES, Adapter, register_adapter
 
 __all__ = ["EfficientNetAdapter", "FOLD_PAIRS"]
 
@@ -69,11 +69,12 @@ def _is_timm_efficientnet(model) -> bool:
 class EfficientNetAdapter(Adapter):
     name = "efficientnet"
     description = "timm EfficientNet / EfficientNet-Lite / MobileNetV2 / MnasNet"
+    input_spec = IMAGES
 
     def matches(self, model):
         return _is_timm_efficientnet(model)
 
-    def quantize(self, model, cfg, arch=""):
+    def wrap(self, model, quant, arch=""):
         model.eval()
         stages = list(model.blocks)
         for si, stage in enumerate(stages):
@@ -88,7 +89,7 @@ class EfficientNetAdapter(Adapter):
         for si, stage in enumerate(stages):
             for bi, blk in enumerate(stage):
                 _fold_pairs(blk, FOLD_PAIRS[type(blk).__name__])
-        wrap_all(model, cfg)
+        wrap_all(model, quant)
         check_all_wrapped(model)
 
         def stem(x):
@@ -107,4 +108,4 @@ class EfficientNetAdapter(Adapter):
         head_q = quantizers_of(model.conv_head, "conv_head")
         head_q.update(quantizers_of(model.classifier, "classifier"))
         blocks.append(Block("head", head, head_q, conv_scopes(head_q)))
-        return QModel(model, blocks, self.name, arch, cfg)
+        return QModel(model, blocks, self.name, arch, quant)

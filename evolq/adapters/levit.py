@@ -26,66 +26,20 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..layers import quantizers_of
-from ..qmodel import Block, QModel
-from ._builder import act_quant, probs_quant, wrap_act, wrap_conv, wrap_head, wrap_linear
-from ._registry import Adapter, register_adapter
+from ..qnn.fold import fold_bn, fold_bn_before
+from ..qnn.layers import quantizers_of
+from ..qnn.qmodel import Block, QModel
+from ..qnn.builder import act_quant, probs_quant, wrap_act, wrap_conv, wrap_head, wrap_linear
+from ._registry import IMAGES, Adapter, register_adapter
 
-__all__ = ["QLevitAttention", "LevitAdapter", "fold_norm_after", "fold_norm_before"]
-
-
-# -- BatchNorm folding -------------------------------------------------------------
-def _bn_affine(bn: nn.BatchNorm1d | nn.BatchNorm2d):
-    """Per-channel (scale, shift) of a BatchNorm in eval mode."""
-    var, mean = bn.running_var, bn.running_mean
-    s = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        s = s * bn.weight
-    t = -mean * s
-    if bn.bias is not None:
-        t = t + bn.bias
-    return s, t
+__all__ = ["QLevitAttention", "LevitAdapter"]
 
 
-def _like(layer: nn.Module) -> nn.Module:
-    """An empty copy of a Linear/Conv2d with a bias, on the same device and dtype."""
-    dd = {"device": layer.weight.device, "dtype": layer.weight.dtype}
-    if isinstance(layer, nn.Linear):
-        return nn.Linear(layer.in_features, layer.out_features, bias=True, **dd)
-    return nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                     layer.dilation, layer.groups, bias=True, padding_mode=layer.padding_mode, **dd)
-
-
-@torch.no_grad()
-def fold_norm_after(layer: nn.Module, bn: nn.Module) -> nn.Module:
-    """A Linear/Conv2d equal to ``bn(layer(x))`` (BatchNorm in eval mode)."""
-    if bn.running_mean is None:
-        raise UnsupportedModelError("LeViT BatchNorms without running statistics cannot be folded")
-    s, t = _bn_affine(bn)
-    new = _like(layer)
-    new.weight.copy_(layer.weight * s.view(-1, *[1] * (layer.weight.ndim - 1)))
-    bias = layer.bias if layer.bias is not None else torch.zeros_like(s)
-    new.bias.copy_(bias * s + t)
-    return new
-
-
-@torch.no_grad()
-def fold_norm_before(bn: nn.Module, linear: nn.Linear) -> nn.Linear:
-    """A Linear equal to ``linear(bn(x))`` (BatchNorm1d in eval mode)."""
-    if bn.running_mean is None:
-        raise UnsupportedModelError("LeViT BatchNorms without running statistics cannot be folded")
-    s, t = _bn_affine(bn)
-    new = _like(linear)
-    new.weight.copy_(linear.weight * s.view(1, -1))
-    bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features).to(t)
-    new.bias.copy_(linear.weight @ t + bias)
-    return new
-
-
-def _wrap_folded(mod: nn.Module, cfg, quant_input: bool = True) -> nn.Module:
+def _wrap_folded(mod: nn.Module, quant, quant_input: bool = True) -> nn.Module:
     """Fold a timm ``LinearNorm``/``ConvNorm`` and wrap it in ``QLinear``/``QConv2d``."""
-    folded = fold_norm_after(mod.linear, mod.bn)
-    return (wrap_linear if isinstance(folded, nn.Linear) else wrap_conv)(folded, cfg, quant_input=quant_input)
+    folded = mod.linear
+    fold_bn(folded, mod.bn)
+    return (wrap_linear if isinstance(folded, nn.Linear) else wrap_conv)(folded, quant, quant_input=quant_input)
 
 
 # -- attention ---------------------------------------------------------------------
@@ -97,25 +51,25 @@ class QLevitAttention(nn.Module):
     are folded and quantized; only the attention arithmetic is re-expressed.
     """
 
-    def __init__(self, attn: nn.Module, cfg):
+    def __init__(self, attn: nn.Module, quant):
         super().__init__()
         self.subsample = hasattr(attn, "kv")
         self.use_conv, self.num_heads, self.scale = attn.use_conv, attn.num_heads, attn.scale
         self.key_dim, self.val_dim, self.val_attn_dim = attn.key_dim, attn.val_dim, attn.val_attn_dim
         self.stride = getattr(attn, "stride", 1)
         if self.subsample:
-            self.kv = _wrap_folded(attn.kv, cfg)
-            attn.q.ln = _wrap_folded(attn.q.ln, cfg)  # input: the subsampled tokens
+            self.kv = _wrap_folded(attn.kv, quant)
+            attn.q.ln = _wrap_folded(attn.q.ln, quant)  # input: the subsampled tokens
             self.q = attn.q
         else:
-            self.qkv = _wrap_folded(attn.qkv, cfg)
-        attn.proj.act = wrap_act(attn.proj.act, cfg)
-        attn.proj.ln = _wrap_folded(attn.proj.ln, cfg, quant_input=False)  # input: the quantized activation
+            self.qkv = _wrap_folded(attn.qkv, quant)
+        attn.proj.act = wrap_act(attn.proj.act, quant)
+        attn.proj.ln = _wrap_folded(attn.proj.ln, quant, quant_input=False)  # input: the quantized activation
         self.proj = attn.proj
         self.attention_biases = attn.attention_biases
         self.register_buffer("attention_bias_idxs", attn.attention_bias_idxs, persistent=False)
-        self.q_quant, self.k_quant, self.v_quant = act_quant(cfg, True), act_quant(cfg, True), act_quant(cfg, True)
-        self.probs_quant = probs_quant(cfg)
+        self.q_quant, self.k_quant, self.v_quant = act_quant(quant, True), act_quant(quant, True), act_quant(quant, True)
+        self.probs_quant = probs_quant(quant)
 
     def _probs(self, q, k):
         """q (B, h, Nq, d), k (B, h, d, Nk) -> quantized attention probabilities."""
@@ -149,22 +103,22 @@ class QLevitAttention(nn.Module):
         return self.proj(x)
 
 
-def _quantize_mlp(mlp: nn.Module, cfg) -> None:
-    mlp.ln1 = _wrap_folded(mlp.ln1, cfg)
-    mlp.act = wrap_act(mlp.act, cfg)
-    mlp.ln2 = _wrap_folded(mlp.ln2, cfg, quant_input=False)  # input: the quantized activation
+def _quantize_mlp(mlp: nn.Module, quant) -> None:
+    mlp.ln1 = _wrap_folded(mlp.ln1, quant)
+    mlp.act = wrap_act(mlp.act, quant)
+    mlp.ln2 = _wrap_folded(mlp.ln2, quant, quant_input=False)  # input: the quantized activation
 
 
-def _quantize_stem(stem: nn.Module, cfg, conv_norm) -> None:
+def _quantize_stem(stem: nn.Module, quant, conv_norm) -> None:
     """Conv stem: ConvNorm / activation pairs; only the first conv quantizes its input
     (the image), the others take a quantized activation."""
     first = True
     for name, child in list(stem.named_children()):
         if isinstance(child, conv_norm):
-            setattr(stem, name, _wrap_folded(child, cfg, quant_input=first))
+            setattr(stem, name, _wrap_folded(child, quant, quant_input=first))
             first = False
         elif isinstance(child, (nn.Hardswish, nn.GELU, nn.ReLU, nn.SiLU, nn.Hardsigmoid)):
-            setattr(stem, name, wrap_act(child, cfg))
+            setattr(stem, name, wrap_act(child, quant))
         else:
             raise UnsupportedModelError(f"LeViT stems with a {type(child).__name__} layer are not supported")
 
@@ -188,11 +142,12 @@ def _is_timm_levit(model) -> bool:
 class LevitAdapter(Adapter):
     name = "levit"
     description = "timm LeViT and LeViT-conv"
+    input_spec = IMAGES
 
     def matches(self, model):
         return _is_timm_levit(model)
 
-    def quantize(self, model, cfg, arch=""):
+    def wrap(self, model, quant, arch=""):
         from timm.models.levit import ConvNorm, LevitBlock, LevitDownsample, NormLinear, Stem8, Stem16
 
         model.eval()
@@ -206,18 +161,18 @@ class LevitAdapter(Adapter):
         if model.global_pool != "avg":
             raise UnsupportedModelError("LeViT without average pooling is not supported")
 
-        _quantize_stem(model.stem, cfg, ConvNorm)
+        _quantize_stem(model.stem, quant, ConvNorm)
         for stage in model.stages:
             if isinstance(stage.downsample, LevitDownsample):
-                stage.downsample.attn_downsample = QLevitAttention(stage.downsample.attn_downsample, cfg)
-                _quantize_mlp(stage.downsample.mlp, cfg)
+                stage.downsample.attn_downsample = QLevitAttention(stage.downsample.attn_downsample, quant)
+                _quantize_mlp(stage.downsample.mlp, quant)
             for blk in stage.blocks:
-                blk.attn = QLevitAttention(blk.attn, cfg)
-                _quantize_mlp(blk.mlp, cfg)
+                blk.attn = QLevitAttention(blk.attn, quant)
+                _quantize_mlp(blk.mlp, quant)
         head_names = [n for n in ("head", "head_dist") if isinstance(getattr(model, n, None), NormLinear)]
         for n in head_names:
             nl = getattr(model, n)
-            setattr(model, n, wrap_head(fold_norm_before(nl.bn, nl.linear), cfg))
+            setattr(model, n, wrap_head(fold_bn_before(nl.bn, nl.linear), quant))
 
         def stem(x):
             x = model.stem(x)
@@ -238,5 +193,5 @@ class LevitAdapter(Adapter):
         for n in head_names:
             head_q.update(quantizers_of(getattr(model, n), n))
         blocks.append(Block("head", model.forward_head, head_q))
-        return QModel(model, blocks, self.name, arch, cfg)
+        return QModel(model, blocks, self.name, arch, quant)
 

@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..layers import quantizers_of
-from ..qmodel import Block, QModel
+from ..qnn.layers import quantizers_of
+from ..qnn.qmodel import Block, QModel
 from ._cnn import check_all_wrapped, conv_scopes, fold_bn, wrap_all
-from ._registry import Adapter, register_adapter
+from ._registry import IMAGES, Adapter, register_adapter
 
 __all__ = ["ResNetAdapter"]
 
@@ -58,11 +58,12 @@ def _fold_block(blk: nn.Module, name: str) -> None:
 class ResNetAdapter(Adapter):
     name = "resnet"
     description = "torchvision ResNet / ResNeXt / Wide ResNet"
+    input_spec = IMAGES
 
     def matches(self, model):
         return _is_torchvision_resnet(model)
 
-    def quantize(self, model, cfg, arch=""):
+    def wrap(self, model, quant, arch=""):
         model.eval()
         layers = [(f"layer{li}.{bi}", blk) for li in range(1, 5) for bi, blk in enumerate(getattr(model, f"layer{li}"))]
         for name, blk in layers:
@@ -71,7 +72,7 @@ class ResNetAdapter(Adapter):
         model.bn1 = fold_bn(model.conv1, model.bn1)
         for name, blk in layers:
             _fold_block(blk, name)
-        wrap_all(model, cfg)
+        wrap_all(model, quant)
         check_all_wrapped(model)
 
         def stem(x):
@@ -87,4 +88,4 @@ class ResNetAdapter(Adapter):
             blocks.append(Block(name, blk, qs, conv_scopes(qs)))
         head_q = quantizers_of(model.fc, "fc")
         blocks.append(Block("head", head, head_q, conv_scopes(head_q)))
-        return QModel(model, blocks, self.name, arch, cfg)
+        return QModel(model, blocks, self.name, arch, quant)

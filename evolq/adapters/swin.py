@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..layers import quantizers_of
-from ..qmodel import Block, QModel
-from ._builder import (act_quant, probs_quant, replace_module, wrap_conv, wrap_head, wrap_linear, wrap_mlp_act,
+from ..qnn.layers import quantizers_of
+from ..qnn.qmodel import Block, QModel
+from ..qnn.builder import (act_quant, probs_quant, replace_module, wrap_conv, wrap_head, wrap_linear, wrap_mlp_act,
                        wrap_norm)
-from ._registry import Adapter, register_adapter
+from ._registry import IMAGES, Adapter, register_adapter
 from .vit import attention_scopes
 
 __all__ = ["QWindowAttention", "SwinAdapter"]
@@ -41,17 +41,17 @@ class QWindowAttention(nn.Module):
     arithmetic is re-expressed so the matmul inputs can be quantized.
     """
 
-    def __init__(self, attn: nn.Module, cfg):
+    def __init__(self, attn: nn.Module, quant):
         super().__init__()
         self.num_heads, self.scale = attn.num_heads, attn.scale
         self.window_size, self.window_area = attn.window_size, attn.window_area
-        self.qkv = wrap_linear(attn.qkv, cfg)
-        self.proj = wrap_linear(attn.proj, cfg)
+        self.qkv = wrap_linear(attn.qkv, quant)
+        self.proj = wrap_linear(attn.proj, quant)
         self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
         self.relative_position_bias_table = attn.relative_position_bias_table
         self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
-        self.q_quant, self.k_quant, self.v_quant = act_quant(cfg, True), act_quant(cfg, True), act_quant(cfg, True)
-        self.probs_quant = probs_quant(cfg)
+        self.q_quant, self.k_quant, self.v_quant = act_quant(quant, True), act_quant(quant, True), act_quant(quant, True)
+        self.probs_quant = probs_quant(quant)
 
     def set_window_size(self, window_size):
         raise UnsupportedModelError("a quantized Swin model cannot change its window size; "
@@ -77,15 +77,15 @@ class QWindowAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-def _quantize_swin_block(block: nn.Module, cfg) -> None:
-    block.norm1 = wrap_norm(block.norm1, cfg)
-    block.attn = QWindowAttention(block.attn, cfg)
-    block.norm2 = wrap_norm(block.norm2, cfg)
+def _quantize_swin_block(block: nn.Module, quant) -> None:
+    block.norm1 = wrap_norm(block.norm1, quant)
+    block.attn = QWindowAttention(block.attn, quant)
+    block.norm2 = wrap_norm(block.norm2, quant)
     mlp = block.mlp
     if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
         raise UnsupportedModelError("Swin MLPs with an inner norm are not supported")
-    mlp.fc1 = wrap_linear(mlp.fc1, cfg)
-    mlp.act, mlp.fc2 = wrap_mlp_act(mlp.act, mlp.fc2, cfg)  # GELU output quantized once
+    mlp.fc1 = wrap_linear(mlp.fc1, quant)
+    mlp.act, mlp.fc2 = wrap_mlp_act(mlp.act, mlp.fc2, quant)  # GELU output quantized once
 
 
 def _is_timm_swin(model) -> bool:
@@ -100,11 +100,12 @@ def _is_timm_swin(model) -> bool:
 class SwinAdapter(Adapter):
     name = "swin"
     description = "timm Swin Transformer v1"
+    input_spec = IMAGES
 
     def matches(self, model):
         return _is_timm_swin(model)
 
-    def quantize(self, model, cfg, arch=""):
+    def wrap(self, model, quant, arch=""):
         from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 
         model.eval()
@@ -117,19 +118,19 @@ class SwinAdapter(Adapter):
             if not all(isinstance(b, SwinTransformerBlock) for b in stage.blocks):
                 raise UnsupportedModelError("this Swin variant's blocks are not supported")
 
-        pe.proj = wrap_conv(pe.proj, cfg)
+        pe.proj = wrap_conv(pe.proj, quant)
         if not isinstance(pe.norm, nn.Identity):
-            pe.norm = wrap_norm(pe.norm, cfg)
+            pe.norm = wrap_norm(pe.norm, quant)
         for stage in model.layers:
             if isinstance(stage.downsample, PatchMerging):
-                stage.downsample.norm = wrap_norm(stage.downsample.norm, cfg)
-                stage.downsample.reduction = wrap_linear(stage.downsample.reduction, cfg)
+                stage.downsample.norm = wrap_norm(stage.downsample.norm, quant)
+                stage.downsample.reduction = wrap_linear(stage.downsample.reduction, quant)
             for blk in stage.blocks:
-                _quantize_swin_block(blk, cfg)
+                _quantize_swin_block(blk, quant)
         if not isinstance(model.norm, nn.Identity):
-            model.norm = wrap_norm(model.norm, cfg)
+            model.norm = wrap_norm(model.norm, quant)
         if isinstance(getattr(model.head, "fc", None), nn.Linear):
-            replace_module(model, "head.fc", wrap_head(model.head.fc, cfg))
+            replace_module(model, "head.fc", wrap_head(model.head.fc, quant))
 
         def head(x):
             return model.forward_head(model.norm(x))
@@ -148,4 +149,4 @@ class SwinAdapter(Adapter):
         head_q = quantizers_of(model.norm, "norm")
         head_q.update(quantizers_of(model.head, "head"))
         blocks.append(Block("head", head, head_q))
-        return QModel(model, blocks, self.name, arch, cfg)
+        return QModel(model, blocks, self.name, arch, quant)

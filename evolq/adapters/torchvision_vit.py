@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..layers import quantizers_of
-from ..qmodel import Block, QModel
-from ._builder import (act_quant, probs_quant, wrap_act, wrap_conv, wrap_head, wrap_linear, wrap_mlp_act, wrap_norm)
-from ._registry import Adapter, register_adapter
+from ..qnn.layers import quantizers_of
+from ..qnn.qmodel import Block, QModel
+from ..qnn.builder import (act_quant, probs_quant, wrap_act, wrap_conv, wrap_head, wrap_linear, wrap_mlp_act, wrap_norm)
+from ._registry import IMAGES, Adapter, register_adapter
 
 __all__ = ["QMultiheadAttention", "TorchvisionViTAdapter"]
 
@@ -38,7 +38,7 @@ class QMultiheadAttention(nn.Module):
     for self-attention (query, key and value the same tensor) without masks.
     """
 
-    def __init__(self, mha: nn.MultiheadAttention, cfg):
+    def __init__(self, mha: nn.MultiheadAttention, quant):
         super().__init__()
         if not mha.batch_first:
             raise UnsupportedModelError("only batch-first nn.MultiheadAttention is supported")
@@ -51,10 +51,10 @@ class QMultiheadAttention(nn.Module):
         packed = nn.Linear(e, 3 * e, bias=mha.in_proj_bias is not None, device="meta")
         packed.weight = mha.in_proj_weight  # the original parameters, not copies
         packed.bias = mha.in_proj_bias
-        self.in_proj = wrap_linear(packed, cfg)
-        self.out_proj = wrap_linear(mha.out_proj, cfg)
-        self.q_quant, self.k_quant, self.v_quant = act_quant(cfg, True), act_quant(cfg, True), act_quant(cfg, True)
-        self.probs_quant = probs_quant(cfg)
+        self.in_proj = wrap_linear(packed, quant)
+        self.out_proj = wrap_linear(mha.out_proj, quant)
+        self.q_quant, self.k_quant, self.v_quant = act_quant(quant, True), act_quant(quant, True), act_quant(quant, True)
+        self.probs_quant = probs_quant(quant)
 
     def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -75,16 +75,16 @@ class QMultiheadAttention(nn.Module):
         return out, attn.mean(dim=1) if average_attn_weights else attn
 
 
-def _quantize_encoder_block(block: nn.Module, cfg) -> None:
-    block.ln_1 = wrap_norm(block.ln_1, cfg)
-    block.self_attention = QMultiheadAttention(block.self_attention, cfg)
-    block.ln_2 = wrap_norm(block.ln_2, cfg)
+def _quantize_encoder_block(block: nn.Module, quant) -> None:
+    block.ln_1 = wrap_norm(block.ln_1, quant)
+    block.self_attention = QMultiheadAttention(block.self_attention, quant)
+    block.ln_2 = wrap_norm(block.ln_2, quant)
     mlp = block.mlp  # Sequential: Linear, GELU, Dropout, Linear, Dropout
     kinds = [type(m) for m in mlp]
     if len(mlp) != 5 or not (isinstance(mlp[0], nn.Linear) and isinstance(mlp[3], nn.Linear)):
         raise UnsupportedModelError(f"unexpected torchvision ViT MLP layout: {[k.__name__ for k in kinds]}")
-    mlp[0] = wrap_linear(mlp[0], cfg)
-    mlp[1], mlp[3] = wrap_mlp_act(mlp[1], mlp[3], cfg)  # GELU output quantized once
+    mlp[0] = wrap_linear(mlp[0], quant)
+    mlp[1], mlp[3] = wrap_mlp_act(mlp[1], mlp[3], quant)  # GELU output quantized once
 
 
 def _is_torchvision_vit(model) -> bool:
@@ -99,11 +99,12 @@ def _is_torchvision_vit(model) -> bool:
 class TorchvisionViTAdapter(Adapter):
     name = "torchvision_vit"
     description = "torchvision VisionTransformer, e.g. torchvision:vit_b_16"
+    input_spec = IMAGES
 
     def matches(self, model):
         return _is_torchvision_vit(model)
 
-    def quantize(self, model, cfg, arch=""):
+    def wrap(self, model, quant, arch=""):
         from torchvision.models.vision_transformer import EncoderBlock
 
         model.eval()
@@ -114,17 +115,17 @@ class TorchvisionViTAdapter(Adapter):
         if not all(isinstance(m, (nn.Linear, nn.Tanh)) for m in model.heads):
             raise UnsupportedModelError("this torchvision ViT variant's head is not supported")
 
-        model.conv_proj = wrap_conv(model.conv_proj, cfg)
+        model.conv_proj = wrap_conv(model.conv_proj, quant)
         for blk in model.encoder.layers:
-            _quantize_encoder_block(blk, cfg)
-        model.encoder.ln = wrap_norm(model.encoder.ln, cfg)
+            _quantize_encoder_block(blk, quant)
+        model.encoder.ln = wrap_norm(model.encoder.ln, quant)
         after_act = False
         for name, m in list(model.heads.named_children()):
             if isinstance(m, nn.Linear):
-                setattr(model.heads, name, wrap_head(m, cfg, quant_input=not after_act))
+                setattr(model.heads, name, wrap_head(m, quant, quant_input=not after_act))
                 after_act = False
             else:  # Tanh of the representation layer
-                setattr(model.heads, name, wrap_act(m, cfg))
+                setattr(model.heads, name, wrap_act(m, quant))
                 after_act = True
 
         def stem(x):
@@ -147,4 +148,4 @@ class TorchvisionViTAdapter(Adapter):
         head_q = quantizers_of(model.encoder.ln, "encoder.ln")
         head_q.update(quantizers_of(model.heads, "heads"))
         blocks.append(Block("head", head, head_q))
-        return QModel(model, blocks, self.name, arch, cfg)
+        return QModel(model, blocks, self.name, arch, quant)

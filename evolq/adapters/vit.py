@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..layers import quantizers_of
-from ..qmodel import Block, QModel
-from ._builder import (act_quant, probs_quant, replace_module, wrap_conv, wrap_head, wrap_linear, wrap_mlp_act,
+from ..qnn.layers import quantizers_of
+from ..qnn.qmodel import Block, QModel
+from ..qnn.builder import (act_quant, probs_quant, replace_module, wrap_conv, wrap_head, wrap_linear, wrap_mlp_act,
                        wrap_norm)
-from ._registry import Adapter, register_adapter
+from ._registry import IMAGES, Adapter, register_adapter
 
 __all__ = ["QAttention", "ViTAdapter", "quantize_vit_block_attention", "attention_scopes"]
 
@@ -29,18 +29,18 @@ class QAttention(nn.Module):
     can be quantized.
     """
 
-    def __init__(self, attn: nn.Module, cfg):
+    def __init__(self, attn: nn.Module, quant):
         super().__init__()
         if getattr(attn, "gate", None) is not None:
             raise NotImplementedError("gated attention is not supported")
         self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
         self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
-        self.qkv = wrap_linear(attn.qkv, cfg)
+        self.qkv = wrap_linear(attn.qkv, quant)
         self.q_norm, self.k_norm, self.norm = attn.q_norm, attn.k_norm, getattr(attn, "norm", nn.Identity())
-        self.proj = wrap_linear(attn.proj, cfg)
+        self.proj = wrap_linear(attn.proj, quant)
         self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
-        self.q_quant, self.k_quant, self.v_quant = act_quant(cfg, True), act_quant(cfg, True), act_quant(cfg, True)
-        self.probs_quant = probs_quant(cfg)
+        self.q_quant, self.k_quant, self.v_quant = act_quant(quant, True), act_quant(quant, True), act_quant(quant, True)
+        self.probs_quant = probs_quant(quant)
 
     def forward(self, x, attn_mask=None, is_causal=False):
         if attn_mask is not None or is_causal:
@@ -56,14 +56,14 @@ class QAttention(nn.Module):
         return self.proj_drop(self.proj(self.norm(x)))
 
 
-def quantize_vit_block_attention(block: nn.Module, cfg) -> None:
+def quantize_vit_block_attention(block: nn.Module, quant) -> None:
     """Quantize a pre-norm transformer block with ``norm1/attn/norm2/mlp`` in place."""
-    block.norm1 = wrap_norm(block.norm1, cfg)
-    block.attn = QAttention(block.attn, cfg)
-    block.norm2 = wrap_norm(block.norm2, cfg)
+    block.norm1 = wrap_norm(block.norm1, quant)
+    block.attn = QAttention(block.attn, quant)
+    block.norm2 = wrap_norm(block.norm2, quant)
     mlp = block.mlp
-    mlp.fc1 = wrap_linear(mlp.fc1, cfg)
-    mlp.act, mlp.fc2 = wrap_mlp_act(mlp.act, mlp.fc2, cfg)  # GELU output quantized once
+    mlp.fc1 = wrap_linear(mlp.fc1, quant)
+    mlp.act, mlp.fc2 = wrap_mlp_act(mlp.act, mlp.fc2, quant)  # GELU output quantized once
 
 
 def attention_scopes(name: str, block: nn.Module, quantizers: dict) -> dict[str, list[str]]:
@@ -87,23 +87,24 @@ def _is_timm_vit(model) -> bool:
 class ViTAdapter(Adapter):
     name = "vit"
     description = "timm VisionTransformer / DeiT"
+    input_spec = IMAGES
 
     def matches(self, model):
         return _is_timm_vit(model)
 
-    def quantize(self, model, cfg, arch=""):
+    def wrap(self, model, quant, arch=""):
         if getattr(model, "attn_pool", None) is not None:
             raise NotImplementedError("attention-pool heads are not supported")
         model.eval()
-        model.patch_embed.proj = wrap_conv(model.patch_embed.proj, cfg)
+        model.patch_embed.proj = wrap_conv(model.patch_embed.proj, quant)
         for blk in model.blocks:
-            quantize_vit_block_attention(blk, cfg)
+            quantize_vit_block_attention(blk, quant)
         if not isinstance(model.norm, nn.Identity):
-            model.norm = wrap_norm(model.norm, cfg)
+            model.norm = wrap_norm(model.norm, quant)
         if not isinstance(model.fc_norm, nn.Identity):
-            model.fc_norm = wrap_norm(model.fc_norm, cfg)
+            model.fc_norm = wrap_norm(model.fc_norm, quant)
         if isinstance(model.head, nn.Linear):
-            replace_module(model, "head", wrap_head(model.head, cfg))
+            replace_module(model, "head", wrap_head(model.head, quant))
 
         def stem(x):
             return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
@@ -120,4 +121,4 @@ class ViTAdapter(Adapter):
         head_q.update(quantizers_of(model.fc_norm, "fc_norm"))
         head_q.update(quantizers_of(model.head, "head"))
         blocks.append(Block("head", head, head_q))
-        return QModel(model, blocks, self.name, arch, cfg)
+        return QModel(model, blocks, self.name, arch, quant)

@@ -1,17 +1,18 @@
 """Searchers: *how* to optimise a ``BlockScaleProblem``.
 
 ``tournament`` (the paper's steady-state search) and EvoTorch's ``cmaes``, ``snes``,
-``pgpe``, swappable by name. Import is lazy: EvoTorch loads only when a search runs.
+``pgpe`` are registered by name (``evolq.search.builtin``); any other EvoTorch
+``SearchAlgorithm`` class can be passed as ``SearchConfig.searcher`` directly, and a
+new searcher is one file plus ``register_searcher``. EvoTorch loads only when a
+search runs.
 """
+from .registry import SEARCHERS, SearchPlan, list_searchers, make_searcher, register_searcher
+from . import builtin  # noqa: F401  (registers tournament, cmaes, snes, pgpe)
 
-__all__ = ["make_searcher", "SEARCHER_NAMES", "Tournament"]
+__all__ = ["SEARCHERS", "SearchPlan", "list_searchers", "make_searcher", "register_searcher", "Tournament"]
 
 
 def __getattr__(name):
-    if name in ("make_searcher", "SEARCHER_NAMES"):
-        from . import registry
-
-        return getattr(registry, name)
     if name == "Tournament":
         from .tournament import Tournament
 

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .quant import Quantizer
+from ..quant import Quantizer
 
 __all__ = ["Block", "QModel"]
 
@@ -50,7 +50,7 @@ class Block:
 
 @dataclass
 class QModel:
-    """A fake-quantized model and its block view.
+    """A fake-quantized model and its block view (not a module: run ``qmodel.model(x)``).
 
     Attributes:
         model: the quantized ``nn.Module`` (the user's model, modified in place).
@@ -79,6 +79,3 @@ class QModel:
         for b in self.blocks[start:stop]:
             x = b.run(x)
         return x
-
-    def __call__(self, x):
-        return self.model(x)

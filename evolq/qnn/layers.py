@@ -12,9 +12,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quant import Quantizer
+from ..quant import Quantizer
 
-__all__ = ["QLinear", "QConv2d", "QAct", "QNorm", "quantizers_of"]
+__all__ = ["QLinear", "QConv2d", "QAct", "QNorm", "conv_forward", "quantizers_of"]
+
+
+def conv_forward(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor:
+    """``F.conv2d`` with ``conv``'s geometry and weights ``w``: one weight (4-D), or a
+    population of P weights (5-D) run as one grouped convolution on a population-major
+    batch of P*B samples."""
+    if w.ndim == 4:
+        return conv._conv_forward(x, w, bias)  # F.conv2d, or the padding mode's own pad first
+    if conv.padding_mode != "zeros":
+        raise NotImplementedError("population mode supports zero padding only")
+    p = w.shape[0]
+    b = x.shape[0] // p
+    xs = x.reshape(p, b, *x.shape[1:]).transpose(0, 1).reshape(b, p * x.shape[1], *x.shape[2:])
+    bias = bias.repeat(p) if bias is not None else None
+    out = F.conv2d(xs, w.reshape(-1, *w.shape[2:]), bias, conv.stride, conv.padding, conv.dilation, conv.groups * p)
+    out = out.reshape(b, p, -1, *out.shape[2:]).transpose(0, 1)
+    return out.reshape(p * b, *out.shape[2:])
 
 
 class QLinear(nn.Module):
@@ -92,20 +109,7 @@ class QConv2d(nn.Module):
         self.input_quant = input_quant if input_quant is not None else nn.Identity()
 
     def forward(self, x):
-        c = self.conv
-        x = self.input_quant(x)
-        w = self.weight_quant(self.weight)
-        if w.ndim == 4:
-            return c._conv_forward(x, w, self.bias)
-        if c.padding_mode != "zeros":
-            raise NotImplementedError("population mode supports zero padding only")
-        p = w.shape[0]
-        b = x.shape[0] // p
-        xs = x.reshape(p, b, *x.shape[1:]).transpose(0, 1).reshape(b, p * x.shape[1], *x.shape[2:])
-        bias = self.bias.repeat(p) if self.bias is not None else None
-        out = F.conv2d(xs, w.reshape(-1, *w.shape[2:]), bias, c.stride, c.padding, c.dilation, c.groups * p)
-        out = out.reshape(b, p, -1, *out.shape[2:]).transpose(0, 1)
-        return out.reshape(p * b, *out.shape[2:])
+        return conv_forward(self.conv, self.input_quant(x), self.weight_quant(self.weight), self.bias)
 
 
 class QAct(nn.Module):

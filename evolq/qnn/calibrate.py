@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import DataError
+from ..errors import DataError
 
 __all__ = ["calibrate", "iter_batches"]
 

@@ -1,0 +1,89 @@
+"""Hooks and the subscribers evolq attaches to them (EvoTorch's style: an algorithm
+fires hooks in ``step()``, loggers append themselves to them).
+
+``SearchEngine`` fires:
+
+* ``run_start_hook(state)``: the progress record at the start (restored on resume);
+* ``block_start_hook(info)``: ``{"pass", "block", "index", "position"}`` before a block search;
+* ``block_end_hook(record)``: the block record (start/final fitness, evaluations,
+  seconds, ``history`` = best fitness after each evaluation batch);
+* ``pass_end_hook(record)``: ``{"pass", "holdout_before", "holdout_after", "kept"}``;
+* ``run_end_hook(state)``: the final progress record (also after Ctrl-C);
+* ``fitness_hook(index, candidates, losses)``: after every fitness call; a subscriber
+  may return replacement losses (fault injection, logging).
+
+A subscriber is any callable; ``subscribe(engine)`` methods below append themselves.
+"""
+from __future__ import annotations
+
+__all__ = ["Hook", "ProgressBar", "FitnessCurve", "BlockLog"]
+
+
+class Hook(list):
+    """A list of callables, called in order with the same arguments."""
+
+    def __call__(self, *args, **kwargs):
+        for f in list(self):
+            f(*args, **kwargs)
+
+
+class ProgressBar:
+    """A tqdm bar over the blocks of all passes."""
+
+    def __init__(self, desc: str = "evol-q"):
+        self.desc, self.bar, self.engine = desc, None, None
+
+    def subscribe(self, engine) -> "ProgressBar":
+        self.engine = engine
+        engine.run_start_hook.append(self.start)
+        engine.block_end_hook.append(self.update)
+        engine.run_end_hook.append(self.close)
+        return self
+
+    def start(self, state):
+        from tqdm.auto import tqdm
+
+        n, total = len(self.engine.order), self.engine.search.passes * len(self.engine.order)
+        self.bar = tqdm(total=total, initial=min(state["pass"] * n + state["pos"], total), desc=self.desc,
+                        unit="block")
+
+    def update(self, rec):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(block=rec["block"], fitness=f"{rec['final_fitness']:.4f}")
+
+    def close(self, state=None):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class BlockLog:
+    """The report's per-block and per-pass records (seeded from a restored run)."""
+
+    def __init__(self):
+        self.blocks: list[dict] = []
+        self.passes: list[dict] = []
+
+    def subscribe(self, engine) -> "BlockLog":
+        engine.run_start_hook.append(self.start)
+        engine.block_end_hook.append(lambda rec: self.blocks.append({k: v for k, v in rec.items() if k != "history"}))
+        engine.pass_end_hook.append(lambda rec: self.passes.append(dict(rec)))
+        return self
+
+    def start(self, state):
+        self.blocks = [{k: v for k, v in b.items() if k != "history"} for b in state["blocks"]]
+        self.passes = list(state["passes"])
+
+
+class FitnessCurve:
+    """Best fitness after every evaluation batch, block after block (seeded from a restored run)."""
+
+    def __init__(self):
+        self.values: list[float] = []
+
+    def subscribe(self, engine) -> "FitnessCurve":
+        engine.run_start_hook.append(lambda state: setattr(self, "values", [h for b in state["blocks"]
+                                                                             for h in b["history"]]))
+        engine.block_end_hook.append(lambda rec: self.values.extend(rec["history"]))
+        return self

@@ -1,0 +1,78 @@
+"""Helpers shared by adapters: build quantizers from a ``QuantConfig`` and wrap layers."""
+from __future__ import annotations
+
+from torch import nn
+
+from .layers import QAct, QConv2d, QLinear, QNorm
+from ..quant import ChannelFactorQuantizer, Log2Quantizer, PTFQuantizer, UniformQuantizer
+
+__all__ = ["weight_quant", "act_quant", "probs_quant", "norm_input_quant", "wrap_linear",
+           "linear_input_quant", "wrap_head", "wrap_conv", "wrap_act", "wrap_mlp_act", "wrap_norm", "replace_module"]
+
+
+def weight_quant(quant, ch_axis=0) -> UniformQuantizer:
+    return UniformQuantizer(quant.w_bits, signed=False, symmetric=False, per_channel=True, ch_axis=ch_axis,
+                            observer=quant.weight_observer, kind="weight", bias_correction=quant.bias_correction)
+
+
+def act_quant(quant, signed=False) -> UniformQuantizer:
+    return UniformQuantizer(quant.a_bits, signed=signed, symmetric=False, per_channel=False,
+                            observer=quant.act_observer, kind="activation")
+
+
+def probs_quant(quant):
+    if quant.attn_probs == "log2":
+        return Log2Quantizer(quant.probs_bits)
+    return UniformQuantizer(quant.probs_bits, signed=False, symmetric=False, observer="minmax", kind="activation")
+
+
+def norm_input_quant(quant):
+    if quant.ptf:
+        return PTFQuantizer(quant.a_bits, max_alpha=quant.ptf_max_alpha, zero_point=quant.ptf_zero_point)
+    return act_quant(quant)
+
+
+def linear_input_quant(quant):
+    """Input quantizer of a Linear: per tensor, or per-channel factors folded into its weights."""
+    if quant.linear_input == "channel":
+        return ChannelFactorQuantizer(quant.a_bits, observer=quant.act_observer, strength=quant.linear_input_strength)
+    return act_quant(quant)
+
+
+def wrap_linear(linear: nn.Linear, quant, quant_input=True) -> QLinear:
+    return QLinear(linear, weight_quant(quant), linear_input_quant(quant) if quant_input else None)
+
+
+def wrap_head(linear: nn.Linear, quant, quant_input=True) -> QLinear:
+    """A classifier Linear. Its input has one row per image (pooled features or the class
+    token), so it stays per tensor even with ``linear_input="channel"``: per-channel
+    statistics from N calibration images would rest on N values per channel."""
+    return QLinear(linear, weight_quant(quant), act_quant(quant) if quant_input else None)
+
+
+def wrap_mlp_act(act: nn.Module, fc2: nn.Linear, quant) -> tuple[nn.Module, QLinear]:
+    """A transformer MLP's activation and second Linear. FQ-ViT quantizes the GELU
+    output per tensor (``QAct``); with ``linear_input="channel"`` that quantizer moves
+    into fc2 as its per-channel input quantizer (same tensor, folded into fc2's weights)."""
+    if quant.linear_input == "channel":
+        return act, wrap_linear(fc2, quant)
+    return wrap_act(act, quant), wrap_linear(fc2, quant, quant_input=False)
+
+
+def wrap_conv(conv: nn.Conv2d, quant, quant_input=True) -> QConv2d:
+    return QConv2d(conv, weight_quant(quant), act_quant(quant) if quant_input else None)
+
+
+def wrap_act(module: nn.Module, quant) -> QAct:
+    return QAct(module, act_quant(quant))
+
+
+def wrap_norm(norm: nn.Module, quant) -> QNorm:
+    return QNorm(norm, norm_input_quant(quant))
+
+
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name`` inside ``root``."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
