@@ -2,8 +2,6 @@
 the search to the last blocks, and the fitness-vs-evaluations curve of a report."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -39,43 +37,39 @@ def search_last_blocks(qmodel, last: int, scope: str = "attn-weights") -> list[s
 
 class CurveRecorder:
     """Records the fitness-vs-evaluations curve of a search: after every batch of
-    candidates, (evaluations so far, best fitness of the block being searched).
-    Each block starts at its start fitness. Patches ``BlockScaleProblem.evaluate_values``
-    while active (benchmarks only)."""
+    candidates, (evaluations so far, best fitness of the block being searched); each
+    block starts at its start fitness. A subscriber: ``quantize_model(...,
+    subscribers=[rec])``."""
 
-    def __enter__(self):
-        from evolq.problems.block_scale import BlockScaleProblem
+    def __init__(self):
+        self.evals, self.x, self.y, self._best = 0, [], [], None
 
-        self.cls, self.orig = BlockScaleProblem, BlockScaleProblem.evaluate_values
-        self.evals, self.x, self.y, self._seen = 0, [], [], set()
-        rec = self
+    def subscribe(self, engine):
+        engine.block_start_hook.append(self.start)
+        engine.fitness_hook.append(self.step)
+        engine.block_end_hook.append(self.end)
 
-        def evaluate_values(problem, values):
-            if id(problem) not in rec._seen:
-                rec._seen.add(id(problem))
-                if problem.start_fitness is not None:
-                    rec.x.append(rec.evals)
-                    rec.y.append(float(problem.start_fitness))
-            out = rec.orig(problem, values)
-            rec.evals += out.numel()
-            rec.x.append(rec.evals)
-            rec.y.append(float(problem.best_fitness))
-            return out
+    def start(self, info):
+        self._best = float(info["start_fitness"])
+        self.x.append(self.evals)
+        self.y.append(self._best)
 
-        BlockScaleProblem.evaluate_values = evaluate_values
-        return self
+    def step(self, index, cands, losses):
+        if self._best is None:  # a start evaluation, outside a block search
+            return
+        self.evals += losses.numel()
+        finite = torch.nan_to_num(losses.double(), nan=float("inf"), posinf=float("inf"), neginf=float("inf"))
+        self._best = min(self._best, float(finite.min()))
+        self.x.append(self.evals)
+        self.y.append(self._best)
 
-    def __exit__(self, *exc):
-        self.cls.evaluate_values = self.orig
-        return False
+    def end(self, rec):
+        self._best = None
 
 
 def write_json(target: str | Path, obj) -> Path:
     """Write ``obj`` atomically (a reader or a crash never sees half a file): a ``str``
     is a file name in ``benchmarks/results/``, a ``Path`` is used as it is."""
-    p = RESULTS / target if isinstance(target, str) else Path(target)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, p)
-    return p
+    from evolq.io import write_json as _write
+
+    return _write(RESULTS / target if isinstance(target, str) else Path(target), obj, indent=1)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import RESULTS, load_data, search_last_blocks, setup, write_json  # noqa: E402
+from _common import RESULTS, load_data, search_last_blocks, setup, write_json
 
-from evolq import EvolQConfig, prepare_model, quantize_model  # noqa: E402
-from evolq.evaluate import evaluate_qmodel  # noqa: E402
+from evolq import EvolQConfig, prepare_model, quantize_model
+from evolq.evaluate import evaluate_qmodel
 
 
 def main():
@@ -80,7 +80,8 @@ def main():
     print("(each cell: top-1, agreement with FP32, KL)")
     out = {"benchmark": "losses", "model": args.model, "w_bits": args.bits, "a_bits": 8,
            "calib_images": int(xc.shape[0]), "eval_images": int(xe.shape[0]), "cycles": args.cycles,
-           "passes": args.passes, "holdout": args.holdout, "blocks": searched, "seed": args.seed, "fp32": fp, "start": start, "runs": rows,
+           "passes": args.passes, "holdout": args.holdout, "blocks": searched, "seed": args.seed,
+           "fp32": fp, "start": start, "runs": rows,
            "seconds": time.perf_counter() - t_all}
     print("wrote", write_json(f"{args.out}.json", out))
     plot(out, RESULTS / f"{args.out}.png")

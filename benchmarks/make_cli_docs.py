@@ -71,7 +71,7 @@ def api_docs():
     for name in evolq.__all__:
         obj = getattr(evolq, name)
         if name == "__version__":
-            parts += [f"## `__version__`", "", f"`{obj}`", ""]
+            parts += ["## `__version__`", "", f"`{obj}`", ""]
             continue
         try:
             sig = str(inspect.signature(obj))

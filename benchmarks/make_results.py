@@ -253,7 +253,8 @@ def main():
              "100/N points: treat differences of a point or two as noise. Which JSON files were produced with "
              "earlier code and not re-run (search, speed, efficientnet*, searchers, scaling, landscapes) is "
              "listed in `benchmarks/README.md`.", ""]
-    for sec in (section_accuracy, section_start_point, section_preset_strength, section_search, section_speed, section_efficientnet, section_searchers, section_losses, section_scaling,
+    for sec in (section_accuracy, section_start_point, section_preset_strength, section_search, section_speed,
+                section_efficientnet, section_searchers, section_losses, section_scaling,
                 section_landscape):
         sec(lines)
     OUT.parent.mkdir(parents=True, exist_ok=True)

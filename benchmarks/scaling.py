@@ -17,12 +17,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import load_data, search_last_blocks, setup, write_json  # noqa: E402
+from _common import load_data, search_last_blocks, setup, write_json
 
-from evolq import EvolQConfig, prepare_model, quantize_model  # noqa: E402
-from evolq.fitness import BlockFitness, reference_outputs  # noqa: E402
-from evolq.losses import infonce  # noqa: E402
-from evolq.qnn.scales import ScaleSpace  # noqa: E402
+from evolq import EvolQConfig, prepare_model, quantize_model
+from evolq.fitness import BlockFitness, reference_outputs
+from evolq.losses import infonce
+from evolq.qnn.scales import ScaleSpace
 
 
 def time_call(qmodel, x, index, pop, repeats):
@@ -62,7 +62,7 @@ def main():
     cfg = EvolQConfig.make(w_bits=4, a_bits=8, passes=1, cycles=2, progress=False, infonce_batch=25)
     qmodel = prepare_model(copy.deepcopy(base), xc[:max(args.sizes)], cfg.quant, arch=args.model)
     names = [b.name for b in qmodel.blocks]
-    idx = lambda i: names.index(f"blocks.{i}")  # noqa: E731
+    idx = lambda i: names.index(f"blocks.{i}")
     rows = []
 
     def run(kind, n, pop, blk):

@@ -69,7 +69,8 @@ def main():
     print(f"{'config':<14}{'top1':>14}{'agreement':>18}{'KL':>20}")
     for r in rows:
         s, f = r["start"], r["final"]
-        print(f"W{r['w_bits']}A8 s{r['seed']:<8}{s['top1']:6.2f}->{f['top1']:6.2f}{s['agreement']:9.2f}->{f['agreement']:6.2f}"
+        print(f"W{r['w_bits']}A8 s{r['seed']:<8}{s['top1']:6.2f}->{f['top1']:6.2f}"
+              f"{s['agreement']:9.2f}->{f['agreement']:6.2f}"
               f"{s['kl']:10.4f}->{f['kl']:.4f}")
     out = {"model": args.model, "fp32": fp, "calib_images": int(xc.shape[0]), "eval_images": int(xe.shape[0]),
            "schedule": {"passes": args.passes, "cycles": args.cycles, "searcher": args.searcher, "loss": args.loss},

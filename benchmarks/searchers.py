@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import RESULTS, CurveRecorder, load_data, search_last_blocks, setup, write_json  # noqa: E402
+from _common import RESULTS, CurveRecorder, load_data, search_last_blocks, setup, write_json
 
-from evolq import EvolQConfig, prepare_model, quantize_model  # noqa: E402
-from evolq.evaluate import evaluate_qmodel  # noqa: E402
+from evolq import EvolQConfig, prepare_model, quantize_model
+from evolq.evaluate import evaluate_qmodel
 
 
 def main():
@@ -55,8 +55,8 @@ def main():
             res, fp_logits = evaluate_qmodel(qmodel, xe, ye)
             fp, start = res["fp32"], res["quantized"]
         t0 = time.perf_counter()
-        with CurveRecorder() as rec:
-            qmodel, rep = quantize_model(qmodel, xc, cfg)
+        rec = CurveRecorder()
+        qmodel, rep = quantize_model(qmodel, xc, cfg, subscribers=[rec])
         secs = time.perf_counter() - t0
         final, _ = evaluate_qmodel(qmodel, xe, ye, fp_logits=fp_logits)
         q = final["quantized"]
@@ -92,7 +92,8 @@ def plot(out, path):
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in out["runs"]:
-        ax.plot(r["curve"]["evaluations"], r["curve"]["fitness"], label=f"{r['searcher']} (top-1 {r['final']['top1']:.1f})",
+        ax.plot(r["curve"]["evaluations"], r["curve"]["fitness"],
+                label=f"{r['searcher']} (top-1 {r['final']['top1']:.1f})",
                 drawstyle="steps-post")
     ax.set_xlabel("fitness evaluations")
     ax.set_ylabel("best infoNCE of the block being searched")

@@ -34,11 +34,11 @@ if str(ROOT) not in sys.path:
 from _common import write_json  # noqa: E402  (benchmarks/_common.py)
 
 from evolq.adapters import wrap_model  # noqa: E402
-from evolq.qnn.calibrate import calibrate  # noqa: E402
 from evolq.config import QuantConfig  # noqa: E402
 from evolq.data import assets_dir, load_images  # noqa: E402
 from evolq.evaluate import metrics, predict  # noqa: E402
 from evolq.models import load_model, model_transform  # noqa: E402
+from evolq.qnn.calibrate import calibrate  # noqa: E402
 
 ARCH = "vit_tiny_patch16_224"
 WEIGHTS = "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"

@@ -6,8 +6,15 @@
 from .adapters import list_adapters, register_adapter
 from .api import load_quantized, prepare_model, quantize_model, save_quantized
 from .config import EvolQConfig, QuantConfig, SearchConfig
-from .errors import (CheckpointError, ConfigError, DataError, EvolQError, UnknownModelError,
-                     UnsupportedModelError, WeightsError)
+from .errors import (
+                     CheckpointError,
+                     ConfigError,
+                     DataError,
+                     EvolQError,
+                     UnknownModelError,
+                     UnsupportedModelError,
+                     WeightsError,
+)
 from .losses import list_losses, register_loss
 from .qnn.calibrate import calibrate
 from .qnn.qmodel import Block, QModel

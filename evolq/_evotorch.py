@@ -5,8 +5,8 @@ import warnings
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    import evotorch  # noqa: E402
-    import evotorch.algorithms  # noqa: E402,F401
+    import evotorch
+    import evotorch.algorithms
 
 for _name in ("evotorch", "evotorch.core", "evotorch.logging"):
     logging.getLogger(_name).setLevel(logging.WARNING)

@@ -25,6 +25,13 @@ def _s(name):
     return field_default(SearchConfig, name)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``evolq: error: ...``, exit 2), like evolq's own."""
+
+    def error(self, message):
+        self.exit(2, f"evolq: error: {message} (see {self.prog} --help)\n")
+
+
 def _searcher_arg(text: str):
     """KEY=VALUE, the value read as JSON where it parses (numbers, true/false), else a string."""
     key, sep, value = text.partition("=")
@@ -64,7 +71,7 @@ def _add_model_args(p, quantize: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evolq", description="Post-training quantization by evolutionary "
+    parser = _Parser(prog="evolq", description="Post-training quantization by evolutionary "
                                                                 "search over quantization scales (Evol-Q).")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -227,7 +234,8 @@ def cmd_demo(args) -> int:
     from .models import load_model, model_transform
 
     arch = "vit_tiny_patch16_224"
-    print(f"evolq demo: {arch} (real ImageNet weights), W{args.w_bits}A8 {args.preset}, {args.calib_size} calibration images "
+    print(f"evolq demo: {arch} (real ImageNet weights), W{args.w_bits}A8 {args.preset}, "
+          f"{args.calib_size} calibration images "
           f"(even labels), {args.limit} evaluation images (odd labels); {args.passes} pass x {args.cycles} cycles")
     model = load_model(arch)
     tf = model_transform(model)

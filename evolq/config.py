@@ -78,7 +78,7 @@ class QuantConfig:
         return 0.75 if w_bits >= 8 else 0.25 if w_bits <= 4 else 0.5
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "QuantConfig":
+    def preset(cls, name: str, **overrides) -> QuantConfig:
         """A named regime: ``"fq-vit"`` (the authors' start point, the defaults) or
         ``"outlier-aware"`` (its ``linear_input_strength`` follows ``w_bits``, see
         ``outlier_strength``); keyword arguments override single fields."""
@@ -148,7 +148,8 @@ class SearchConfig:
     infonce_batch: int = 100
     temperature: float = 3.0
     seed: int = 0
-    max_batch: int = 32  # population x images per forward chunk: memory bound; small chunks stay in CPU cache (raise on GPU)
+    # population x images per forward chunk: memory bound; small chunks stay in CPU cache (raise on GPU)
+    max_batch: int = 32
     reuse_fitness: bool = True
     device: str = "cpu"
     progress: bool = True
@@ -207,7 +208,7 @@ class EvolQConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
 
     @classmethod
-    def make(cls, **kw) -> "EvolQConfig":
+    def make(cls, **kw) -> EvolQConfig:
         """Build from flat keyword arguments, e.g. ``EvolQConfig.make(w_bits=4, passes=2)``;
         ``preset="outlier-aware"`` starts the quantization fields from that preset."""
         kw = dict(kw)

@@ -192,5 +192,6 @@ def resolve_device(name) -> torch.device:
         dev = torch.device(name)
         torch.zeros(1, device=dev)
     except Exception as e:
-        raise ConfigError(f"device {name!r} is not usable here ({(str(e).splitlines() or [type(e).__name__])[0][:120]})") from None
+        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise ConfigError(f"device {name!r} is not usable here ({first})") from None
     return dev

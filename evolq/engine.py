@@ -120,11 +120,11 @@ class SearchEngine:
         from .search import make_searcher
 
         space, t0, evals0 = self.spaces[idx], time.perf_counter(), self.fitness.evaluations
-        self.block_start_hook({"pass": p, "block": self.qmodel.blocks[idx].name, "index": idx,
-                               "position": self.order.index(idx)})
         start_f = known if known is not None else float(self.evaluate(idx, space.vector().unsqueeze(0))[0])
         if not math.isfinite(start_f):  # a model that is already broken: any finite candidate is better
             start_f = PENALTY
+        self.block_start_hook({"pass": p, "block": self.qmodel.blocks[idx].name, "index": idx,
+                               "position": self.order.index(idx), "start_fitness": start_f})
         seed = block_seed(self.search.seed, p, idx)
         problem = BlockScaleProblem(space.vector(), lambda c: self.evaluate(idx, c),
                                     parameterization=self.search.noise, start_fitness=start_f, seed=seed)

@@ -4,7 +4,8 @@ fires hooks in ``step()``, loggers append themselves to them).
 ``SearchEngine`` fires:
 
 * ``run_start_hook(state)``: the progress record at the start (restored on resume);
-* ``block_start_hook(info)``: ``{"pass", "block", "index", "position"}`` before a block search;
+* ``block_start_hook(info)``: ``{"pass", "block", "index", "position", "start_fitness"}`` once a
+  block's start is known, before its search;
 * ``block_end_hook(record)``: the block record (start/final fitness, evaluations,
   seconds, ``history`` = best fitness after each evaluation batch);
 * ``pass_end_hook(record)``: ``{"pass", "holdout_before", "holdout_after", "kept"}``;
@@ -33,7 +34,7 @@ class ProgressBar:
     def __init__(self, desc: str = "evol-q"):
         self.desc, self.bar, self.engine = desc, None, None
 
-    def subscribe(self, engine) -> "ProgressBar":
+    def subscribe(self, engine) -> ProgressBar:
         self.engine = engine
         engine.run_start_hook.append(self.start)
         engine.block_end_hook.append(self.update)
@@ -65,7 +66,7 @@ class BlockLog:
         self.blocks: list[dict] = []
         self.passes: list[dict] = []
 
-    def subscribe(self, engine) -> "BlockLog":
+    def subscribe(self, engine) -> BlockLog:
         engine.run_start_hook.append(self.start)
         engine.block_end_hook.append(lambda rec: self.blocks.append({k: v for k, v in rec.items() if k != "history"}))
         engine.pass_end_hook.append(lambda rec: self.passes.append(dict(rec)))
@@ -82,7 +83,7 @@ class FitnessCurve:
     def __init__(self):
         self.values: list[float] = []
 
-    def subscribe(self, engine) -> "FitnessCurve":
+    def subscribe(self, engine) -> FitnessCurve:
         engine.run_start_hook.append(lambda state: setattr(self, "values", [h for b in state["blocks"]
                                                                              for h in b["history"]]))
         engine.block_end_hook.append(lambda rec: self.values.extend(rec["history"]))

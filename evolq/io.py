@@ -11,10 +11,9 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-import torch
 from torch import nn
 
 from .config import QuantConfig
@@ -142,7 +141,8 @@ def _build_model(arch: str, model_kwargs: dict) -> nn.Module:
     except EvolQError:
         raise
     except Exception as e:
-        raise CheckpointError(f"cannot build {arch!r} with {model_kwargs}: {(str(e).splitlines() or [''])[0][:160]}") from None
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise CheckpointError(f"cannot build {arch!r} with {model_kwargs}: {first}") from None
 
 
 def load_quantized(folder, model: nn.Module | None = None) -> QModel:

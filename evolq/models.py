@@ -51,7 +51,8 @@ def _read_state_dict(path: Path) -> dict:
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupt, pickled code, ...
-        raise WeightsError(f"cannot read weights file {str(path)!r}: {(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
+        first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise WeightsError(f"cannot read weights file {str(path)!r}: {first}") from None
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -75,7 +76,8 @@ def load_weights(model: nn.Module, path) -> nn.Module:
         parts = []
         if wrong:
             k = wrong[0]
-            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)})")
+            parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: file {tuple(sd[k].shape)} vs model "
+                         f"{tuple(own[k].shape)})")
         if missing:
             parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
         if unexpected:

@@ -11,7 +11,8 @@ from the registry instead of restating them.
 """
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from contextlib import contextmanager
+from typing import Generic, TypeVar
 
 from .errors import ConfigError
 
@@ -43,6 +44,19 @@ class Registry(Generic[T]):
 
         return add(entry) if entry is not None else add
 
+    def unregister(self, name: str) -> None:
+        self._entries.pop(name, None)
+
+    @contextmanager
+    def scoped(self):
+        """Entries registered inside the ``with`` block are removed at its end (tests, examples)."""
+        saved = dict(self._entries)
+        try:
+            yield self
+        finally:
+            self._entries.clear()
+            self._entries.update(saved)
+
     def get(self, name: str) -> T:
         try:
             return self._entries[name]
@@ -63,12 +77,3 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
-
-
-def registrar(registry: Registry) -> Callable:
-    """The ``register_*`` function of a registry (decorator or plain call)."""
-    def register(name: str, entry=None):
-        return registry.register(name, entry)
-
-    register.__doc__ = f"Register a {registry.kind} under ``name`` (``@register(name)`` or ``register(name, obj)``)."
-    return register

@@ -20,14 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_digits.py,
 
 import torch
 import torch.nn.functional as F
+from _digits import accuracy, parse, parser, print_result, split, train
 from torch import nn
 
 from evolq import Block, EvolQConfig, QModel, prepare_model, quantize_model
 from evolq.adapters import Adapter, register_adapter
 from evolq.qnn.layers import QConv2d, QLinear, quantizers_of
 from evolq.quant import UniformQuantizer
-
-from _digits import accuracy, parse, parser, print_result, split, train  # noqa: E402
 
 
 class TinyConvNet(nn.Module):

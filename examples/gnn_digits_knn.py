@@ -31,17 +31,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_digits.py,
 
 import torch
 import torch.nn.functional as F
+from _digits import accuracy, parse, parser, print_result, train
 from torch import nn
 
 from evolq import Block, QModel, QuantConfig, ScaleSpace, calibrate
 from evolq.fitness import BlockFitness, reference_outputs
-from evolq.qnn.layers import QLinear, quantizers_of
 from evolq.losses import infonce
 from evolq.problems import BlockScaleProblem
+from evolq.qnn.layers import QLinear, quantizers_of
 from evolq.quant import UniformQuantizer
 from evolq.search import make_searcher
-
-from _digits import accuracy, parse, parser, print_result, train  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the graph

@@ -23,14 +23,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_digits.py, also when loaded by path
 
 import torch
+from _digits import accuracy, parse, parser, print_result, split, train
 from torch import nn
 
 from evolq import Block, EvolQConfig, QModel, prepare_model, quantize_model
 from evolq.adapters import Adapter, register_adapter
 from evolq.qnn.layers import QLinear, quantizers_of
 from evolq.quant import UniformQuantizer
-
-from _digits import accuracy, parse, parser, print_result, split, train  # noqa: E402
 
 
 # --------------------------------------------------------------------------- the float model

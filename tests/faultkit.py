@@ -162,24 +162,20 @@ def quantize_worker(w, out_dir, x, cfg, hook_sleep: float):
     ``out_dir/result.*`` and b"F"."""
     from safetensors.torch import save_file
 
-    import evolq.checkpoint as ck
     from evolq import quantize_model
-    from evolq.engine import SearchEngine
+    from evolq.io import replace_hooks
 
     def hook(tmp, path):
         os.write(w, b"W")
         time.sleep(hook_sleep)
 
-    real_block = SearchEngine._search_block
+    def markers(engine):
+        engine.block_start_hook.append(lambda info: os.write(w, b"B"))
 
-    def block(self, *a, **k):
-        os.write(w, b"B")
-        return real_block(self, *a, **k)
-
-    ck._before_replace = hook
-    SearchEngine._search_block = block
+    replace_hooks.append(hook)  # (a forked child: the parent's list is untouched)
     torch.set_num_threads(1)
-    qm, rep = quantize_model(tiny_vit(), x, cfg, arch=ARCH, checkpoint_dir=out_dir, resume=True)
+    qm, rep = quantize_model(tiny_vit(), x, cfg, arch=ARCH, checkpoint_dir=out_dir, resume=True,
+                             subscribers=[markers])
     save_file(scales_of(qm), str(Path(out_dir) / "result.safetensors"))
     (Path(out_dir) / "result.json").write_text(json.dumps(strip_timings(rep)))
     os.write(w, b"F")

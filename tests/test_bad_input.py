@@ -105,7 +105,8 @@ def test_weights_file_without_tensors(tmp_path):
 
 def test_weights_for_another_architecture(tmp_path, small_sd):
     torch.manual_seed(0)
-    cnn = save_safetensors(timm.create_model("resnet10t", pretrained=False).state_dict(), tmp_path / "resnet.safetensors")
+    cnn = save_safetensors(timm.create_model("resnet10t", pretrained=False).state_dict(),
+                           tmp_path / "resnet.safetensors")
     with pytest.raises(WeightsError) as e:
         load_model(ARCH, weights=cnn, hub=False)
     msg = one_line(e)
@@ -249,7 +250,8 @@ def test_presets():
     assert (oa.w_bits, oa.linear_input, oa.ptf_zero_point) == (4, "channel", "channel")
     assert EvolQConfig.make(preset="outlier-aware", w_bits=4, passes=1).quant == oa
     # the migration strength follows the weight bits unless given
-    assert [QuantConfig.preset("outlier-aware", w_bits=b).linear_input_strength for b in (8, 4, 3)] == [0.75, 0.25, 0.25]
+    strengths = [QuantConfig.preset("outlier-aware", w_bits=b).linear_input_strength for b in (8, 4, 3)]
+    assert strengths == [0.75, 0.25, 0.25]
     assert QuantConfig.preset("outlier-aware", w_bits=4, linear_input_strength=1.0).linear_input_strength == 1.0
     with pytest.raises(ConfigError) as e:
         QuantConfig.preset("fast")

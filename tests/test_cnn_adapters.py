@@ -16,10 +16,10 @@ torchvision = pytest.importorskip("torchvision")
 from evolq import EvolQConfig, QuantConfig, UnsupportedModelError, load_quantized, quantize_model, save_quantized  # noqa: E402
 from evolq.adapters import wrap_model  # noqa: E402
 from evolq.adapters._cnn import FoldedBNAct, QConv2dSame, fold_bn  # noqa: E402
-from evolq.qnn.calibrate import calibrate  # noqa: E402
 from evolq.fitness import BlockFitness, reference_outputs  # noqa: E402
-from evolq.qnn.layers import QConv2d, QLinear, quantizers_of  # noqa: E402
 from evolq.losses import mse  # noqa: E402
+from evolq.qnn.calibrate import calibrate  # noqa: E402
+from evolq.qnn.layers import QConv2d, QLinear, quantizers_of  # noqa: E402
 from evolq.qnn.scales import ScaleSpace  # noqa: E402
 
 

@@ -17,12 +17,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 @pytest.fixture(autouse=True)
 def _clean_registry():
-    from evolq.adapters import _registry
+    from evolq.adapters import ADAPTERS
 
-    saved = dict(_registry._ADAPTERS)
-    yield
-    _registry._ADAPTERS.clear()  # examples register their own adapters on import
-    _registry._ADAPTERS.update(saved)
+    with ADAPTERS.scoped():  # examples register their own adapters on import
+        yield
 
 
 def _load(name):
@@ -46,8 +44,8 @@ def test_example_runs_quick(name, capsys):
 
 def test_custom_adapter_is_found_and_blocks_compose():
     mod = _load("custom_adapter")
-    from evolq.adapters import adapter_for, wrap_model
     from evolq import QuantConfig
+    from evolq.adapters import adapter_for, wrap_model
     from evolq.qnn.calibrate import calibrate
 
     torch.manual_seed(0)

@@ -9,11 +9,20 @@ import torch
 from torch import nn
 
 from evolq.qnn.layers import QConv2d, QLinear
-from evolq.quant import (ChannelFactorQuantizer, EMAObserver, Log2Quantizer, MinMaxObserver, OMSEObserver,
-                         PercentileObserver, PTFQuantizer, UniformQuantizer, bias_correct, fake_quant, int_range,
-                         qparams_from_range)
-
-
+from evolq.quant import (
+    ChannelFactorQuantizer,
+    EMAObserver,
+    Log2Quantizer,
+    MinMaxObserver,
+    OMSEObserver,
+    PercentileObserver,
+    PTFQuantizer,
+    UniformQuantizer,
+    bias_correct,
+    fake_quant,
+    int_range,
+    qparams_from_range,
+)
 
 GRIDS = [(b, signed, sym) for b in range(2, 9) for signed in (False, True) for sym in (False, True)]
 

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evolq import EvolQConfig, QModel, Block, calibrate, prepare_model, quantize_model
-from evolq.qnn.builder import wrap_linear
+from evolq import Block, EvolQConfig, QModel, calibrate, prepare_model, quantize_model
 from evolq.config import QuantConfig
 from evolq.fitness import BlockFitness, reference_outputs
-from evolq.qnn.layers import quantizers_of
 from evolq.losses import LOSSES, infonce
 from evolq.problems import BlockScaleProblem
+from evolq.qnn.builder import wrap_linear
+from evolq.qnn.layers import quantizers_of
 from evolq.qnn.scales import ScaleSpace
 from evolq.search.registry import make_searcher
 
@@ -176,7 +176,7 @@ def test_problem_and_engine_reused_on_a_non_vit_block_view():
     for n, act in (("fc1", True), ("fc2", True), ("fc3", False)):
         layer = getattr(m, n)
         qs = quantizers_of(layer, n)
-        blocks.append(Block(n, (lambda l, a: (lambda x: torch.relu(l(x)) if a else l(x)))(layer, act), qs,
+        blocks.append(Block(n, (lambda f, a: (lambda x: torch.relu(f(x)) if a else f(x)))(layer, act), qs,
                             {"attn-weights": [f"{n}.weight_quant"]}))
     qm = QModel(m, blocks, "toy-mlp", "toy")
     x = torch.randn(64, 8)

@@ -19,13 +19,13 @@ torchvision = pytest.importorskip("torchvision")
 
 from evolq.adapters import adapter_for, wrap_model  # noqa: E402
 from evolq.api import quantize_model  # noqa: E402
-from evolq.qnn.calibrate import calibrate  # noqa: E402
 from evolq.config import EvolQConfig, QuantConfig  # noqa: E402
 from evolq.errors import UnsupportedModelError  # noqa: E402
 from evolq.fitness import BlockFitness  # noqa: E402
+from evolq.qnn.calibrate import calibrate  # noqa: E402
 from evolq.qnn.layers import QAct, QConv2d, QLinear, QNorm, quantizers_of  # noqa: E402
-from evolq.quant import PTFQuantizer, UniformQuantizer  # noqa: E402
 from evolq.qnn.scales import ScaleSpace  # noqa: E402
+from evolq.quant import PTFQuantizer, UniformQuantizer  # noqa: E402
 
 
 # --------------------------------------------------------------------------- tiny models

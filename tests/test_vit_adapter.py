@@ -12,8 +12,8 @@ from torch import nn
 timm = pytest.importorskip("timm")
 
 from evolq.adapters import wrap_model  # noqa: E402
-from evolq.qnn.calibrate import calibrate  # noqa: E402
 from evolq.config import QuantConfig  # noqa: E402
+from evolq.qnn.calibrate import calibrate  # noqa: E402
 from evolq.qnn.layers import QConv2d, QLinear, quantizers_of  # noqa: E402
 from evolq.quant import ChannelFactorQuantizer, Log2Quantizer, PTFQuantizer, UniformQuantizer  # noqa: E402
 
@@ -167,7 +167,6 @@ def test_outlier_aware_preset_structure_and_population():
     cfg = QuantConfig.preset("outlier-aware")
     assert (cfg.ptf_zero_point, cfg.ptf_max_alpha, cfg.linear_input) == ("channel", 5, "channel")
     qm, float_model = quantized_small(cfg)
-    qs = quantizers_of(qm.model)
     for i in range(2):
         blk = qm.model.blocks[i]
         # GELU output is quantized once, as fc2's per-channel input; the act is no longer wrapped

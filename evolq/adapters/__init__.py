@@ -4,14 +4,18 @@
 place and returns its ``QModel`` block view. A new family is one file plus one
 import line below.
 """
-from ._registry import (ADAPTERS, IMAGES, Adapter, InputSpec, adapter_for, get_adapter, list_adapters,
-                        register_adapter)
-from . import vit  # noqa: F401  (registers)
-from . import swin  # noqa: F401  (registers)
-from . import levit  # noqa: F401  (registers)
-from . import torchvision_vit  # noqa: F401  (registers)
-from . import efficientnet  # noqa: F401  (registers)
-from . import resnet  # noqa: F401  (registers)
+# isort: off  (registration order: the order families are listed and matched in)
+from . import (
+    efficientnet,  # noqa: F401  (registers)
+    levit,  # noqa: F401  (registers)
+    resnet,  # noqa: F401  (registers)
+    swin,  # noqa: F401  (registers)
+    torchvision_vit,  # noqa: F401  (registers)
+    vit,  # noqa: F401  (registers)
+)
+from ._registry import ADAPTERS, IMAGES, Adapter, InputSpec, adapter_for, get_adapter, list_adapters, register_adapter
+
+# isort: on
 
 __all__ = ["ADAPTERS", "IMAGES", "Adapter", "InputSpec", "adapter_for", "get_adapter", "list_adapters",
            "register_adapter", "wrap_model", "check_inputs"]

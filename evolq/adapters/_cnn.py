@@ -10,14 +10,12 @@
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..qnn.builder import act_quant, weight_quant
 from ..qnn.fold import FoldedBNAct, fold_bn
 from ..qnn.layers import QConv2d, QLinear, conv_forward
-from ..qnn.builder import act_quant, weight_quant
 
 __all__ = ["FoldedBNAct", "fold_bn", "QConv2dSame", "conv_forward", "wrap_conv_exact", "wrap_linear_exact",
            "conv_scopes", "check_all_wrapped", "wrap_all"]

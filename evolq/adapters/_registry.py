@@ -13,7 +13,7 @@ from ..registry import Registry
 
 __all__ = ["Adapter", "InputSpec", "ADAPTERS", "register_adapter", "get_adapter", "adapter_for", "list_adapters"]
 
-ADAPTERS: Registry["Adapter"] = Registry("adapter", UnsupportedModelError)
+ADAPTERS: Registry[Adapter] = Registry("adapter", UnsupportedModelError)
 
 GUIDE = "see docs/adapters.md to write one"
 

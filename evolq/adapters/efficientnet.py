@@ -86,8 +86,8 @@ class EfficientNetAdapter(Adapter):
             raise UnsupportedModelError("EfficientNet without a conv head is not supported")
         # fold every BatchNorm into its conv, then wrap every conv/linear
         _fold_pairs(model, [("conv_stem", "bn1"), ("conv_head", "bn2")])
-        for si, stage in enumerate(stages):
-            for bi, blk in enumerate(stage):
+        for stage in stages:
+            for blk in stage:
                 _fold_pairs(blk, FOLD_PAIRS[type(blk).__name__])
         wrap_all(model, quant)
         check_all_wrapped(model)

@@ -22,14 +22,13 @@ and ``head_dist`` as timm does in eval mode).
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..qnn.builder import act_quant, probs_quant, wrap_act, wrap_conv, wrap_head, wrap_linear
 from ..qnn.fold import fold_bn, fold_bn_before
 from ..qnn.layers import quantizers_of
 from ..qnn.qmodel import Block, QModel
-from ..qnn.builder import act_quant, probs_quant, wrap_act, wrap_conv, wrap_head, wrap_linear
 from ._registry import IMAGES, Adapter, register_adapter
 
 __all__ = ["QLevitAttention", "LevitAdapter"]
@@ -68,7 +67,7 @@ class QLevitAttention(nn.Module):
         self.proj = attn.proj
         self.attention_biases = attn.attention_biases
         self.register_buffer("attention_bias_idxs", attn.attention_bias_idxs, persistent=False)
-        self.q_quant, self.k_quant, self.v_quant = act_quant(quant, True), act_quant(quant, True), act_quant(quant, True)
+        self.q_quant, self.k_quant, self.v_quant = (act_quant(quant, True) for _ in range(3))
         self.probs_quant = probs_quant(quant)
 
     def _probs(self, q, k):

@@ -22,10 +22,18 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..qnn.builder import (
+    act_quant,
+    probs_quant,
+    replace_module,
+    wrap_conv,
+    wrap_head,
+    wrap_linear,
+    wrap_mlp_act,
+    wrap_norm,
+)
 from ..qnn.layers import quantizers_of
 from ..qnn.qmodel import Block, QModel
-from ..qnn.builder import (act_quant, probs_quant, replace_module, wrap_conv, wrap_head, wrap_linear, wrap_mlp_act,
-                       wrap_norm)
 from ._registry import IMAGES, Adapter, register_adapter
 from .vit import attention_scopes
 
@@ -50,7 +58,7 @@ class QWindowAttention(nn.Module):
         self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
         self.relative_position_bias_table = attn.relative_position_bias_table
         self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
-        self.q_quant, self.k_quant, self.v_quant = act_quant(quant, True), act_quant(quant, True), act_quant(quant, True)
+        self.q_quant, self.k_quant, self.v_quant = (act_quant(quant, True) for _ in range(3))
         self.probs_quant = probs_quant(quant)
 
     def set_window_size(self, window_size):

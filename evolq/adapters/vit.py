@@ -12,10 +12,18 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..qnn.builder import (
+    act_quant,
+    probs_quant,
+    replace_module,
+    wrap_conv,
+    wrap_head,
+    wrap_linear,
+    wrap_mlp_act,
+    wrap_norm,
+)
 from ..qnn.layers import quantizers_of
 from ..qnn.qmodel import Block, QModel
-from ..qnn.builder import (act_quant, probs_quant, replace_module, wrap_conv, wrap_head, wrap_linear, wrap_mlp_act,
-                       wrap_norm)
 from ._registry import IMAGES, Adapter, register_adapter
 
 __all__ = ["QAttention", "ViTAdapter", "quantize_vit_block_attention", "attention_scopes"]
@@ -39,7 +47,7 @@ class QAttention(nn.Module):
         self.q_norm, self.k_norm, self.norm = attn.q_norm, attn.k_norm, getattr(attn, "norm", nn.Identity())
         self.proj = wrap_linear(attn.proj, quant)
         self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
-        self.q_quant, self.k_quant, self.v_quant = act_quant(quant, True), act_quant(quant, True), act_quant(quant, True)
+        self.q_quant, self.k_quant, self.v_quant = (act_quant(quant, True) for _ in range(3))
         self.probs_quant = probs_quant(quant)
 
     def forward(self, x, attn_mask=None, is_causal=False):

@@ -14,7 +14,7 @@ candidate ever evaluated is remembered.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .layers import QAct, QConv2d, QLinear, QNorm
 from ..quant import ChannelFactorQuantizer, Log2Quantizer, PTFQuantizer, UniformQuantizer
+from .layers import QAct, QConv2d, QLinear, QNorm
 
 __all__ = ["weight_quant", "act_quant", "probs_quant", "norm_input_quant", "wrap_linear",
            "linear_input_quant", "wrap_head", "wrap_conv", "wrap_act", "wrap_mlp_act", "wrap_norm", "replace_module"]

@@ -43,8 +43,7 @@ class ScaleSpace:
         return torch.cat([q.scale.detach().reshape(-1).float() for q in self.quantizers.values()]).clone()
 
     def slices(self):
-        for name, q, a, b in zip(self.names, self.quantizers.values(), self.offsets[:-1], self.offsets[1:]):
-            yield name, q, a, b
+        yield from zip(self.names, self.quantizers.values(), self.offsets[:-1], self.offsets[1:])
 
     def write(self, vec: torch.Tensor) -> None:
         """Install ``vec`` as the scales (in place, so caches keyed on versions refresh)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .range import qparams_from_range, fake_quant
+from .range import fake_quant, qparams_from_range
 
 __all__ = [
     "Observer",

@@ -294,8 +294,9 @@ class ChannelFactorQuantizer(_ChannelFactorBase):
     b < 1 the factors are (s_c / mean s)^b and the layer scale max_c s_c / factor[c],
     so every channel's range still fits: part of each channel's range moves into the
     weights, part stays in the activation step (SmoothQuant's migration strength);
-    b = 0 keeps one step for all channels and only per-channel zero-points. Meant for the input of a linear layer that absorbs the
-    factors into its weight columns before weight quantization (``folds_into_weight``):
+    b = 0 keeps one step for all channels and only per-channel zero-points. Meant for the
+    input of a linear layer that absorbs the factors into its weight columns before weight
+    quantization (``folds_into_weight``):
     the deployed matmul then takes one per-tensor scale, and the per-channel zero-points
     become a bias term. ``QLinear`` does that fold.
     """

@@ -6,8 +6,8 @@
 new searcher is one file plus ``register_searcher``. EvoTorch loads only when a
 search runs.
 """
-from .registry import SEARCHERS, SearchPlan, list_searchers, make_searcher, register_searcher
 from . import builtin  # noqa: F401  (registers tournament, cmaes, snes, pgpe)
+from .registry import SEARCHERS, SearchPlan, list_searchers, make_searcher, register_searcher
 
 __all__ = ["SEARCHERS", "SearchPlan", "list_searchers", "make_searcher", "register_searcher", "Tournament"]
 

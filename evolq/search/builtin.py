@@ -22,8 +22,9 @@ def tournament(problem, *, budget, sigma, popsize=None, start_fitness=None, seed
 @register_searcher("cmaes")
 def cmaes(problem, *, budget, sigma, popsize=None, start_fitness=None, seed=0, **kwargs):
     """EvoTorch CMA-ES; separable above 200 dimensions (full covariance is O(D^2) per step)."""
-    from .._evotorch import evotorch  # noqa: F401
     from evotorch.algorithms import CMAES
+
+    from .._evotorch import evotorch  # noqa: F401
 
     ps = popsize or DEFAULT_POPSIZE
     kwargs.setdefault("separable", len(problem.center) > 200)
@@ -34,8 +35,9 @@ def cmaes(problem, *, budget, sigma, popsize=None, start_fitness=None, seed=0, *
 @register_searcher("snes")
 def snes(problem, *, budget, sigma, popsize=None, start_fitness=None, seed=0, **kwargs):
     """EvoTorch SNES (separable natural evolution strategy)."""
-    from .._evotorch import evotorch  # noqa: F401
     from evotorch.algorithms import SNES
+
+    from .._evotorch import evotorch  # noqa: F401
 
     ps = popsize or DEFAULT_POPSIZE
     return SearchPlan(SNES(problem, stdev_init=sigma, popsize=ps, center_init=problem.center, **kwargs),
@@ -45,8 +47,9 @@ def snes(problem, *, budget, sigma, popsize=None, start_fitness=None, seed=0, **
 @register_searcher("pgpe")
 def pgpe(problem, *, budget, sigma, popsize=None, start_fitness=None, seed=0, **kwargs):
     """EvoTorch PGPE with ClipUp (symmetric sampling: an even population)."""
-    from .._evotorch import evotorch  # noqa: F401
     from evotorch.algorithms import PGPE
+
+    from .._evotorch import evotorch  # noqa: F401
 
     ps = popsize or DEFAULT_POPSIZE
     ps += ps % 2

@@ -49,8 +49,9 @@ def is_search_algorithm(obj) -> bool:
     """True for an EvoTorch ``SearchAlgorithm`` subclass (imports EvoTorch only for classes)."""
     if not isinstance(obj, type):
         return False
-    from .._evotorch import evotorch  # noqa: F401  (quiet import)
     from evotorch.algorithms.searchalgorithm import SearchAlgorithm
+
+    from .._evotorch import evotorch  # noqa: F401  (quiet import)
 
     return issubclass(obj, SearchAlgorithm)
 
@@ -104,10 +105,12 @@ def make_searcher(searcher, problem, *, budget: int, sigma: float, popsize: int 
         raise ConfigError(f"searcher must be a name, an EvoTorch SearchAlgorithm class or a factory, got "
                           f"{type(searcher).__name__}")
     params = inspect.signature(factory).parameters
-    opts = {k: v for k, v in (("population", population), ("samples", samples)) if k in params}
-    opts.update(searcher_kwargs or {})
-    plan = factory(problem, budget=budget, sigma=sigma, popsize=popsize, start_fitness=start_fitness, seed=seed,
-                   **opts)
+    args = dict(budget=budget, sigma=sigma, popsize=popsize, start_fitness=start_fitness, seed=seed)
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        args = {k: v for k, v in args.items() if k in params}  # a factory takes what it declares
+    args.update({k: v for k, v in (("population", population), ("samples", samples)) if k in params})
+    args.update(searcher_kwargs or {})
+    plan = factory(problem, **args)
     if isinstance(plan, tuple):  # a user factory may return (searcher, steps)
         plan = SearchPlan(plan[0], int(plan[1]))
     return plan

@@ -9,9 +9,9 @@ and inserted, and the worst member is dropped (the oldest one among equals).
 from __future__ import annotations
 
 import torch
+from evotorch.algorithms.searchalgorithm import SearchAlgorithm, SinglePopulationAlgorithmMixin
 
 from .._evotorch import evotorch
-from evotorch.algorithms.searchalgorithm import SearchAlgorithm, SinglePopulationAlgorithmMixin
 
 __all__ = ["Tournament"]
 
@@ -38,7 +38,7 @@ class Tournament(SearchAlgorithm, SinglePopulationAlgorithmMixin):
             raise ValueError("popsize and samples must be >= 1 and eps > 0")
         self.popsize, self.samples, self.eps, self.abs_child = int(popsize), int(samples), float(eps), abs_child
         if center_init is None:
-            center_init = getattr(problem, "center")
+            center_init = problem.center
         center = torch.as_tensor(center_init, dtype=problem.dtype).reshape(-1)
         self._population = problem.generate_batch(self.popsize)
         self._population.set_values(center.unsqueeze(0).expand(self.popsize, -1).clone())
