@@ -1,5 +1,5 @@
 # `make demo`: install into .venv (if needed) and run the demo on the bundled assets.
-# `make test`: install into .venv (if needed) and run the test suite.
+# `make test`: install into .venv (if needed), lint (ruff) and run the test suite.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,6 +19,7 @@ demo: $(STAMP)
 	$(VENV)/bin/evolq demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 clean:

@@ -22,7 +22,7 @@ from .errors import CheckpointError, ConfigError
 from .io import atomic_write
 
 __all__ = ["RunCheckpoint", "RunLock", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "fingerprint",
-           "run_settings", "check_run_folder", "clean_stale_tmp", "RESUME_FREE", "CKPT_NAME"]
+           "run_settings", "check_run_folder", "clean_stale_tmp", "new_state", "RESUME_FREE", "CKPT_NAME"]
 
 CKPT_NAME = "checkpoint.safetensors"
 LOCK_NAME = ".evolq.lock"
@@ -181,6 +181,12 @@ class RunLock:
 
 
 # -- the run's state -------------------------------------------------------------------
+def new_state() -> dict:
+    """The progress record of a run that has not started."""
+    return {"pass": 0, "pos": 0, "known": None, "pass_start_fitness": None, "hold_before": None, "blocks": [],
+            "passes": [], "evaluations": 0, "seconds": 0.0}
+
+
 class RunCheckpoint:
     """The state of one search run, in memory and (with a ``folder``) on disk.
 

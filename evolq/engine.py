@@ -11,9 +11,10 @@ import time
 import numpy as np
 import torch
 
-from .checkpoint import RunCheckpoint
+from .checkpoint import RunCheckpoint, new_state
 from .errors import ConfigError
-from .fitness import BlockFitness, chunked_forward, reference_outputs
+from .fitness import BlockFitness, reference_outputs
+from .holdout import HoldOut
 from .hooks import Hook
 from .losses import make_loss
 from .problems.block_scale import PENALTY
@@ -28,12 +29,12 @@ def block_seed(seed: int, pass_idx: int, block_idx: int) -> int:
 
 
 class SearchEngine:
-    """Runs the search on a calibrated ``QModel`` against cached float outputs of
-    ``fit_inputs``; ``hold_inputs`` (may be empty) decide whether each pass is kept.
-    ``checkpoint`` holds the run state (default: in memory only)."""
+    """Searches a calibrated ``QModel`` against cached float outputs of ``fit_inputs``;
+    ``hold_inputs`` (may be empty) decide whether each pass is kept; ``checkpoint``
+    holds the run state (default: in memory only)."""
 
     def __init__(self, qmodel, fit_inputs, hold_inputs, search, w_bits: int, checkpoint: RunCheckpoint | None = None):
-        self.qmodel, self.search, self.hold_inputs = qmodel, search, hold_inputs
+        self.qmodel, self.search = qmodel, search
         self.loss, self.sigma = make_loss(search), search.eps_for(w_bits)
         self.order = [i for i, b in enumerate(qmodel.blocks) if b.scopes.get(search.scope)]
         if search.order == "last-first":
@@ -45,19 +46,11 @@ class SearchEngine:
         bs = min(256, search.max_batch)
         self.fitness = BlockFitness(qmodel, fit_inputs, reference_outputs(qmodel, fit_inputs, bs), self.loss,
                                     search.max_batch)
-        self.hold_ref = reference_outputs(qmodel, hold_inputs, bs) if hold_inputs.shape[0] else None
+        self.holdout = HoldOut(qmodel, hold_inputs, self.loss, search.max_batch)
         self.ckpt = checkpoint or RunCheckpoint(qmodel)
         self.ckpt.on_install.append(self.fitness.invalidate)
         (self.run_start_hook, self.block_start_hook, self.block_end_hook, self.pass_end_hook, self.run_end_hook,
          self.fitness_hook) = (Hook() for _ in range(6))
-
-    @torch.no_grad()
-    def holdout_loss(self) -> float | None:
-        if self.hold_ref is None:
-            return None
-        out = chunked_forward(lambda xb: self.qmodel.run_blocks(xb).float(), self.hold_inputs,
-                              min(256, self.fitness.max_batch))
-        return float(self.loss(out.unsqueeze(0), self.hold_ref)[0])
 
     def evaluate(self, index: int, cands: torch.Tensor) -> torch.Tensor:
         """Losses of candidate scale vectors for block ``index`` (subscribers may replace them)."""
@@ -73,9 +66,7 @@ class SearchEngine:
         checkpoint is on disk, and the interrupt is re-raised."""
         with self.ckpt:
             restored = self.ckpt.restore(self.all_space.vector().device) if resume else None
-            state, prepass = restored or ({"pass": 0, "pos": 0, "known": None, "pass_start_fitness": None,
-                                           "hold_before": None, "blocks": [], "passes": [], "evaluations": 0,
-                                           "seconds": 0.0}, self.all_space.vector())
+            state, prepass = restored or (new_state(), self.all_space.vector())
             self.ckpt.begin(state, prepass)
             self.run_start_hook(state)
             t_run = time.perf_counter() - state["seconds"]
@@ -84,7 +75,7 @@ class SearchEngine:
                     if state["pos"] == 0:  # a new pass: remember where it started, for the hold-out decision
                         self.fitness.invalidate()
                         prepass = self.all_space.vector()
-                        state["hold_before"], state["pass_start_fitness"] = self.holdout_loss(), state["known"]
+                        state["hold_before"], state["pass_start_fitness"] = self.holdout.score(), state["known"]
                     while state["pos"] < len(self.order):
                         rec = self._search_block(state["pass"], self.order[state["pos"]], state["known"])
                         state["known"] = rec["final_fitness"] if self.search.reuse_fitness else None
@@ -94,9 +85,8 @@ class SearchEngine:
                         state["seconds"] = time.perf_counter() - t_run
                         self.ckpt.snapshot(state, prepass)
                         self.block_end_hook(rec)
-                    before, after = state["hold_before"], self.holdout_loss()
-                    keep = (after is None or before is None
-                            or (math.isfinite(after) and (not math.isfinite(before) or after <= before)))
+                    before, after = state["hold_before"], self.holdout.score()
+                    keep = self.holdout.keep(before, after)
                     if not keep:
                         self.all_space.write(prepass)
                         self.fitness.invalidate()
@@ -116,9 +106,9 @@ class SearchEngine:
         return state
 
     def _search_block(self, p: int, idx: int, known) -> dict:
+        from ._evotorch import quiet
         from .problems import BlockScaleProblem
         from .search import make_searcher
-
         space, t0, evals0 = self.spaces[idx], time.perf_counter(), self.fitness.evaluations
         start_f = known if known is not None else float(self.evaluate(idx, space.vector().unsqueeze(0))[0])
         if not math.isfinite(start_f):  # a model that is already broken: any finite candidate is better
@@ -126,20 +116,17 @@ class SearchEngine:
         self.block_start_hook({"pass": p, "block": self.qmodel.blocks[idx].name, "index": idx,
                                "position": self.order.index(idx), "start_fitness": start_f})
         seed = block_seed(self.search.seed, p, idx)
-        problem = BlockScaleProblem(space.vector(), lambda c: self.evaluate(idx, c),
-                                    parameterization=self.search.noise, start_fitness=start_f, seed=seed)
+        with quiet():
+            problem = BlockScaleProblem(space.vector(), lambda c: self.evaluate(idx, c),
+                                        parameterization=self.search.noise, start_fitness=start_f, seed=seed)
         s = self.search
-        plan = make_searcher(s.searcher, problem, budget=s.cycles, sigma=self.sigma, popsize=s.popsize,
-                             start_fitness=start_f, seed=seed, population=s.population, samples=s.samples,
-                             searcher_kwargs=s.searcher_kwargs)
-        for _ in range(plan.steps):
-            plan.searcher.step()
-        final, best = problem.best_scales, problem.best_fitness
-        # never install a degenerate candidate: non-finite or non-positive scales, a penalised
-        # (NaN/inf) loss, or a loss no better than the start's
-        if (not bool(torch.isfinite(final).all()) or not bool((final > 0).all()) or not math.isfinite(best)
-                or not best < PENALTY or not best <= start_f):
-            final, best = space.vector(), start_f
+        with quiet():
+            plan = make_searcher(s.searcher, problem, budget=s.cycles, sigma=self.sigma, popsize=s.popsize,
+                                 start_fitness=start_f, seed=seed, population=s.population, samples=s.samples,
+                                 searcher_kwargs=s.searcher_kwargs)
+            for _ in range(plan.steps):
+                plan.searcher.step()
+        final, best = problem.outcome(start_f)  # the start again if the best is degenerate or no better
         space.write(final)
         self.fitness.invalidate(after=idx)
         return {"pass": p, "block": self.qmodel.blocks[idx].name, "start_fitness": start_f,

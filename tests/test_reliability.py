@@ -35,6 +35,7 @@ from evolq.errors import (  # noqa: E402
 from evolq.fitness import BlockFitness, reference_outputs  # noqa: E402
 from evolq.losses import infonce  # noqa: E402
 from evolq.qnn.scales import ScaleSpace  # noqa: E402
+from evolq.search import list_searchers  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -362,7 +363,7 @@ class Poison:
         return losses
 
 
-@pytest.mark.parametrize("searcher", ["tournament", "cmaes", "snes", "pgpe"])
+@pytest.mark.parametrize("searcher", list_searchers())
 def test_degenerate_candidates_never_win(searcher, x24):
     poison = Poison("some")
     # eps 0.05 on 4-bit weight scales of ~0.01: large, often near-zero steps
@@ -384,7 +385,7 @@ def test_degenerate_candidates_never_win(searcher, x24):
     assert math.isfinite(fit(1, sp, sp.vector())[0].item())
 
 
-@pytest.mark.parametrize("searcher", ["tournament", "cmaes", "snes", "pgpe"])
+@pytest.mark.parametrize("searcher", list_searchers())
 def test_all_nan_fitness_keeps_the_start(searcher, x24):
     qm0 = prepare_model(fk.tiny_vit(), x24, QuantConfig(w_bits=4))
     qm, rep = quantize_model(fk.tiny_vit(), x24, fk.small_config(searcher=searcher, popsize=4, passes=1),

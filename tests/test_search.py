@@ -16,7 +16,7 @@ from evolq.problems import BlockScaleProblem
 from evolq.qnn.builder import wrap_linear
 from evolq.qnn.layers import quantizers_of
 from evolq.qnn.scales import ScaleSpace
-from evolq.search.registry import make_searcher
+from evolq.search import list_searchers, make_searcher
 
 
 def tiny_vit(seed=0):
@@ -128,7 +128,7 @@ def test_tournament_drops_the_worst():
     assert problem.best_fitness == 0.5
 
 
-@pytest.mark.parametrize("name", ["tournament", "cmaes", "snes", "pgpe"])
+@pytest.mark.parametrize("name", list_searchers())
 def test_each_searcher_improves_a_toy_problem(name):
     problem, start, target = _quadratic_problem(dim=8, seed=2)
     f0 = ((start - target) ** 2).sum().item()

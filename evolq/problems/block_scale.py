@@ -102,3 +102,13 @@ class BlockScaleProblem(evotorch.Problem):
     @property
     def best_scales(self) -> torch.Tensor:
         return self.decode(self.best_values.unsqueeze(0))[0]
+
+    def outcome(self, start_fitness: float) -> tuple[torch.Tensor, float]:
+        """``(scales, fitness)`` to install: the best candidate, or the start when the best
+        is degenerate (non-finite or non-positive scales, a penalised NaN/inf loss) or no
+        better than ``start_fitness``: a degenerate candidate is never installed."""
+        final, best = self.best_scales, self.best_fitness
+        if (not bool(torch.isfinite(final).all()) or not bool((final > 0).all()) or not math.isfinite(best)
+                or not best < self.penalty or not best <= start_fitness):
+            return self.start.clone(), float(start_fitness)
+        return final, best
