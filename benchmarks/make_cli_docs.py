@@ -65,9 +65,11 @@ def api_docs():
              "```python", "from evolq import " + ", ".join(n for n in evolq.__all__ if n != "__version__"), "```", "",
              "Beyond these: `evolq.models` (`load_model`, `model_transform`), `evolq.data` (`assets_dir`, "
              "`load_images`), `evolq.evaluate` (`evaluate_qmodel`), `evolq.fitness` (`BlockFitness`), "
-             "`evolq.losses`, `evolq.problems` (`BlockScaleProblem`), `evolq.search` (`make_searcher`), "
-             "`evolq.landscape` (`block_landscape`, `save_landscape`) and `evolq.adapters` "
-             "(`register_adapter`).", ""]
+             "`evolq.losses` (`LOSSES`), `evolq.problems` (`BlockScaleProblem`), `evolq.search` "
+             "(`make_searcher`, `SEARCHERS`), `evolq.hooks` (`ProgressBar`, `BlockLog`, `FitnessCurve`), "
+             "`evolq.engine` (`SearchEngine`), `evolq.checkpoint` (`RunCheckpoint`), `evolq.io` "
+             "(`atomic_write`, `write_json`), `evolq.landscape` (`block_landscape`, `save_landscape`) and "
+             "`evolq.adapters` (`ADAPTERS`, `wrap_model`).", ""]
     for name in evolq.__all__:
         obj = getattr(evolq, name)
         if name == "__version__":
