@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
 from _common import load_data, write_json  # noqa: E402  (benchmarks/_common.py)
 
 from evolq import EvolQConfig, prepare_model, quantize_model  # noqa: E402
+from evolq.data import fitness_part  # noqa: E402
 from evolq.evaluate import metrics, predict  # noqa: E402
 
 MODELS = ["vit_tiny_patch16_224", "tf_efficientnet_lite0"]
@@ -141,7 +142,7 @@ def main(argv=None):
                                    searcher=args.searcher, loss=args.loss, infonce_batch=args.infonce_batch,
                                    holdout=args.holdout, seed=seed, progress=False)
             t = time.time()
-            qmodel = prepare_model(copy.deepcopy(base), xc, cfg.quant, arch=model_name)
+            qmodel = prepare_model(copy.deepcopy(base), fitness_part(xc, cfg.search), cfg.quant, arch=model_name)
             calib_s = time.time() - t
             start = metrics(predict(qmodel.model, xe, 50), ye, fp_logits)
             qmodel, rep = quantize_model(qmodel, xc, cfg)

@@ -39,7 +39,11 @@ if str(ROOT) not in sys.path:
 from _common import write_json  # noqa: E402  (benchmarks/_common.py)
 
 from evolq import EvolQConfig, prepare_model, quantize_model  # noqa: E402
-from evolq.data import assets_dir, load_images  # noqa: E402
+from evolq.data import (  # noqa: E402
+    assets_dir,
+    fitness_part,
+    load_images,
+)
 from evolq.evaluate import metrics, predict  # noqa: E402
 from evolq.models import load_model, model_transform  # noqa: E402
 
@@ -107,7 +111,7 @@ def main(argv=None):
                                loss=args.loss, infonce_batch=args.infonce_batch, holdout=args.holdout,
                                seed=args.seed, progress=False)
         t = time.time()
-        qmodel = prepare_model(copy.deepcopy(float_model), xc, cfg.quant, arch=ARCH)
+        qmodel = prepare_model(copy.deepcopy(float_model), fitness_part(xc, cfg.search), cfg.quant, arch=ARCH)
         calib_s = time.time() - t
         start = evaluate(qmodel, xe, ye, fp_logits)
         print(f"  W{w}A{a} start: top-1 {start['top1']:.1f} agree {start['agreement']:.1f} KL {start['kl']:.4f} "

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, load_data, search_last_blocks, setup, write_json
 
 from evolq import EvolQConfig, prepare_model, quantize_model
+from evolq.data import fitness_part
 from evolq.evaluate import evaluate_qmodel
 
 
@@ -58,7 +59,7 @@ def main():
                                    seed=args.seed + p, infonce_batch=min(100, n_fit), holdout=args.holdout,
                                    progress=False)
             if qmodel is None:
-                qmodel = prepare_model(copy.deepcopy(base), xc, cfg.quant, arch=args.model)
+                qmodel = prepare_model(copy.deepcopy(base), fitness_part(xc, cfg.search), cfg.quant, arch=args.model)
                 searched = search_last_blocks(qmodel, args.last, cfg.search.scope)
                 if start is None:
                     res, fp_logits = evaluate_qmodel(qmodel, xe, ye)

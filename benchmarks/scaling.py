@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import load_data, search_last_blocks, setup, write_json
 
 from evolq import EvolQConfig, prepare_model, quantize_model
+from evolq.data import fitness_part
 from evolq.fitness import BlockFitness, reference_outputs
 from evolq.losses import infonce
 from evolq.qnn.scales import ScaleSpace
@@ -82,7 +83,8 @@ def main():
     # profile one pass over the last two blocks
     from torch.profiler import ProfilerActivity, profile
 
-    qm = prepare_model(copy.deepcopy(base), xc[:args.profile_calib], cfg.quant, arch=args.model)
+    fit = fitness_part(xc[:args.profile_calib], cfg.search)
+    qm = prepare_model(copy.deepcopy(base), fit, cfg.quant, arch=args.model)
     search_last_blocks(qm, 2)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from evolq import EvolQConfig, prepare_model, quantize_model
-from evolq.data import assets_dir, load_images
+from evolq.data import assets_dir, fitness_part, load_images
 from evolq.evaluate import evaluate_qmodel
 from evolq.models import load_model, model_transform
 
@@ -49,7 +49,7 @@ def main():
         for seed in args.seeds:
             cfg = EvolQConfig.make(w_bits=bits, a_bits=8, passes=args.passes, cycles=args.cycles, seed=seed,
                                    searcher=args.searcher, loss=args.loss, progress=False)
-            qmodel = prepare_model(copy.deepcopy(base), xc, cfg.quant, arch=args.model)
+            qmodel = prepare_model(copy.deepcopy(base), fitness_part(xc, cfg.search), cfg.quant, arch=args.model)
             start, fp_logits = evaluate_qmodel(qmodel, xe, ye)
             t0 = time.perf_counter()
             qmodel, rep = quantize_model(qmodel, xc, cfg)

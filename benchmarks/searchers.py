@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, CurveRecorder, load_data, search_last_blocks, setup, write_json
 
 from evolq import EvolQConfig, prepare_model, quantize_model
+from evolq.data import fitness_part
 from evolq.evaluate import evaluate_qmodel
 
 
@@ -49,7 +50,7 @@ def main():
         cfg = EvolQConfig.make(w_bits=args.bits, a_bits=8, passes=args.passes, cycles=args.budget,
                                popsize=args.popsize, searcher=name, seed=args.seed, infonce_batch=ib,
                                progress=False)
-        qmodel = prepare_model(copy.deepcopy(base), xc, cfg.quant, arch=args.model)
+        qmodel = prepare_model(copy.deepcopy(base), fitness_part(xc, cfg.search), cfg.quant, arch=args.model)
         searched = search_last_blocks(qmodel, args.last, cfg.search.scope)
         if start is None:
             res, fp_logits = evaluate_qmodel(qmodel, xe, ye)

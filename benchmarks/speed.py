@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from evolq import EvolQConfig, prepare_model, quantize_model
-from evolq.data import assets_dir, load_images
+from evolq.data import assets_dir, fitness_part, load_images
 from evolq.engine import block_seed
 from evolq.losses import infonce
 from evolq.models import load_model, model_transform
@@ -88,7 +88,7 @@ def main():
     batch = min(100, xc.shape[0])
     cfg = EvolQConfig.make(w_bits=args.w_bits, passes=args.passes, cycles=args.cycles, holdout=0.0, seed=args.seed,
                            infonce_batch=batch, progress=False)
-    qmodel = prepare_model(model, xc, cfg.quant, arch=arch)
+    qmodel = prepare_model(model, fitness_part(xc, cfg.search), cfg.quant, arch=arch)
     start_state = {k: v.clone() for k, v in qmodel.model.state_dict().items()}
     eps = cfg.search.eps_for(args.w_bits)
     spaces = [ScaleSpace(b.searched("attn-weights")) for b in qmodel.blocks if b.scopes.get("attn-weights")]

@@ -13,7 +13,7 @@ from .config import EvolQConfig, QuantConfig
 from .data import as_tensor_data, resolve_device, split_calibration
 from .errors import ConfigError, DataError
 from .io import load_quantized, save_quantized
-from .qnn.calibrate import calibrate
+from .qnn.calibrate import calibrate, sample_digests
 from .qnn.qmodel import QModel
 
 __all__ = ["prepare_model", "quantize_model", "save_quantized", "load_quantized"]
@@ -38,8 +38,10 @@ def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | 
     """Quantize ``model`` and improve its scales block by block with evolutionary search.
 
     Args:
-        model: a float model (quantized in place and calibrated on ``calib_data``)
-            or a ``QModel`` from ``prepare_model`` (already calibrated).
+        model: a float model (quantized in place and calibrated on the fitness part of
+            ``calib_data``: the hold-out is split off first) or a ``QModel`` from
+            ``prepare_model``, calibrated on data that excludes the hold-out
+            (``evolq.data.split_calibration(x, search.holdout, search.seed)[0]``).
         calib_data: tensor of inputs, dataset or DataLoader (labels are ignored).
         config: ``EvolQConfig``; defaults are the paper's/the authors' settings.
         arch: architecture name, recorded for saving and loading.
@@ -80,10 +82,15 @@ def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | 
     t0 = time.perf_counter()
     if isinstance(model, QModel):
         qmodel = model
+        if hold_x.shape[0] and qmodel.calibration_digests and qmodel.calibration_digests & sample_digests(hold_x):
+            raise DataError("this QModel was calibrated on images that the search holds out; calibrate it on the "
+                            "fitness part only (evolq.data.split_calibration(x, holdout, seed)[0]) or pass the "
+                            "float model")
     else:
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch nn.Module, got {type(model).__name__}")
-        qmodel = prepare_model(model, x, config.quant, arch=arch, progress=search.progress)
+        # split first: the hold-out never reaches the calibration statistics
+        qmodel = prepare_model(model, fit_x, config.quant, arch=arch, progress=search.progress)
     qmodel.model.to(resolve_device(search.device))
     fit_x, hold_x = fit_x.to(search.device), hold_x.to(search.device)
     settings = run_settings(config)
@@ -99,7 +106,8 @@ def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | 
     state = engine.run(resume=resume)
     report = {
         "config": config.to_dict(),
-        "calibration": {"fitness_samples": int(fit_x.shape[0]), "holdout_samples": int(hold_x.shape[0])},
+        "calibration": {"fitness_samples": int(fit_x.shape[0]), "holdout_samples": int(hold_x.shape[0]),
+                        "holdout_metric": search.holdout_metric},
         "blocks": log.blocks,
         "passes": log.passes,
         "evaluations": state["evaluations"],

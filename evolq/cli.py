@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--eps", type=float, default=_s("eps"), help="mutation range (default by weight bits)")
     pq.add_argument("--infonce-batch", type=int, default=_s("infonce_batch"))
     pq.add_argument("--holdout", type=float, default=_s("holdout"), help="calibration fraction that decides passes")
+    pq.add_argument("--holdout-metric", default=_s("holdout_metric"), choices=("kl", "agreement", "loss"),
+                    help="what the hold-out compares before and after a pass (default kl to the float outputs)")
     pq.add_argument("--max-batch", type=int, default=_s("max_batch"),
                     help=f"candidates x images per forward chunk (default {_s('max_batch')}, CPU-cache friendly; "
                          f"raise on GPU)")
@@ -191,11 +193,13 @@ def cmd_eval(args) -> int:
 def _run_quantize(model, arch, quant, search, xc, xe, ye, out_dir, resume) -> dict:
     from .api import prepare_model, quantize_model
     from .config import EvolQConfig
+    from .data import split_calibration
     from .evaluate import evaluate_qmodel
     from .io import save_quantized, write_json
 
     t0 = time.perf_counter()
-    qmodel = prepare_model(model, xc, quant, arch=arch, progress=search.progress)
+    fit, _ = split_calibration(xc, search.holdout, search.seed)  # the hold-out never calibrates
+    qmodel = prepare_model(model, fit, quant, arch=arch, progress=search.progress)
     start, fp_logits = evaluate_qmodel(qmodel, xe, ye, progress=search.progress)
     qmodel, rep = quantize_model(qmodel, xc, EvolQConfig(quant, search), checkpoint_dir=out_dir, resume=resume)
     final, _ = evaluate_qmodel(qmodel, xe, ye, fp_logits=fp_logits, progress=search.progress)
@@ -213,7 +217,8 @@ def _run_quantize(model, arch, quant, search, xc, xe, ye, out_dir, resume) -> di
 def cmd_quantize(args) -> int:
     search = SearchConfig(searcher=args.searcher, searcher_kwargs=dict(args.searcher_arg), loss=args.loss,
                           passes=args.passes, cycles=args.cycles, scope=args.scope, noise=args.noise, eps=args.eps,
-                          infonce_batch=args.infonce_batch, holdout=args.holdout, max_batch=args.max_batch,
+                          infonce_batch=args.infonce_batch, holdout=args.holdout,
+                          holdout_metric=args.holdout_metric, max_batch=args.max_batch,
                           seed=args.seed, device=args.device, progress=not args.quiet)
     from .checkpoint import check_run_folder
     from .config import EvolQConfig

@@ -145,6 +145,7 @@ class SearchConfig:
     scope: str = "attn-weights"
     order: str = "last-first"  # or "first-last"
     holdout: float = 0.1  # fraction of calibration data that decides if a pass is kept
+    holdout_metric: str = "kl"  # "kl" or "agreement" to the float outputs, or "loss" (the fitness loss)
     infonce_batch: int = 100
     temperature: float = 3.0
     seed: int = 0
@@ -187,6 +188,7 @@ class SearchConfig:
             _check_int("popsize", self.popsize, 2, 100_000)
         if self.eps is not None and not (math.isfinite(self.eps) and self.eps > 0):
             raise ConfigError(f"eps must be positive, got {self.eps!r}")
+        _check_choice("holdout_metric", self.holdout_metric, ("kl", "agreement", "loss"))
         if not 0.0 <= self.holdout < 1.0:
             raise ConfigError(f"holdout must be in [0, 1), got {self.holdout!r}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):

@@ -14,7 +14,7 @@ import torch
 from .errors import ConfigError, DataError
 
 __all__ = ["assets_dir", "asset_model_file", "ImageDataset", "load_images", "IMAGE_EXTS", "as_tensor_data",
-           "split_calibration", "resolve_device"]
+           "split_calibration", "fitness_part", "resolve_device"]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -175,6 +175,12 @@ def as_tensor_data(data, name: str = "calibration data") -> torch.Tensor:
     if not torch.isfinite(x).all():
         raise DataError(f"{name} contains NaN or inf values")
     return x.float()
+
+
+def fitness_part(x: torch.Tensor, search) -> torch.Tensor:
+    """The part of ``x`` a search with ``search`` (a ``SearchConfig``) fits on: calibrate a
+    ``QModel`` on this before passing it to ``quantize_model`` (the rest is its hold-out)."""
+    return split_calibration(x, search.holdout, search.seed)[0]
 
 
 def split_calibration(x: torch.Tensor, holdout: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -46,7 +46,7 @@ class SearchEngine:
         bs = min(256, search.max_batch)
         self.fitness = BlockFitness(qmodel, fit_inputs, reference_outputs(qmodel, fit_inputs, bs), self.loss,
                                     search.max_batch)
-        self.holdout = HoldOut(qmodel, hold_inputs, self.loss, search.max_batch)
+        self.holdout = HoldOut(qmodel, hold_inputs, self.loss, search.max_batch, search.holdout_metric)
         self.ckpt = checkpoint or RunCheckpoint(qmodel)
         self.ckpt.on_install.append(self.fitness.invalidate)
         (self.run_start_hook, self.block_start_hook, self.block_end_hook, self.pass_end_hook, self.run_end_hook,

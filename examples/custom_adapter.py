@@ -25,6 +25,7 @@ from torch import nn
 
 from evolq import Block, EvolQConfig, QModel, prepare_model, quantize_model
 from evolq.adapters import Adapter, register_adapter
+from evolq.data import fitness_part
 from evolq.qnn.layers import QConv2d, QLinear, quantizers_of
 from evolq.quant import UniformQuantizer
 
@@ -104,7 +105,8 @@ def main(argv=None):
 
     config = EvolQConfig.make(w_bits=args.w_bits, a_bits=args.a_bits, passes=args.passes, cycles=args.cycles,
                            infonce_batch=64, holdout=0.2, seed=args.seed, progress=False)
-    qmodel = prepare_model(copy.deepcopy(model), xcal, config.quant)  # finds TinyConvNetAdapter, calibrates
+    # finds TinyConvNetAdapter; calibrates on the fitness part (the hold-out decides the passes)
+    qmodel = prepare_model(copy.deepcopy(model), fitness_part(xcal, config.search), config.quant)
     with torch.no_grad():  # the contract every adapter must keep
         assert torch.equal(qmodel.run_blocks(xte[:4]), qmodel.model(xte[:4]))
     start = accuracy(qmodel.model, xte, yte)

@@ -36,6 +36,7 @@ from torch import nn
 
 from evolq import Block, QModel, QuantConfig, ScaleSpace, calibrate
 from evolq.fitness import BlockFitness, reference_outputs
+from evolq.holdout import HoldOut
 from evolq.losses import infonce
 from evolq.problems import BlockScaleProblem
 from evolq.qnn.layers import QLinear, quantizers_of
@@ -113,17 +114,13 @@ def search(qmodel: QModel, x_fit, x_hold, passes: int, cycles: int, eps: float, 
     """Evol-Q's schedule written out with the library's building blocks."""
     loss = functools.partial(infonce, batch_size=64, temperature=3.0)
     fitness = BlockFitness(qmodel, x_fit, reference_outputs(qmodel, x_fit), loss)
-    hold_ref = reference_outputs(qmodel, x_hold)
-
-    def hold_loss():
-        with torch.no_grad():
-            return float(loss(qmodel.run_blocks(x_hold).unsqueeze(0), hold_ref)[0])
+    holdout = HoldOut(qmodel, x_hold, loss, max_batch=512, metric="kl")  # KL to the float outputs
 
     spaces = [ScaleSpace(b.searched("block")) for b in qmodel.blocks]
     everything = ScaleSpace({n: q for s in spaces for n, q in s.quantizers.items()})
     log = []
     for p in range(passes):
-        before, snapshot = hold_loss(), everything.vector()
+        before, snapshot = holdout.score(), everything.vector()
         fitness.invalidate()
         for idx in reversed(range(len(qmodel.blocks))):  # last block first
             space = spaces[idx]
@@ -134,8 +131,8 @@ def search(qmodel: QModel, x_fit, x_hold, passes: int, cycles: int, eps: float, 
                 plan.searcher.step()
             space.write(problem.best_scales)
             fitness.invalidate(after=idx)  # later blocks' cached inputs are stale
-        after = hold_loss()
-        kept = after <= before
+        after = holdout.score()
+        kept = holdout.keep(before, after)
         if not kept:
             everything.write(snapshot)
         log.append({"pass": p, "holdout_before": before, "holdout_after": after, "kept": kept})
@@ -158,9 +155,9 @@ def main(argv=None):
           f"(2-hop trees of {x.shape[1]} nodes); trained in {time.time() - t0:.0f}s")
 
     qmodel = quantize_graphsage(copy.deepcopy(model), QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits))
-    calibrate(qmodel, x[ca])
-    start = accuracy(qmodel.model, x[te], y[te])
     n_hold = len(ca) // 5
+    calibrate(qmodel, x[ca][n_hold:])  # the hold-out never reaches the calibration statistics
+    start = accuracy(qmodel.model, x[te], y[te])
     t = time.time()
     log = search(qmodel, x[ca][n_hold:], x[ca][:n_hold], args.passes, args.cycles, args.eps, args.seed)
     searched = accuracy(qmodel.model, x[te], y[te])

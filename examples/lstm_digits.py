@@ -28,6 +28,7 @@ from torch import nn
 
 from evolq import Block, EvolQConfig, QModel, prepare_model, quantize_model
 from evolq.adapters import Adapter, register_adapter
+from evolq.data import fitness_part
 from evolq.qnn.layers import QLinear, quantizers_of
 from evolq.quant import UniformQuantizer
 
@@ -123,12 +124,13 @@ def main(argv=None):
     print(f"digits as sequences: {len(ytr)} train, {len(xcal)} calibration, {len(yte)} test; "
           f"trained in {time.time() - t0:.0f}s")
 
-    quant = EvolQConfig.make(w_bits=args.w_bits, a_bits=args.a_bits, passes=args.passes, cycles=args.cycles,
+    config = EvolQConfig.make(w_bits=args.w_bits, a_bits=args.a_bits, passes=args.passes, cycles=args.cycles,
                            scope=args.scope, infonce_batch=64, holdout=0.2, seed=args.seed, progress=False)
-    qmodel = prepare_model(copy.deepcopy(model), xcal, quant.quant)  # the start point, via the adapter
+    # the start point, via the adapter, calibrated on the fitness part (the hold-out decides the passes)
+    qmodel = prepare_model(copy.deepcopy(model), fitness_part(xcal, config.search), config.quant)
     start = accuracy(qmodel.model, xte, yte)
     t = time.time()
-    qmodel, report = quantize_model(qmodel, xcal, quant)
+    qmodel, report = quantize_model(qmodel, xcal, config)
     searched = accuracy(qmodel.model, xte, yte)
     kept = [p["kept"] for p in report["passes"]]
     print(f"search: {args.passes} pass(es) x {args.cycles} cycles over {len(qmodel.blocks)} blocks, scope "

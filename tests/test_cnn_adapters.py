@@ -16,6 +16,7 @@ torchvision = pytest.importorskip("torchvision")
 from evolq import EvolQConfig, QuantConfig, UnsupportedModelError, load_quantized, quantize_model, save_quantized  # noqa: E402
 from evolq.adapters import wrap_model  # noqa: E402
 from evolq.adapters._cnn import FoldedBNAct, QConv2dSame, fold_bn  # noqa: E402
+from evolq.data import fitness_part  # noqa: E402
 from evolq.fitness import BlockFitness, reference_outputs  # noqa: E402
 from evolq.losses import mse  # noqa: E402
 from evolq.qnn.calibrate import calibrate  # noqa: E402
@@ -177,12 +178,12 @@ def test_population_fitness_equals_per_candidate(family, block):
 def test_quantize_model_end_to_end(family):
     qmodel = wrap_model(make(family), QuantConfig(w_bits=4, a_bits=8), family)
     calib = images(20, seed=6)
-    calibrate(qmodel, calib)
-    before = ScaleSpace(qmodel.quantizers()).vector()
     cfg = EvolQConfig.make(w_bits=4, passes=1, cycles=2, infonce_batch=8, holdout=0.2, progress=False)
+    calibrate(qmodel, fitness_part(calib, cfg.search))  # the hold-out never calibrates
+    before = ScaleSpace(qmodel.quantizers()).vector()
     qmodel, rep = quantize_model(qmodel, calib, cfg)
     assert [b["block"] for b in rep["blocks"]] == [b.name for b in reversed(qmodel.blocks)]  # last first
-    assert rep["calibration"] == {"fitness_samples": 16, "holdout_samples": 4}
+    assert rep["calibration"] == {"fitness_samples": 16, "holdout_samples": 4, "holdout_metric": "kl"}
     assert rep["evaluations"] >= 2 * len(qmodel.blocks)
     for b in rep["blocks"]:
         assert b["final_fitness"] <= b["start_fitness"]

@@ -24,6 +24,7 @@ import faultkit as fk  # noqa: E402  (tests/faultkit.py)
 
 from evolq import EvolQConfig, QuantConfig, load_quantized, prepare_model, quantize_model, save_quantized  # noqa: E402
 from evolq.checkpoint import CKPT_NAME, load_checkpoint, read_checkpoint_meta, save_checkpoint  # noqa: E402
+from evolq.data import fitness_part, split_calibration  # noqa: E402
 from evolq.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,
@@ -154,8 +155,10 @@ def test_zero_or_negative_budgets(kw):
 
 def test_zero_passes_is_the_start_point(x24):
     torch.manual_seed(0)
-    qm0 = prepare_model(fk.tiny_vit(), x24, QuantConfig(w_bits=4))
-    qm, rep = quantize_model(fk.tiny_vit(), x24, fk.small_config(passes=0))
+    config = fk.small_config(passes=0)
+    qm0 = prepare_model(fk.tiny_vit(), split_calibration(x24, config.search.holdout, config.search.seed)[0],
+                        QuantConfig(w_bits=4))
+    qm, rep = quantize_model(fk.tiny_vit(), x24, config)
     assert rep["evaluations"] == 0 and rep["blocks"] == []
     assert fk.same_tensors(fk.scales_of(qm), fk.scales_of(qm0))
 
@@ -387,9 +390,9 @@ def test_degenerate_candidates_never_win(searcher, x24):
 
 @pytest.mark.parametrize("searcher", list_searchers())
 def test_all_nan_fitness_keeps_the_start(searcher, x24):
-    qm0 = prepare_model(fk.tiny_vit(), x24, QuantConfig(w_bits=4))
-    qm, rep = quantize_model(fk.tiny_vit(), x24, fk.small_config(searcher=searcher, popsize=4, passes=1),
-                             subscribers=[Poison("all")])
+    config = fk.small_config(searcher=searcher, popsize=4, passes=1)
+    qm0 = prepare_model(fk.tiny_vit(), fitness_part(x24, config.search), QuantConfig(w_bits=4))
+    qm, rep = quantize_model(fk.tiny_vit(), x24, config, subscribers=[Poison("all")])
     assert fk.same_tensors(fk.scales_of(qm), fk.scales_of(qm0))
     assert all(b["final_fitness"] == b["start_fitness"] for b in rep["blocks"])
 
@@ -465,7 +468,7 @@ def _interruptible_worker(w, out_dir, x, config):
         engine.block_end_hook.append(lambda rec: os.write(w, b"E"))
         engine.fitness_hook.append(lambda index, cands, losses: time.sleep(0.06))
 
-    qm = prepare_model(fk.tiny_vit(), x, config.quant, arch=fk.ARCH)
+    qm = prepare_model(fk.tiny_vit(), fitness_part(x, config.search), config.quant, arch=fk.ARCH)
     try:
         quantize_model(qm, x, config, checkpoint_dir=out_dir, subscribers=[markers])
     except KeyboardInterrupt:

@@ -206,3 +206,28 @@ def test_reused_fitness_matches_a_fresh_evaluation():
     sp = ScaleSpace(qm.blocks[1].searched("attn-weights"))
     fresh = fit(1, sp, sp.vector().unsqueeze(0))[0].item()
     assert math.isclose(fresh, rep["blocks"][-1]["final_fitness"], rel_tol=1e-5)
+
+
+def test_batched_tournament_with_one_child_is_the_tournament():
+    from evolq.search.tournament import BatchedTournament, Tournament
+
+    runs = []
+    for cls, kw in ((Tournament, {}), (BatchedTournament, {"children": 1})):
+        problem, start, target = _quadratic_problem(dim=6, seed=5)
+        t = cls(problem, popsize=5, samples=3, eps=0.05, center_init=start, seed=7, **kw)
+        for _ in range(25):
+            t.step()
+        runs.append((problem.best_fitness, problem.best_scales.clone(), t.population.values.clone()))
+    assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][2], runs[1][2])
+
+
+def test_batched_tournament_evaluates_its_children_in_one_call():
+    problem, start, target = _quadratic_problem(dim=6, seed=5)
+    calls = []
+    inner = problem.fitness
+    problem.fitness = lambda s: calls.append(s.shape[0]) or inner(s)
+    plan = make_searcher("batched-tournament", problem, budget=12, sigma=0.05, popsize=4, start_fitness=1.0, seed=0)
+    assert plan.steps == 3
+    for _ in range(plan.steps):
+        plan.searcher.step()
+    assert calls == [4, 4, 4]

@@ -258,7 +258,7 @@ def test_quantize_model_tiny_search(family):
     assert qm.family == FAMILIES[family][2]
     searched = [b.name for b in qm.blocks if b.scopes.get("attn-weights")]
     assert [r["block"] for r in report["blocks"]] == searched[::-1]  # last block first
-    assert report["calibration"] == {"fitness_samples": 16, "holdout_samples": 4}
+    assert report["calibration"] == {"fitness_samples": 16, "holdout_samples": 4, "holdout_metric": "kl"}
     assert report["evaluations"] > 0 and len(report["passes"]) == 1
     for r in report["blocks"]:
         assert r["final_fitness"] <= r["start_fitness"] + 1e-9

@@ -5,7 +5,16 @@ import torch
 
 from ..errors import DataError
 
-__all__ = ["calibrate", "iter_batches"]
+__all__ = ["calibrate", "iter_batches", "sample_digests"]
+
+
+def sample_digests(x: torch.Tensor) -> frozenset[str]:
+    """One short hash per sample of ``x``: lets a search check that no hold-out sample
+    reached the calibration statistics."""
+    import hashlib
+
+    x = x.detach().cpu().contiguous()
+    return frozenset(hashlib.blake2b(x[i].numpy().tobytes(), digest_size=12).hexdigest() for i in range(x.shape[0]))
 
 
 def iter_batches(x: torch.Tensor, batch_size: int):
@@ -35,6 +44,8 @@ def calibrate(qmodel, images: torch.Tensor, batch_size: int = 100, progress: boo
             q.calibrating = False
     for q in qs:
         q.finalize()
+    seen = getattr(qmodel, "calibration_digests", None)
+    qmodel.calibration_digests = (seen or frozenset()) | sample_digests(images)
     for m in qmodel.model.modules():  # layers whose weight quantization depends on activation qparams
         hook = getattr(m, "after_calibration", None)
         if callable(hook):

@@ -64,6 +64,7 @@ class QModel:
     family: str
     arch: str = ""
     config: object = None
+    calibration_digests: frozenset | None = None  # per-sample hashes of the calibration inputs (None: unknown)
 
     def quantizers(self) -> dict[str, Quantizer]:
         out = {}

@@ -57,3 +57,18 @@ def pgpe(problem, *, budget, sigma, popsize=None, start_fitness=None, seed=0, **
                 optimizer_config={"max_speed": 2 * sigma})
     args.update(kwargs)
     return SearchPlan(PGPE(problem, popsize=ps, center_init=problem.center, **args), steps_for(budget, ps))
+
+
+@register_searcher("batched-tournament")
+def batched_tournament(problem, *, budget, sigma, popsize=None, start_fitness=None, seed=0, population=15,
+                       samples=10, children=None, abs_child=True):
+    """Beyond the paper: each step draws ``children`` tournament parents, mutates each and
+    evaluates all children in one batched fitness call (what a GPU needs), then keeps the
+    best ``population`` members. ``children`` defaults to ``popsize`` or, failing that,
+    the whole budget in one step."""
+    from .tournament import BatchedTournament
+
+    k = int(children or popsize or budget)
+    return SearchPlan(BatchedTournament(problem, popsize=population, samples=samples, eps=sigma, children=k,
+                                        center_init=problem.center, start_fitness=start_fitness,
+                                        abs_child=abs_child, seed=seed), steps_for(budget, k))

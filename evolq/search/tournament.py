@@ -13,7 +13,7 @@ from evotorch.algorithms.searchalgorithm import SearchAlgorithm, SinglePopulatio
 
 from .._evotorch import evotorch
 
-__all__ = ["Tournament"]
+__all__ = ["Tournament", "BatchedTournament"]
 
 
 class Tournament(SearchAlgorithm, SinglePopulationAlgorithmMixin):
@@ -84,5 +84,45 @@ class Tournament(SearchAlgorithm, SinglePopulationAlgorithmMixin):
         # drop the oldest of the worst members
         drop = int(torch.nonzero(worst).flatten()[torch.argmin(ages[worst])])
         keep = [i for i in range(len(merged)) if i != drop]
+        self._population = merged.take(keep)
+        self._age = ages[keep]
+
+
+class BatchedTournament(Tournament):
+    """The tournament with ``children`` children per step, evaluated in one batched call.
+
+    Each step samples ``children`` independent tournaments (S members with replacement
+    each, the best is the parent), mutates each parent as the tournament does, evaluates
+    the children together, merges them into the population and drops the worst
+    ``children`` members (the oldest among equals). ``children=1`` is the tournament.
+    """
+
+    def __init__(self, problem, *, children: int = 4, **kwargs):
+        if children < 1:
+            raise ValueError("children must be >= 1")
+        self.children = int(children)
+        super().__init__(problem, **kwargs)
+
+    def _step(self) -> None:
+        pop = self._population
+        if torch.isnan(pop.evals).any():
+            self._initialize()
+        evals = pop.evals[:, 0]
+        idx = torch.randint(0, len(pop), (self.children, self.samples), generator=self._gen)
+        parents = pop.values[idx.gather(1, torch.argmin(evals[idx], dim=1, keepdim=True)).squeeze(1)]
+        noise = (torch.rand(parents.shape, generator=self._gen, dtype=torch.float64) * 2 - 1) * self.eps
+        child_vals = parents.double() + noise
+        if self.abs_child:
+            child_vals = child_vals.abs()
+        child = self.problem.generate_batch(self.children)
+        child.set_values(child_vals.to(parents.dtype))
+        self.problem.evaluate(child)
+        merged = evotorch.SolutionBatch.cat([pop, child])
+        ages = torch.cat([self._age, torch.arange(self._next_age, self._next_age + self.children)])
+        self._next_age += self.children
+        # keep the best popsize: sort by (loss, -age) so the oldest of equals goes first
+        ev = merged.evals[:, 0].double()
+        order = sorted(range(len(merged)), key=lambda i: (float(ev[i]), -int(ages[i])))
+        keep = sorted(order[:self.popsize])
         self._population = merged.take(keep)
         self._age = ages[keep]
