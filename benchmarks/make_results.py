@@ -257,10 +257,28 @@ def section_speed(lines):
                   f"time). evolq's times are the least of two calls with the cache filled; the baseline's the "
                   f"median per evaluation over the runs.", "",
                   table(["evaluation", "GFLOP", "limit s", "CPU s", "wall s", "limit / CPU"], rows), "",
+                  f"Per evaluation (CPU time), the baseline over evolq's mean over the searched blocks: "
+                  f"{bl['cpu_seconds_per_eval'] / pr['evolq_cpu_seconds_per_eval_mean']:.2f}x; both at the "
+                  f"physical limit it would be {bl['limit_seconds'] / pr['evolq_limit_seconds_mean']:.2f}x (the "
+                  f"suffix's FLOPs are all evolq saves per evaluation; the rest is running closer to the matmul rate). "
+                  f"5x per evaluation would need evolq at {bl['cpu_seconds_per_eval'] / 5:.2f} s, against a limit "
+                  f"of {pr['evolq_limit_seconds_mean']:.2f} s. The whole-run ratio is lower: both pay the FP32 "
+                  f"outputs once and evolq also the forward up to the first searched block (its cache), over only "
+                  f"{d['pairs'][0]['evolq']['evaluations']} evaluations; and the spread of the pairs is the load's "
+                  f"doing (CPU time too rises when other jobs share the caches).", "",
                   f"Top operators of one evolq evaluation on {pr['profiled_block']} ({pr['profiled_seconds']:.2f} s "
                   f"profiled; matrix products {pr['profiled_matmul_share']:.0%}):", "",
                   table(["operator", "self s", "calls"],
                         [[o["op"], f"{o['self_seconds']:.3f}", o["calls"]] for o in pr["top_ops"]]), ""]
+    ch = load("speed_chunks")
+    if ch:
+        sizes = [str(m) for m in ch["sizes"]]
+        rows = [[b["block"], *[f"{b['cpu_seconds'][m]:.2f}" for m in sizes], b["losses_equal"]] for b in ch["blocks"]]
+        lines += [f"Chunk size (`speed.py --chunks`, `speed_chunks.json`): CPU seconds of one evaluation (one "
+                  f"candidate, {ch['calib_images']} images, least of {ch['repeats']}, sizes interleaved) per "
+                  f"`max_batch`; the default is {ch['default_max_batch']}. Load average at the end: "
+                  f"{ch['loadavg'][0]:.1f}.", "",
+                  table(["block", *[f"max_batch {m}" for m in sizes], "same losses"], rows), ""]
 
 
 def section_efficientnet(lines):
@@ -287,7 +305,7 @@ def main():
              "All numbers: ImageNet sample bundled with the assets (calibration = even labels, evaluation = odd "
              "labels, disjoint), CPU, small settings. Accuracy on a few hundred images moves in steps of "
              "100/N points: treat differences of a point or two as noise. Which JSON files were produced with "
-             "earlier code and not re-run (search, speed, efficientnet*, searchers, scaling, landscapes) is "
+             "earlier code and not re-run (search, efficientnet*, searchers, scaling, landscapes) is "
              "listed in `benchmarks/README.md`.", ""]
     for sec in (section_accuracy, section_start_point, section_preset_strength, section_search, section_speed, section_efficientnet, section_searchers, section_losses, section_scaling,
                 section_landscape):

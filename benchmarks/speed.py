@@ -187,6 +187,29 @@ def time_eval(fn, repeats: int = 2) -> tuple[float, float]:
     return wall, cpu
 
 
+def chunk_sizes(qmodel, x, search, blocks, sizes, repeats: int = 3) -> dict:
+    """CPU seconds of one evaluation (one candidate, the tournament's case) per chunk size
+    (``max_batch``), on each searched block, the sizes interleaved; and whether the losses
+    are bitwise equal across sizes."""
+    fit = BlockFitness(qmodel, x, reference_outputs(qmodel, x, min(256, search.max_batch)), make_loss(search),
+                       max(sizes))
+    out = []
+    for idx in blocks:
+        space = ScaleSpace(qmodel.blocks[idx].searched(SCOPE))
+        cand = space.vector().unsqueeze(0)
+        fit.block_input(idx)
+        cpu, losses = {m: float("inf") for m in sizes}, {}
+        for _ in range(repeats):
+            for m in sizes:
+                fit.max_batch = m
+                c = time.process_time()
+                losses[m] = float(fit(idx, space, cand)[0])
+                cpu[m] = min(cpu[m], time.process_time() - c)
+        out.append({"block": qmodel.blocks[idx].name, "cpu_seconds": {str(m): cpu[m] for m in sizes},
+                    "losses_equal": len(set(losses.values())) == 1})
+    return {"sizes": sizes, "repeats": repeats, "blocks": out, "loadavg": list(os.getloadavg())}
+
+
 def profile(qmodel, x, search, blocks, baseline_runs) -> dict:
     """FLOPs of one evaluation (per searched block, and the authors' full model) against
     the measured matmul rate, and the top operators of one evaluation."""
@@ -247,7 +270,10 @@ def main():
     ap.add_argument("--w-bits", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="speed")
+    ap.add_argument("--chunks", type=int, nargs="+", default=None,
+                    help="instead of the pairs: CPU time of one evaluation per chunk size (max_batch) on each "
+                         "searched block, written to results/speed_chunks.json (or --out)")
+    ap.add_argument("--out", default=None, help="results/NAME.json (default speed, or speed_chunks with --chunks)")
     args = ap.parse_args()
     setup(args.threads)
     t_all = time.perf_counter()
@@ -262,6 +288,15 @@ def main():
     blocks = [i for i, b in enumerate(qmodel.blocks) if b.name in {f"blocks.{j}" for j in args.blocks}]
     restrict_blocks(qmodel, blocks)
     start_state = {k: v.clone() for k, v in qmodel.model.state_dict().items()}
+    if args.chunks:
+        res = {"model": arch, "w_bits": args.w_bits, "calib_images": int(xc.shape[0]),
+               "threads": torch.get_num_threads(), "default_max_batch": search.max_batch,
+               **chunk_sizes(qmodel, xc, search, blocks, args.chunks)}
+        write_json(f"{args.out or 'speed_chunks'}.json", res)
+        for b in res["blocks"]:
+            print(b["block"], {m: round(v, 3) for m, v in b["cpu_seconds"].items()}, "losses equal:", b["losses_equal"])
+        return
+    args.out = f"{args.out or 'speed'}.json"
 
     res = {
         "model": arch, "w_bits": args.w_bits, "a_bits": 8, "preset": "fq-vit", "calib_images": int(xc.shape[0]),
