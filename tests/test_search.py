@@ -47,6 +47,34 @@ def test_cached_batched_fitness_equals_full_model_evaluation():
         assert batched.std() > 0  # candidates really differ
 
 
+def test_population_weights_are_quantized_once_per_population():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    qm = prepare_model(tiny_vit(), x, QuantConfig(w_bits=4), arch="tiny")
+    blk = qm.model.blocks[1]
+    space = ScaleSpace(qm.blocks[2].searched("attn-weights"))
+    q, w = blk.attn.qkv.weight_quant, blk.attn.qkv.weight
+    start = space.vector()
+    cands = start * (1 + 0.05 * torch.randn(3, len(space)).clamp(-2, 2))
+    singles = []
+    for c in cands:  # the plain path: one candidate's scales installed, one quantized weight
+        space.write(c)
+        singles.append(q(w).clone())
+    space.write(start)
+    with space.population(cands):
+        a = q(w)
+        assert q(w) is a  # the second chunk of the same population reuses the quantized weights
+        for p in range(3):
+            assert torch.equal(a[p], singles[p])
+        cands.mul_(1.01)  # the installed scales change in place: quantized again
+        b = q(w)
+        assert b is not a and not torch.equal(a, b)
+    with space.population(cands):  # a new population: quantized again, to the same values
+        c = q(w)
+        assert c is not b and torch.equal(c, b)
+    assert q.pop_scale is None
+
+
 def test_block_input_cache_is_invalidated_downstream():
     x = torch.randn(4, 3, 32, 32)
     qm = prepare_model(tiny_vit(), x, QuantConfig(w_bits=4), arch="tiny")

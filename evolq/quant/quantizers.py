@@ -48,8 +48,19 @@ class Quantizer(nn.Module):
         super().__init__()
         self.calibrating = False
         self.enabled = True
-        self.pop_scale: torch.Tensor | None = None
+        self._pcache = None
+        self.pop_scale = None
         self.register_buffer("calibrated", torch.tensor(False))
+
+    @property
+    def pop_scale(self) -> torch.Tensor | None:
+        """The installed population's scales (P, ...), or None outside population mode."""
+        return self._pop_scale
+
+    @pop_scale.setter
+    def pop_scale(self, value: torch.Tensor | None) -> None:
+        self._pop_scale = value
+        self._pcache = None  # a weight quantizer's cached population weights belong to the old population
 
     def finalize(self) -> None:  # turn observed statistics into qparams
         pass
@@ -162,7 +173,15 @@ class UniformQuantizer(Quantizer):
             return x
         if self.pop_scale is not None:
             if self.kind == "weight":
-                return self._pop_weight(x)
+                # P quantized weights, valid while the installed population, weight and zero-point are
+                # unchanged: a population evaluated on several image chunks is quantized once
+                c, ps = self._pcache, self.pop_scale
+                if (c is not None and c[0] is ps and c[1] == ps._version and c[2] is x and c[3] == x._version
+                        and c[4] is self.zero_point and c[5] == self.zero_point._version):
+                    return c[6]
+                out = self._pop_weight(x)
+                self._pcache = (ps, ps._version, x, x._version, self.zero_point, self.zero_point._version, out)
+                return out
             p = self.pop_scale.shape[0]
             if self._axis(x.ndim) is None:  # per-tensor: candidate p's samples share scale p
                 xs = x.reshape(p, -1)
