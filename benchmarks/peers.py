@@ -135,6 +135,8 @@ def parse_args(argv=None):
                    help="run only rows whose key contains one of these strings (e.g. brevitas, 'W4A8')")
     p.add_argument("--skip", nargs="+", default=[], help="leave out rows whose key contains one of these strings")
     p.add_argument("--force", action="store_true", help="re-run rows already in the JSON")
+    p.add_argument("--reuse", action="store_true",
+                   help="collect a peer's output already in /tmp/evolq-peers (same command) instead of re-running it")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--timeout", type=int, default=3600, help="seconds per peer subprocess")
     p.add_argument("--brevitas-python", default=PEER_PYTHON["brevitas"])
@@ -203,9 +205,15 @@ def _evolq_version() -> str:
     return evolq.__version__
 
 
-def run_peer(tool, model_name, cfg, data_path, python, timeout, threads) -> dict:
+def run_peer(tool, model_name, cfg, data_path, python, timeout, threads, reuse=False) -> dict:
     stem = WORK / f"{model_name}_{tool}_{cfg}".replace(":", "_")
     out_json, out_logits = stem.with_suffix(".json"), stem.with_suffix(".logits.pt")
+    if reuse and out_json.exists() and out_logits.exists():  # the peer finished, the runner did not record it
+        print(f"  reusing {out_json} and {out_logits.name} (--reuse)")
+        res = json.loads(out_json.read_text())
+        res["logits"] = torch.load(out_logits, weights_only=True)
+        res["reused_output"] = True
+        return res
     for f in (out_json, out_logits):
         f.unlink(missing_ok=True)
     weights = asset_model_file(model_name)
@@ -228,7 +236,7 @@ def save_row(out: Path, result: dict, key: str, row: dict) -> dict:
     filters can write to the same file side by side."""
     if out.exists():
         disk = json.loads(out.read_text())
-        result["rows"] = {**disk.get("rows", {}), **result["rows"]}
+        result["rows"] = {**result["rows"], **disk.get("rows", {})}  # the file's rows are the newest
     result["rows"][key] = row
     write_json(out, result)
     return result
@@ -282,7 +290,8 @@ def main(argv=None):
                     label = cfg.rsplit(" ", 1)[0]
                     res = run_evolq(model_name, label, w, a, data)
                 else:
-                    res = run_peer(tool, model_name, cfg, data_path, pythons[tool], args.timeout, args.threads)
+                    res = run_peer(tool, model_name, cfg, data_path, pythons[tool], args.timeout, args.threads,
+                                   args.reuse)
                 logits = res.pop("logits")
                 row.update(res)
                 row["metrics"] = metrics(logits, ye, fp)
@@ -291,6 +300,8 @@ def main(argv=None):
                 row["status"] = "failed"
                 row["error"] = f"{type(e).__name__}: {e}"
             row["wall_seconds"] = time.time() - t0
+            if row.get("reused_output"):  # the peer's own run: its script time (else PTQ + evaluation)
+                row["wall_seconds"] = row.get("script_seconds", row["ptq_seconds"] + row["eval_seconds"])
             row["load_avg_1min"] = os.getloadavg()[0]
             result = save_row(out, result, key, row)
             if row["status"] == "ok":

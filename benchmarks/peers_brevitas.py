@@ -21,6 +21,8 @@ import traceback
 
 import torch
 
+T_START = time.time()
+
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -129,6 +131,7 @@ def main():
                       f"act equalization layerwise alpha 0.5, layerwise backend, W{w_bits} per-channel sym "
                       f"float scale (stats), A{a_bits} per-tensor asym percentile 99.999, first/last layer 8 bit, "
                       f"GPTQ act order, bias correction; calib batch {args.batch_size}")}
+    res["script_seconds"] = time.time() - T_START  # imports, model load, PTQ, evaluation
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps({k: v for k, v in res.items() if k != "env"}, indent=1))

@@ -24,6 +24,8 @@ import traceback
 
 import torch
 
+T_START = time.time()
+
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -123,6 +125,7 @@ def main():
            "recipe": (f"mtq.quantize(model, {args.config}, forward_loop) (algorithm {config['algorithm']!r}), "
                       f"then mtq.disable_quantizer with the timm example's filter (patch_embed, pos_embed, ...); "
                       f"calib batch {args.batch_size}")}
+    res["script_seconds"] = time.time() - T_START  # imports, model load, PTQ, evaluation
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps({k: v for k, v in res.items() if k != "env"}, indent=1))
