@@ -123,7 +123,15 @@ PEER_CONFIGS = {
                  ("INT4_AWQ_CFG", 4, 16), ("W4A8_AWQ_BETA_CFG", 4, 8)],
 }
 EVOLQ_BITS = [(8, 8), (4, 8), (3, 8)]
-EFFNET_PEER_BITS = {(8, 8), (4, 8)}
+# CNNs (EfficientNet-Lite0): W8A8 and W4A8 only; ModelOpt's docs support only INT8 for CNNs
+# ("Please use quantization config INT8_DEFAULT_CFG for CNN models"), so its LLM formats are left out
+CNN_BITS = {(8, 8), (4, 8)}
+CNN_PEER_CONFIGS = {"brevitas": [("W8A8", 8, 8), ("W4A8", 4, 8)],
+                    "modelopt": [("INT8_DEFAULT_CFG", 8, 8), ("INT8_DEFAULT_CFG:w4", 4, 8)]}
+
+
+def is_cnn(model_name: str) -> bool:
+    return "vit" not in model_name
 
 
 def parse_args(argv=None):
@@ -168,14 +176,12 @@ def row_keys(model_name: str, args) -> list[tuple[str, str, str, int, int]]:
     """(key, tool, config, w_bits, a_bits) of every row for this model, in table order."""
     rows = [(f"{model_name}/fp32", "fp32", "FP32", 32, 32)]
     for w, a in EVOLQ_BITS:
-        if model_name != MODELS[0] and (w, a) not in EFFNET_PEER_BITS:
+        if is_cnn(model_name) and (w, a) not in CNN_BITS:
             continue
         for label in EVOLQ_ROWS:
             rows.append((f"{model_name}/evolq/{label}/W{w}A{a}", "evolq", f"{label} W{w}A{a}", w, a))
-    for tool, configs in PEER_CONFIGS.items():
+    for tool, configs in (CNN_PEER_CONFIGS if is_cnn(model_name) else PEER_CONFIGS).items():
         for cfg, w, a in configs:
-            if model_name != MODELS[0] and (w, a) not in EFFNET_PEER_BITS:
-                continue
             rows.append((f"{model_name}/{tool}/{cfg}", tool, cfg, w, a))
     keep = []
     for r in rows:
