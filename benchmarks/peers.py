@@ -18,13 +18,15 @@ Peer environments (outside the repository; one torch each; about 3 min and 6 GB 
     python3 -m venv /work/venv-brevitas
     /work/venv-brevitas/bin/pip install "brevitas==0.13.*" torch torchvision onnx timm safetensors pillow numpy
     python3 -m venv /work/venv-modelopt
-    /work/venv-modelopt/bin/pip install "nvidia-modelopt[torch]==0.47.*" torch torchvision timm safetensors pillow numpy
+    /work/venv-modelopt/bin/pip install "nvidia-modelopt[torch]==0.47.*" torch torchvision timm safetensors pillow numpy \
+        requests  # ModelOpt 0.47 imports requests without requiring it
 
 Run (from the repository root, with evolq's environment):
 
     .venv/bin/python benchmarks/peers.py                       # ViT-Tiny, every tool and config
     .venv/bin/python benchmarks/peers.py --models tf_efficientnet_lite0
     .venv/bin/python benchmarks/peers.py --only brevitas --force   # re-run one tool's rows
+    .venv/bin/python benchmarks/peers.py --search                  # add Evol-Q search rows (slow)
 
 More evolq rows: add an entry to ``EVOLQ_ROWS`` (a label -> function of the float model,
 the calibration tensor and the weight bits that returns the quantized module and the
@@ -115,6 +117,7 @@ EVOLQ_ROWS = {
                              "evolq.quantize_model, EvolQConfig.make(preset='outlier-aware', w_bits, a_bits=8): "
                              "outlier-aware start point + default search (1 pass, 3 cycles, infoNCE)"),
 }
+SEARCH_ROWS = {"Evol-Q outlier-aware"}  # only with --search: 120 block searches (hours on a loaded 2-core machine)
 
 # tool -> [(config name, w_bits, a_bits)]; the peer scripts know each config's recipe
 PEER_CONFIGS = {
@@ -143,6 +146,7 @@ def parse_args(argv=None):
                    help="run only rows whose key contains one of these strings (e.g. brevitas, 'W4A8')")
     p.add_argument("--skip", nargs="+", default=[], help="leave out rows whose key contains one of these strings")
     p.add_argument("--force", action="store_true", help="re-run rows already in the JSON")
+    p.add_argument("--search", action="store_true", help="add the Evol-Q search rows (SEARCH_ROWS; slow)")
     p.add_argument("--reuse", action="store_true",
                    help="collect a peer's output already in /tmp/evolq-peers (same command) instead of re-running it")
     p.add_argument("--threads", type=int, default=1)
@@ -179,6 +183,8 @@ def row_keys(model_name: str, args) -> list[tuple[str, str, str, int, int]]:
         if is_cnn(model_name) and (w, a) not in CNN_BITS:
             continue
         for label in EVOLQ_ROWS:
+            if label in SEARCH_ROWS and not args.search:
+                continue
             rows.append((f"{model_name}/evolq/{label}/W{w}A{a}", "evolq", f"{label} W{w}A{a}", w, a))
     for tool, configs in (CNN_PEER_CONFIGS if is_cnn(model_name) else PEER_CONFIGS).items():
         for cfg, w, a in configs:
