@@ -18,8 +18,8 @@ Peer environments (outside the repository; one torch each; about 3 min and 6 GB 
     python3 -m venv /work/venv-brevitas
     /work/venv-brevitas/bin/pip install "brevitas==0.13.*" torch torchvision onnx timm safetensors pillow numpy
     python3 -m venv /work/venv-modelopt
-    /work/venv-modelopt/bin/pip install "nvidia-modelopt[torch]==0.47.*" torch torchvision timm safetensors pillow numpy \
-        requests  # ModelOpt 0.47 imports requests without requiring it
+    /work/venv-modelopt/bin/pip install "nvidia-modelopt[torch]==0.47.*" torch torchvision timm safetensors \
+        pillow numpy requests  # ModelOpt 0.47 imports requests without requiring it
 
 Run (from the repository root, with evolq's environment):
 
