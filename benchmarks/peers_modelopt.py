@@ -72,20 +72,32 @@ def make_config(name):
 
 def quantized_ops(model) -> dict:
     """Enabled TensorQuantizers by the kind of module that holds them and their role."""
-    from modelopt.torch.quantization.nn import TensorQuantizer
+    from modelopt.torch.quantization.nn import SequentialQuantizer, TensorQuantizer
+
+    def fmt(q):
+        return f"int{q.num_bits}" if isinstance(q.num_bits, int) else "fp8" if tuple(q.num_bits) == (4, 3) \
+            else str(q.num_bits)
 
     out: dict[str, int] = {}
     for name, mod in model.named_modules():
+        if isinstance(mod, SequentialQuantizer):  # counted through its parent
+            continue
         for child_name, q in mod.named_children():
-            if not isinstance(q, TensorQuantizer) or not q.is_enabled:
+            if isinstance(q, SequentialQuantizer):  # e.g. W4A8_AWQ_BETA's weights: int4 blocks, then fp8
+                parts = [fmt(sub) for sub in q if sub.is_enabled]
+                if not parts:
+                    continue
+                form = " then ".join(parts)
+            elif isinstance(q, TensorQuantizer) and q.is_enabled:
+                form = fmt(q)
+            else:
                 continue
             kind = type(mod).__name__
             kind = ("conv" if "Conv" in kind else "linear" if "Linear" in kind else
                     "LayerNorm" if "LayerNorm" in kind else kind)
             role = {"weight_quantizer": "W", "input_quantizer": "in", "output_quantizer": "out"}.get(child_name,
                                                                                                   child_name)
-            fmt = q.num_bits if isinstance(q.num_bits, int) else "fp8" if tuple(q.num_bits) == (4, 3) else q.num_bits
-            key = f"{kind} {role}" + (f" (int{fmt})" if isinstance(fmt, int) else f" ({fmt})")
+            key = f"{kind} {role} ({form})"
             out[key] = out.get(key, 0) + 1
     return dict(sorted(out.items()))
 
