@@ -115,7 +115,7 @@ EVOLQ_ROWS = {
                             "evolq.prepare_model, QuantConfig.preset('outlier-aware', w_bits, a_bits=8)"),
     "Evol-Q outlier-aware": (_search("outlier-aware"),
                              "evolq.quantize_model, EvolQConfig.make(preset='outlier-aware', w_bits, a_bits=8): "
-                             "outlier-aware start point + the default search (10 passes x 12 blocks, 3 cycles, infoNCE)"),
+                             "outlier-aware start point + default search (10 passes x 12 blocks, 3 cycles, infoNCE)"),
 }
 SEARCH_ROWS = {"Evol-Q outlier-aware"}  # only with --search: 120 block searches (hours on a loaded 2-core machine)
 
