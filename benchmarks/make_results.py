@@ -378,6 +378,35 @@ def section_paper_budget(lines):
         pass
 
 
+def section_peers(lines):
+    d = load("peers")
+    if not d:
+        return
+    st = d["settings"]
+    lines += ["## Peers on the same images (`benchmarks/peers.py`)", "",
+              f"Brevitas and NVIDIA ModelOpt, each with the recipe its own examples recommend (in "
+              f"`benchmarks/peers_*.py`), beside evolq's start points (no search) on the same tensors: the first "
+              f"{st['calib']} calibration-pool images, {st['eval']} evaluation images; 2 shared CPU cores. *ops*: "
+              f"what each tool quantizes (evolq also quantizes LayerNorm inputs, q/k/v and the attention "
+              f"probabilities, which the peers leave in float).", ""]
+    rows = []
+    for r in sorted(d["rows"].values(), key=lambda r: (r["model"], -r.get("w_bits", 99), r["tool"],
+                                                        r.get("config", ""))):
+        if r.get("status", "ok") != "ok" or "metrics" not in r:
+            continue
+        m = r["metrics"]
+        ops = ", ".join(f"{k} {v}" for k, v in (r.get("ops") or {}).items())
+        rows.append([r["model"].split("_patch")[0], r["tool"], r.get("config", ""), f2(m["top1"]),
+                     f2(m.get("agreement", 100)), f"{m.get('kl', 0):.4f}",
+                     f"{r['ptq_seconds']:.0f}" if r.get("ptq_seconds") else "", ops])
+    lines += [table(["model", "tool", "config", "top-1", "agreement", "KL", "PTQ s", "ops quantized"], rows), "",
+              "`INT8_DEFAULT_CFG:w4` is not a ModelOpt recipe: it is INT8_DEFAULT_CFG with 4-bit weights, since "
+              "ModelOpt has no integer W4A8 config (its W4A8 uses FP8 activations); ModelOpt's docs support only "
+              "INT8 for CNNs. In the W4A8_AWQ_BETA_CFG row, `SequentialQuantizer 0/1` are its int4-then-fp8 weight "
+              "quantizers. ModelOpt leaves timm's `Conv2dSame` convolutions unquantized (44 of EfficientNet-Lite0's "
+              "49). Brevitas W3A8/W4A4, Brevitas on EfficientNet and the Evol-Q search rows were not run.", ""]
+
+
 def section_holdout(lines):
     d = load("holdout")
     if not d:
@@ -414,6 +443,8 @@ SCRIPTS = [  # script, what, command, result files
      "tampering, OOM)", "python benchmarks/faults.py --kills 12", ["faults"]),
     ("speed.py", "evolq vs the authors' loop at equal evaluations, alternating pairs, profile",
      "python benchmarks/speed.py", ["speed"]),
+    ("peers.py", "Brevitas and NVIDIA ModelOpt beside evolq on the same images (own venvs)",
+     "python benchmarks/peers.py", ["peers"]),
     ("accuracy.py", "FP32 / start / Evol-Q for ViT-Tiny and EfficientNet-Lite0, seeds 0-2",
      "python benchmarks/accuracy.py [--preset outlier-aware --out ...]", ["accuracy", "accuracy_outlier-aware"]),
     ("start_point.py", "start point without search: bit widths, ablations, presets", "python benchmarks/start_point.py",
@@ -440,6 +471,10 @@ def recorded_seconds(d) -> str:
     """What a results file records about time: its own total, else the sum over its runs."""
     if d is None:
         return "no file"
+    if isinstance(d.get("rows"), dict):
+        rs = [r for r in d["rows"].values() if isinstance(r, dict)]
+        tot = sum(r.get("wall_seconds", 0) or 0 for r in rs)
+        return f"{tot:.0f} s over {len(rs)} rows" if tot else "not recorded"
     for key in ("wall_seconds", "seconds"):
         if isinstance(d.get(key), (int, float)):
             return f"{d[key]:.0f} s"
@@ -498,7 +533,7 @@ def main():
              "100/N points: treat differences of a point or two as noise. Which JSON files were produced with "
              "earlier code and not re-run (search, efficientnet*, searchers, scaling, landscapes) is "
              "listed in `benchmarks/README.md`.", ""]
-    for sec in (section_paper_budget, section_holdout, section_accuracy, section_start_point,
+    for sec in (section_paper_budget, section_holdout, section_peers, section_accuracy, section_start_point,
                 section_preset_strength, section_search, section_speed,
                 section_efficientnet, section_searchers, section_losses, section_scaling,
                 section_landscape):
