@@ -81,6 +81,7 @@ class _WeightSpec:
     bits: int
     signed: bool
     axis: int
+    block: int | None = None  # 4-bit Linear weights: the per-column scales written as blocks along axis 0
 
 
 @dataclass
@@ -237,6 +238,9 @@ class _Exporter:
         w_in = layer.weight.detach().float() if f is None else (layer.weight.detach().float() * f.float())
         spec, deq, shift = self.weight_spec(layer, w_in)
         spec.values, spec.axis = spec.values.T.copy(), 1  # (in, out): DequantizeLinear feeds MatMul directly
+        if spec.bits <= 4:  # per column == blocks of any size along the input axis: onnxruntime's MatMulNBits form
+            k = spec.values.shape[0]
+            spec.block = next((b for b in (256, 128, 64, 32, 16) if k % b == 0), None)
         w_eff = deq + (shift[:, None] if shift is not None else 0)  # (out, in), in the input's (v) space
         bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(layer.out_features)
         act = None
@@ -427,10 +431,15 @@ def _lower(proto, plan: _Plan, opset: int):
             base = uniq(w.name + ".weight")
             dtype = _container(w.bits, w.signed)
             wi = int_tensor(f"{base}.quantized", w.values, dtype)
-            ws = scalar_or_vec(f"{base}.scale", w.scale, TensorProto.FLOAT)
-            wz = int_tensor(f"{base}.zero_point", w.zp, dtype)
+            scale, zp, attrs = w.scale, w.zp, {"axis": w.axis}
+            if w.block:  # (K, N) weights, one scale per column: the same scale in each of the K / block rows
+                rows = w.values.shape[0] // w.block
+                scale, zp = np.tile(scale, (rows, 1)), np.tile(zp, (rows, 1))
+                attrs = {"axis": 0, "block_size": w.block}
+            ws = scalar_or_vec(f"{base}.scale", scale, TensorProto.FLOAT)
+            wz = int_tensor(f"{base}.zero_point", zp, dtype)
             nodes.append(helper.make_node("DequantizeLinear", [wi, ws, wz], [out], name=f"{base}/DequantizeLinear",
-                                          axis=w.axis))
+                                          **attrs))
         else:  # pragma: no cover
             raise ExportError(f"internal: unknown placeholder {node.op_type}")
     del graph.node[:]
