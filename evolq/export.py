@@ -17,9 +17,12 @@ pairs at exactly the points where evolq fake-quantizes:
   are folded into the integer weights (the weight quantizer already sees ``W * f``) and
   the zero-points into the bias (``b - s * z @ W'``), the deployed form of the layer;
 * weight bias correction (``QuantConfig.bias_correction``, Banner et al.) makes each
-  output channel's weights ``(q - z) * s * r + t``: the scale becomes ``s * r`` and the
-  per-channel shift ``t`` (not an integer, so not a zero-point) becomes an explicit float
-  term ``t * sum(input)`` (Linear: a ReduceSum; Conv: a box sum over the receptive field).
+  output channel's weights ``(w_q - mu_q) * r + mu``: by default exported as those float
+  operations after the DequantizeLinear (bit-identical weights); with
+  ``bias_correction="output"`` the scale becomes ``s * r`` and the per-channel shift
+  ``t = mu - mu_q * r`` (not an integer, so not a zero-point) an explicit float term
+  ``t * sum(input)`` on the output (Linear: a ReduceSum; Conv: a box sum over the
+  receptive field), which leaves the DequantizeLinear -> MatMul/Conv pattern intact.
 
 The graph is traced with ``torch.onnx.export`` (TorchScript exporter) while every
 quantized layer runs an export forward that emits placeholder nodes; the placeholders
@@ -128,8 +131,9 @@ def _container(bits: int, signed: bool) -> int:
 
 # -- the export forward of each quantized layer ---------------------------------------
 class _Exporter:
-    def __init__(self, qmodel: QModel, opset: int):
+    def __init__(self, qmodel: QModel, opset: int, bias_correction: str = "weights"):
         self.qmodel, self.opset, self.plan = qmodel, opset, _Plan()
+        self.bias_correction = bias_correction
         self.names = {m: n for n, m in qmodel.model.named_modules()}
         self.claimed: set[int] = set()
 
@@ -208,25 +212,27 @@ class _Exporter:
         zp = wq.zero_point.float().reshape(-1).expand(out_ch) if wq.zero_point.numel() == 1 else wq.zero_point.float()
         scale, zp = scale.reshape(shape).contiguous(), zp.reshape(shape).contiguous()
         ints, w_q = _fake(w, scale, zp, wq.qmin, wq.qmax)
-        shift = None
-        if wq.bias_correction:  # (w_q - mu_q) * r + mu == (ints - z) * (s * r) + (mu - mu_q * r)
+        affine = shift = None
+        if wq.bias_correction:  # evolq.quant.bias_correct, per output channel: (w_q - mu_q) * r + mu
             dims = list(range(1, w.ndim))
             mu, sd = w.mean(dim=dims, keepdim=True), w.std(dim=dims, keepdim=True)
             mu_q, sd_q = w_q.mean(dim=dims, keepdim=True), w_q.std(dim=dims, keepdim=True)
             ratio = torch.where(sd_q > 0, sd / sd_q.clamp_min(1e-12), torch.ones_like(sd_q))
-            scale = scale * ratio
-            shift = (mu - mu_q * ratio).reshape(-1)
-            ref = bias_correct(w_q, w, 0)
-        else:
-            ref = w_q
+            if self.bias_correction == "weights":
+                affine = (mu_q, ratio, mu)
+            else:  # == (ints - z) * (s * r) + (mu - mu_q * r): the shift becomes a term on the layer's output
+                scale = scale * ratio
+                shift = (mu - mu_q * ratio).reshape(-1)
         deq = (ints - zp) * scale  # what DequantizeLinear computes
-        if shift is not None:
-            err = (deq + shift.reshape(shape) - ref).abs().max().item()
-            if err > 1e-4 * max(ref.abs().max().item(), 1e-12):  # pragma: no cover - a derivation bug
-                raise ExportError(f"layer {name}: the bias-corrected weights do not decompose ({err:.3g})")
+        ref = bias_correct(w_q, w, 0) if wq.bias_correction else w_q
+        got = deq if affine is None else (deq - affine[0]) * affine[1] + affine[2]
+        got = got if shift is None else got + shift.reshape(shape)
+        err = (got - ref).abs().max().item()
+        if err > 1e-5 * max(ref.abs().max().item(), 1e-12):  # pragma: no cover - a derivation bug
+            raise ExportError(f"layer {name}: the exported weights differ from the fake-quantized ones ({err:.3g})")
         spec = _WeightSpec(name, _np(ints, np.int64), _np(scale.reshape(-1)), _np(zp.reshape(-1), np.int64),
                            wq.bits, wq.signed, 0)
-        return spec, deq, shift
+        return spec, deq, affine, shift
 
     def dq_weight(self, spec: _WeightSpec, carrier: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         self.plan.weights.append(spec)
@@ -236,12 +242,14 @@ class _Exporter:
         iq = layer.input_quant
         f = layer._factor()
         w_in = layer.weight.detach().float() if f is None else (layer.weight.detach().float() * f.float())
-        spec, deq, shift = self.weight_spec(layer, w_in)
+        spec, deq, affine, shift = self.weight_spec(layer, w_in)
         spec.values, spec.axis = spec.values.T.copy(), 1  # (in, out): DequantizeLinear feeds MatMul directly
         if spec.bits <= 4:  # per column == blocks of any size along the input axis: onnxruntime's MatMulNBits form
             k = spec.values.shape[0]
             spec.block = next((b for b in (256, 128, 64, 32, 16) if k % b == 0), None)
-        w_eff = deq + (shift[:, None] if shift is not None else 0)  # (out, in), in the input's (v) space
+        w_eff = deq if affine is None else (deq - affine[0]) * affine[1] + affine[2]
+        w_eff = w_eff + (shift[:, None] if shift is not None else 0)  # (out, in), in the input's (v) space
+        affine_t = None if affine is None else tuple(t.reshape(1, -1) for t in affine)  # for the (in, out) layout
         bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(layer.out_features)
         act = None
         if f is not None:  # per-channel factors: Q per channel (s * f, z), DQ per tensor (s, 0)
@@ -264,6 +272,8 @@ class _Exporter:
             else:
                 v = x
             wt = exporter.dq_weight(spec, mod.weight, deq.T.contiguous())
+            if affine_t is not None:  # bias correction, the same float operations as the quantizer
+                wt = (wt - affine_t[0]) * affine_t[1] + affine_t[2]
             y = torch.matmul(v, wt) + bias
             if shift is not None:
                 y = y + v.sum(dim=-1, keepdim=True) * shift
@@ -275,7 +285,7 @@ class _Exporter:
         conv = layer.conv
         if conv.padding_mode != "zeros":
             raise ExportError(f"convolution {self.names.get(layer, '?')} uses padding_mode={conv.padding_mode!r}")
-        spec, deq, shift = self.weight_spec(layer, layer.weight)
+        spec, deq, affine, shift = self.weight_spec(layer, layer.weight)
         act = None if isinstance(layer.input_quant, nn.Identity) else self.act_spec(layer.input_quant, 4)
         bias = layer.bias.detach().float() if layer.bias is not None else None
         same = type(layer).__name__ == "QConv2dSame"
@@ -290,6 +300,8 @@ class _Exporter:
 
                 x = pad_same(x, conv.weight.shape[-2:], conv.stride, conv.dilation)
             w = exporter.dq_weight(spec, mod.weight, deq)
+            if affine is not None:
+                w = (w - affine[0]) * affine[1] + affine[2]
             y = conv._conv_forward(x, w, bias)
             if shift is not None:
                 y = y + _box_sum(conv, x, shift)
@@ -511,7 +523,8 @@ def _write(path: Path, proto) -> Path:
     return path
 
 
-def export_onnx(qmodel: QModel, path, *, opset: int = 21, example: torch.Tensor | None = None) -> Path:
+def export_onnx(qmodel: QModel, path, *, opset: int = 21, example: torch.Tensor | None = None,
+                bias_correction: str = "weights") -> Path:
     """Write ``qmodel`` as an ONNX QDQ model to ``path`` (atomically: no partial file).
 
     Args:
@@ -520,6 +533,13 @@ def export_onnx(qmodel: QModel, path, *, opset: int = 21, example: torch.Tensor 
         opset: ONNX opset, 13..21; weights of 4 bits or fewer are stored as uint4/int4 and need 21.
         example: an input to trace with (default: zeros of the model's input size, batch 1);
             the batch dimension is dynamic in the exported graph.
+        bias_correction: where weight bias correction (``QuantConfig.bias_correction``) goes.
+            ``"weights"`` (default): ``(DequantizeLinear(W) - mu_q) * r + mu`` per output channel, the
+            quantizer's own float operations, so the weights equal the PyTorch model's bit for bit;
+            onnxruntime then runs those layers in float. ``"output"``: the ratio ``r`` folded into the
+            weight scale and the shift added to the layer's output (``t * sum(input)``), so that the
+            DequantizeLinear feeds the MatMul/Conv directly (integer kernels where onnxruntime fuses
+            them); equal up to float rounding.
 
     Returns the path. Raises ``ExportError`` (one line) for a model that was never
     calibrated, a quantizer or layer with no ONNX form, a bad opset or path.
@@ -529,8 +549,10 @@ def export_onnx(qmodel: QModel, path, *, opset: int = 21, example: torch.Tensor 
     if not isinstance(qmodel, QModel):
         raise ExportError(f"export_onnx takes a QModel, got {type(qmodel).__name__}")
     _check_opset(opset)
+    if bias_correction not in ("weights", "output"):
+        raise ExportError(f"bias_correction must be 'weights' or 'output', got {bias_correction!r}")
     path = _check_path(path)
-    exporter = _Exporter(qmodel, opset)
+    exporter = _Exporter(qmodel, opset, bias_correction)
     x = _example_input(qmodel, example)
     model = qmodel.model
     was_training = model.training
@@ -589,11 +611,12 @@ def onnx_session(path, threads: int | None = None, optimized_path=None):
 
 @torch.no_grad()
 def check_onnx(qmodel: QModel, path, images: torch.Tensor, labels: torch.Tensor | None = None,
-               batch_size: int = 32, threads: int | None = None) -> dict:
+               batch_size: int = 32, threads: int | None = None, reference: torch.Tensor | None = None) -> dict:
     """Run the exported ``path`` in onnxruntime (CPU) and ``qmodel`` in PyTorch on ``images``.
 
     Returns ``{"images", "agreement"`` (top-1 agreement, percent), ``"max_abs_diff"``,
     ``"mean_abs_diff"`` (logits), and with ``labels`` ``"top1_torch"``, ``"top1_onnx"``}.
+    ``reference``: the PyTorch logits, if already computed.
     """
     if not Path(path).is_file():
         raise ExportError(f"{str(path)!r} is not a file")
@@ -602,9 +625,10 @@ def check_onnx(qmodel: QModel, path, images: torch.Tensor, labels: torch.Tensor 
     ours, theirs = [], []
     for i in range(0, images.shape[0], batch_size):
         xb = images[i:i + batch_size]
-        ours.append(qmodel.model(xb).float().cpu())
+        if reference is None:
+            ours.append(qmodel.model(xb).float().cpu())
         theirs.append(torch.from_numpy(sess.run(None, {name: xb.cpu().numpy().astype(np.float32)})[0]).float())
-    a, b = torch.cat(ours), torch.cat(theirs)
+    a, b = (torch.cat(ours) if reference is None else reference.float().cpu()), torch.cat(theirs)
     diff = (a - b).abs()
     out = {"images": int(a.shape[0]),
            "agreement": (a.argmax(1) == b.argmax(1)).float().mean().item() * 100,

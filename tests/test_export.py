@@ -166,6 +166,24 @@ def test_efficientnet_same_padding_and_depthwise(tmp_path):
     assert kinds.count("DequantizeLinear") == len(act_quantizers(q)) + n_conv + 1  # + the classifier's weights
 
 
+@pytest.mark.parametrize("form,consumers", [("weights", {"Sub"}), ("output", {"MatMul", "Conv", "Gemm"})])
+def test_bias_correction_forms(tmp_path, form, consumers):
+    """``weights``: (DQ(W) - mu_q) * r + mu, bit-identical weights; ``output``: DQ feeds the
+    MatMul/Conv directly and the shift is a term on the output. Both agree with PyTorch."""
+    x = images(40)
+    q = prepare_model(tiny_vit(), x[:16], QuantConfig(w_bits=8, a_bits=8))
+    path = export_onnx(q, tmp_path / "m.onnx", example=x[:1], bias_correction=form)
+    graph = onnx.load(str(path)).graph
+    weight_dq = [n.output[0] for n in graph.node if n.name.endswith(".weight/DequantizeLinear")]
+    used_by = {n.op_type for n in graph.node for i in n.input if i in weight_dq}
+    assert len(weight_dq) == 10 and used_by and used_by <= consumers
+    assert ("ReduceSum" in ops(path)) == (form == "output")
+    res = check_onnx(q, path, x[16:])
+    assert res["agreement"] == 100.0 and res["mean_abs_diff"] < 1e-3, res
+    with pytest.raises(ExportError):
+        export_onnx(q, tmp_path / "n.onnx", example=x[:1], bias_correction="both")
+
+
 def test_4bit_weights_make_a_smaller_file(tmp_path):
     x = images(16)
     sizes = {}
