@@ -84,10 +84,69 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch and onnxruntime intra-op threads")
     p.add_argument("--opset", type=int, default=21)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "export.json"))
+    p.add_argument("--profile", nargs="+", default=None, metavar="ONNX",
+                   help="only profile these ONNX files (time per op type at batch 1, onnxruntime's profiler) and a "
+                        "per-tensor vs per-axis Q/DQ pair into --out, then exit")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="only merge the models and configs of these result files (runs split over processes) "
                         "into --out, then exit")
     return p.parse_args(argv)
+
+
+def profile(files, out_path, threads: int, runs: int = 3) -> int:
+    """Where onnxruntime spends the time: per op type, milliseconds per batch-1 run (onnxruntime's
+    own profiler, ``runs`` runs after one warm-up), for each ONNX file; plus the cost of one
+    QuantizeLinear+DequantizeLinear pair on a (32, 197, 192) tensor per tensor vs per channel on the
+    last axis (the layout of the LayerNorm and channel-factor inputs)."""
+    import json
+
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    def qdq_pair(per_axis: bool):
+        c = 192
+        dims = [c] if per_axis else []
+        s = helper.make_tensor("s", TensorProto.FLOAT, dims, [0.01] * (c if per_axis else 1))
+        z = helper.make_tensor("z", TensorProto.UINT8, dims, [128] * (c if per_axis else 1))
+        at = {"axis": -1} if per_axis else {}
+        g = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"], **at),
+                               helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"], **at)], "qdq",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 197, c])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 197, c])], [s, z])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString()
+
+    out = {"threads": threads, "runs": runs, "onnxruntime": ort.__version__, "files": {}, "qdq_pair_ms": {}}
+    x = np.random.default_rng(0).standard_normal((32, 197, 192)).astype(np.float32)
+    for name, per_axis in (("per_tensor", False), ("per_axis_last", True)):
+        sess = onnx_session(qdq_pair(per_axis), threads)
+        sess.run(None, {"x": x})
+        t = time.perf_counter()
+        for _ in range(runs):
+            sess.run(None, {"x": x})
+        out["qdq_pair_ms"][name] = (time.perf_counter() - t) / runs * 1e3
+    for f in files:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "prof")
+        sess = ort.InferenceSession(str(f), so, providers=["CPUExecutionProvider"])
+        shape = [d if isinstance(d, int) else 1 for d in sess.get_inputs()[0].shape]
+        xb = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        sess.run(None, {sess.get_inputs()[0].name: xb})
+        for _ in range(runs):
+            sess.run(None, {sess.get_inputs()[0].name: xb})
+        events = json.loads(Path(sess.end_profiling()).read_text())
+        per_op = collections.Counter()
+        for e in events:
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+                per_op[e["args"]["op_name"]] += e["dur"] / 1e3 / (runs + 1)
+        total = sum(per_op.values())
+        out["files"][Path(f).name] = {"total_ms": total, "bytes": Path(f).stat().st_size,
+                                      "ms_per_op_type": {k: round(v, 3) for k, v in per_op.most_common()}}
+        print(Path(f).name, f"{total:.1f} ms", dict(per_op.most_common(6)), flush=True)
+    write_json(out_path, out)
+    return 0
 
 
 def merge(files, out_path) -> int:
@@ -138,6 +197,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out)
+    if args.profile:
+        torch.set_num_threads(args.threads)
+        return profile(args.profile, args.out, args.threads)
     torch.set_num_threads(args.threads)
     data = assets_dir() / "imagenet-sample"
     out = {"calib_images": args.calib, "eval_images": args.eval, "threads": args.threads, "opset": args.opset,

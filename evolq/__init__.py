@@ -21,6 +21,7 @@ __all__ = [
     "quantize_model", "prepare_model", "save_quantized", "load_quantized", "calibrate",
     "EvolQConfig", "QuantConfig", "SearchConfig", "Block", "QModel", "ScaleSpace",
     "EvolQError", "ConfigError", "DataError", "UnknownModelError", "UnsupportedModelError",
-    "WeightsError", "CheckpointError", "ExportError", "export_onnx", "check_onnx", "list_adapters", "register_adapter", "list_searchers",
+    "WeightsError", "CheckpointError", "ExportError", "export_onnx", "check_onnx",
+    "list_adapters", "register_adapter", "list_searchers",
     "register_searcher", "list_losses", "register_loss", "__version__",
 ]

@@ -104,7 +104,8 @@ class _Placeholder(torch.autograd.Function):
     @staticmethod
     def symbolic(g, x, out, kind, index):
         node = g.op(f"{DOMAIN}::{kind}", x, index_i=index)
-        node.setType(out.type()) if hasattr(out, "type") else None
+        if hasattr(out, "type"):  # the traced value's type and shape, for the exporter's later ops
+            node.setType(out.type())
         return node
 
 
@@ -592,7 +593,7 @@ def export_float_onnx(model: nn.Module, path, *, opset: int = 21, example: torch
 
 
 def onnx_session(path, threads: int | None = None, optimized_path=None):
-    """An onnxruntime CPU session for ``path`` (all graph optimizations on)."""
+    """An onnxruntime CPU session for ``path`` (a file, or the model's bytes; all graph optimizations on)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -604,9 +605,11 @@ def onnx_session(path, threads: int | None = None, optimized_path=None):
         so.optimized_model_filepath = str(optimized_path)
     so.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so,
+                                    providers=["CPUExecutionProvider"])
     except Exception as e:
-        raise ExportError(f"onnxruntime cannot load {str(path)!r}: {str(e).splitlines()[0][:200]}") from None
+        where = "the model" if isinstance(path, bytes) else repr(str(path))
+        raise ExportError(f"onnxruntime cannot load {where}: {str(e).splitlines()[0][:200]}") from None
 
 
 @torch.no_grad()

@@ -60,7 +60,8 @@ def ops(path):
 
 
 def act_quantizers(qmodel):
-    return [n for n, q in qmodel.model.named_modules() if isinstance(q, Quantizer) and getattr(q, "kind", "") != "weight"]
+    return [n for n, q in qmodel.model.named_modules()
+            if isinstance(q, Quantizer) and getattr(q, "kind", "") != "weight"]
 
 
 def one_line(excinfo):
