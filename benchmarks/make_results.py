@@ -282,6 +282,16 @@ def section_export(lines):
     lines += [table(["model", "config", "bias corr. form", "MB (vs FP32)", "agreement %", "floor %",
                      "logit diff max / mean", "top-1 PyTorch / ORT", "ms/img b1", "ms/img b32",
                      "integer kernels", "float compute"], rows), ""]
+    p = load("export_profile")
+    if p:
+        q = p["qdq_pair_ms"]
+        lines += [f"Where the time goes (`export_profile.json`, `benchmarks/export.py --profile`: onnxruntime's "
+                  f"profiler, batch 1, {p['threads']} thread(s), mean of {p['runs'] + 1} runs; same loaded machine). "
+                  f"One QuantizeLinear+DequantizeLinear pair on a (32, 197, 192) tensor: {q['per_tensor']:.1f} ms "
+                  f"per tensor, {q['per_axis_last']:.1f} ms per channel on the last axis.", ""]
+        rows = [[f, f"{r['total_ms']:.1f}", ", ".join(f"{k} {v:.1f}" for k, v in list(r["ms_per_op_type"].items())[:5])]
+                for f, r in p["files"].items()]
+        lines += [table(["file", "ms per image (b1)", "largest op types (ms)"], rows), ""]
 
 
 def main():

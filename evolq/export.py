@@ -132,9 +132,9 @@ def _container(bits: int, signed: bool) -> int:
 
 # -- the export forward of each quantized layer ---------------------------------------
 class _Exporter:
-    def __init__(self, qmodel: QModel, opset: int, bias_correction: str = "weights"):
+    def __init__(self, qmodel: QModel, opset: int, bias_correction: str = "weights", channel_factors: str = "fold"):
         self.qmodel, self.opset, self.plan = qmodel, opset, _Plan()
-        self.bias_correction = bias_correction
+        self.bias_correction, self.channel_factors = bias_correction, channel_factors
         self.names = {m: n for n, m in qmodel.model.named_modules()}
         self.claimed: set[int] = set()
 
@@ -252,8 +252,11 @@ class _Exporter:
         w_eff = w_eff + (shift[:, None] if shift is not None else 0)  # (out, in), in the input's (v) space
         affine_t = None if affine is None else tuple(t.reshape(1, -1) for t in affine)  # for the (in, out) layout
         bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(layer.out_features)
-        act = None
-        if f is not None:  # per-channel factors: Q per channel (s * f, z), DQ per tensor (s, 0)
+        act = divide = None
+        if f is not None and self.channel_factors == "divide":  # PyTorch's own operations: x_q @ (W' / f)
+            act = self.act_spec(iq, 2)
+            divide = f.float().reshape(-1, 1)
+        elif f is not None:  # per-channel factors: Q per channel (s * f, z), DQ per tensor (s, 0)
             act = self.act_spec(iq, 2)
             if act is not None:
                 s = iq.scale.float().reshape(())
@@ -275,6 +278,8 @@ class _Exporter:
             wt = exporter.dq_weight(spec, mod.weight, deq.T.contiguous())
             if affine_t is not None:  # bias correction, the same float operations as the quantizer
                 wt = (wt - affine_t[0]) * affine_t[1] + affine_t[2]
+            if divide is not None:
+                wt = wt / divide
             y = torch.matmul(v, wt) + bias
             if shift is not None:
                 y = y + v.sum(dim=-1, keepdim=True) * shift
@@ -525,7 +530,7 @@ def _write(path: Path, proto) -> Path:
 
 
 def export_onnx(qmodel: QModel, path, *, opset: int = 21, example: torch.Tensor | None = None,
-                bias_correction: str = "weights") -> Path:
+                bias_correction: str = "weights", channel_factors: str = "fold") -> Path:
     """Write ``qmodel`` as an ONNX QDQ model to ``path`` (atomically: no partial file).
 
     Args:
@@ -541,6 +546,11 @@ def export_onnx(qmodel: QModel, path, *, opset: int = 21, example: torch.Tensor 
             weight scale and the shift added to the layer's output (``t * sum(input)``), so that the
             DequantizeLinear feeds the MatMul/Conv directly (integer kernels where onnxruntime fuses
             them); equal up to float rounding.
+        channel_factors: Linear inputs with per-channel factors (outlier-aware preset). ``"fold"``
+            (default): the deployed form, factors in the integer weights, zero-points in the bias, the
+            input dequantized per tensor. ``"divide"``: the PyTorch model's own operations, the input
+            quantized and dequantized per channel and the dequantized weights divided by the factors
+            (no cancellation between a large zero-point bias and the product).
 
     Returns the path. Raises ``ExportError`` (one line) for a model that was never
     calibrated, a quantizer or layer with no ONNX form, a bad opset or path.
@@ -552,8 +562,10 @@ def export_onnx(qmodel: QModel, path, *, opset: int = 21, example: torch.Tensor 
     _check_opset(opset)
     if bias_correction not in ("weights", "output"):
         raise ExportError(f"bias_correction must be 'weights' or 'output', got {bias_correction!r}")
+    if channel_factors not in ("fold", "divide"):
+        raise ExportError(f"channel_factors must be 'fold' or 'divide', got {channel_factors!r}")
     path = _check_path(path)
-    exporter = _Exporter(qmodel, opset, bias_correction)
+    exporter = _Exporter(qmodel, opset, bias_correction, channel_factors)
     x = _example_input(qmodel, example)
     model = qmodel.model
     was_training = model.training

@@ -129,6 +129,24 @@ def test_outlier_aware_folds_factors_and_zero_points(tmp_path):
     assert torch.equal(run_ort(path, x).argmax(1), ref.argmax(1))
 
 
+def test_channel_factors_divide_form(tmp_path):
+    """``channel_factors="divide"``: Q and DQ per channel (the fake-quantized input as PyTorch
+    computes it) and the dequantized weights divided by the factors."""
+    x = images(32)
+    q = prepare_model(tiny_vit(), x, QuantConfig.preset("outlier-aware", w_bits=8, a_bits=8))
+    path = export_onnx(q, tmp_path / "vit.onnx", example=x[:1], channel_factors="divide")
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    dq = next(n for n in model.graph.node if n.name == "blocks.0.mlp.fc2.input_quant/DequantizeLinear")
+    assert list(inits[dq.input[1]].dims) == [192] and list(inits[dq.input[2]].dims) == [192]
+    assert "Div" in ops(path)
+    with torch.no_grad():
+        ref = q.model(x)
+    assert torch.equal(run_ort(path, x).argmax(1), ref.argmax(1))
+    with pytest.raises(ExportError):
+        export_onnx(q, tmp_path / "n.onnx", example=x[:1], channel_factors="multiply")
+
+
 def test_tiny_cnn_round_trip(tmp_path):
     """ResNet-18 (random weights and BatchNorms) at 32 px: the same top-1 as PyTorch."""
     torchvision = pytest.importorskip("torchvision")
