@@ -27,7 +27,7 @@ with real ImageNet weights from the assets folder:
 
 Writes ``benchmarks/results/export.json`` (``evolq.io.write_json``).
 
-    .venv/bin/python benchmarks/export.py                 # ~35 min, 1 thread
+    .venv/bin/python benchmarks/export.py                 # 1 thread; ~1.5 h on a loaded 2-core machine
     .venv/bin/python benchmarks/export.py --configs vit-w4a8 --calib 32 --eval 50 --runs 3 --out /tmp/e.json
     # split over two processes, then merge:
     .venv/bin/python benchmarks/export.py --configs effnet-w8a8 effnet-w4a8 --out /tmp/cnn.json
