@@ -11,10 +11,12 @@ from .errors import (
                      ConfigError,
                      DataError,
                      EvolQError,
+                     ExportError,
                      UnknownModelError,
                      UnsupportedModelError,
                      WeightsError,
 )
+from .export import check_onnx, export_onnx
 from .losses import list_losses, register_loss
 from .qnn.calibrate import calibrate
 from .qnn.qmodel import Block, QModel
@@ -27,6 +29,7 @@ __all__ = [
     "quantize_model", "prepare_model", "save_quantized", "load_quantized", "calibrate",
     "EvolQConfig", "QuantConfig", "SearchConfig", "Block", "QModel", "ScaleSpace",
     "EvolQError", "ConfigError", "DataError", "UnknownModelError", "UnsupportedModelError",
-    "WeightsError", "CheckpointError", "list_adapters", "register_adapter", "list_searchers",
+    "WeightsError", "CheckpointError", "ExportError", "export_onnx", "check_onnx",
+    "list_adapters", "register_adapter", "list_searchers",
     "register_searcher", "list_losses", "register_loss", "__version__",
 ]

@@ -1,4 +1,4 @@
-"""Command line: ``evolq eval``, ``evolq quantize``, ``evolq demo``, ``evolq landscape``.
+"""Command line: ``evolq eval``, ``evolq quantize``, ``evolq demo``, ``evolq landscape``, ``evolq export``.
 
 User mistakes print one line (``evolq: error: ...``) and exit with code 2;
 Ctrl-C exits with 130 after the last finished block has been checkpointed.
@@ -135,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--max-batch", type=int, default=512, help="candidates x images per forward chunk")
     pl.add_argument("--seed", type=int, default=0)
     pl.add_argument("--out", required=True, help="output stem: writes STEM.json and STEM.png")
+
+    px = sub.add_parser("export", help="a saved quantized model (RUN_DIR/model) as an ONNX QDQ file; --check runs it "
+                                       "in onnxruntime against the PyTorch model")
+    px.add_argument("model_dir", help="folder written by evolq quantize (RUN_DIR/model) or save_quantized")
+    px.add_argument("--out", required=True, help="the .onnx file to write")
+    px.add_argument("--model", default=None, help="build the float model from this name (timm name or "
+                                                  "torchvision:NAME) instead of the saved architecture")
+    px.add_argument("--weights", default=None, help="with --model: local weights file of the float model")
+    px.add_argument("--opset", type=int, default=21, help="ONNX opset (13-21; 4-bit weights need 21; default 21)")
+    px.add_argument("--check", action="store_true", help="run the file in onnxruntime (CPU) on the evaluation images: "
+                                                         "top-1 agreement with the PyTorch model, logit differences")
+    px.add_argument("--data", help="with --check: image folder (default: the bundled ImageNet sample, odd labels)")
+    px.add_argument("--limit", type=int, default=None, help="with --check: evaluation images (default: all)")
+    px.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -281,12 +295,47 @@ def cmd_landscape(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .errors import ExportError
+    from .export import check_onnx, export_onnx
+    from .io import load_quantized
+
+    if args.weights and not args.model:
+        raise ExportError("--weights needs --model (the float architecture the weights belong to)")
+    if args.limit is not None and args.limit < 1:
+        raise EvolQError(f"--limit must be positive, got {args.limit}")
+    model = None
+    if args.model:
+        from .models import create_model, load_model
+
+        model = load_model(args.model, args.weights, hub=False) if args.weights else create_model(args.model)
+    qmodel = load_quantized(args.model_dir, model=model)
+    path = export_onnx(qmodel, args.out, opset=args.opset)
+    out = {"model": qmodel.arch, "out": str(path), "opset": args.opset, "bytes": path.stat().st_size}
+    if args.check:
+        from .data import assets_dir, load_images
+        from .models import model_transform
+
+        data = Path(args.data) if args.data else assets_dir() / "imagenet-sample"
+        xe, ye = load_images(data, model_transform(qmodel.model), "eval", limit=args.limit, progress=not args.json)
+        out.update(check_onnx(qmodel, path, xe, ye))
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"wrote {path} ({out['bytes'] / 1e6:.2f} MB, opset {args.opset})")
+        if args.check:
+            print(f"onnxruntime vs PyTorch on {out['images']} images: top-1 agreement {out['agreement']:.2f}%, "
+                  f"logit |diff| max {out['max_abs_diff']:.4g} mean {out['mean_abs_diff']:.4g}; top-1 "
+                  f"PyTorch {out['top1_torch']:.2f}%, onnxruntime {out['top1_onnx']:.2f}%")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return {"eval": cmd_eval, "quantize": cmd_quantize, "demo": cmd_demo,
-                "landscape": cmd_landscape}[args.command](args)
+                "landscape": cmd_landscape, "export": cmd_export}[args.command](args)
     except EvolQError as e:
         print(f"evolq: error: {e}", file=sys.stderr)
         return 2

@@ -3,7 +3,7 @@ one-line message; the CLI prints it and exits with code 2."""
 
 __all__ = [
     "EvolQError", "ConfigError", "UnknownModelError", "WeightsError", "DataError",
-    "UnsupportedModelError", "CheckpointError",
+    "UnsupportedModelError", "CheckpointError", "ExportError",
 ]
 
 
@@ -36,3 +36,7 @@ class UnsupportedModelError(EvolQError, TypeError):
 
 class CheckpointError(EvolQError):
     """A checkpoint or saved model is missing, tampered with, or belongs to another run."""
+
+
+class ExportError(EvolQError):
+    """A model, path or setting that cannot be exported (e.g. to ONNX)."""
