@@ -64,6 +64,7 @@ class QModel:
     family: str
     arch: str = ""
     config: object = None
+    start_report: dict | None = None  # what a gptq/brecq start did (evolq.qnn.reconstruct)
 
     def quantizers(self) -> dict[str, Quantizer]:
         out = {}
