@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._common import RESULTS, load_data, setup
+from benchmarks._common import RESULTS, load_data, search_last_blocks, setup
 from evolq.api import prepare_model, quantize_model
 from evolq.config import EvolQConfig, QuantConfig, SearchConfig
 from evolq.evaluate import evaluate_qmodel, predict
@@ -51,6 +51,9 @@ def main(argv=None):
     ap.add_argument("--no-search", action="store_true", help="start points only")
     ap.add_argument("--passes", type=int, default=1)
     ap.add_argument("--cycles", type=int, default=3)
+    ap.add_argument("--population", type=int, default=15, help="tournament population K (paper 15)")
+    ap.add_argument("--samples", type=int, default=10, help="tournament sample size S (paper 10)")
+    ap.add_argument("--last", type=int, default=0, help="search only the last N searchable blocks (0: all)")
     ap.add_argument("--scope", default="attn-weights")
     ap.add_argument("--unit", default="block")
     ap.add_argument("--infonce-batch", type=int, default=50)
@@ -119,8 +122,10 @@ def main(argv=None):
         if search:
             s = SearchConfig(passes=args.passes, cycles=args.cycles, scope=args.scope, unit=args.unit,
                              infonce_batch=args.infonce_batch, seed=args.seed, device=dev, progress=False,
-                             max_batch=32 if dev == "cpu" else 512)
+                             max_batch=32 if dev == "cpu" else 512, population=args.population,
+                             samples=min(args.samples, args.population))
             t1 = time.perf_counter()
+            run["searched_blocks"] = search_last_blocks(qm, args.last, args.scope)
             qm, rep = quantize_model(qm, xc, EvolQConfig(quant, s))
             m1, _ = evaluate_qmodel(qm, xe.to(dev), ye.to(dev), fp_logits=fp_logits.to(dev), batch_size=50)
             run["evolq"] = _short(m1["quantized"])
