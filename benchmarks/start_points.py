@@ -60,7 +60,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="JSON file (default benchmarks/results/start_points_<model>_w<w>a<a>.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON file (default benchmarks/results/start_points_<model>_w<w>a<a>.json)")
     args = ap.parse_args(argv)
     setup(args.threads)
     short = {"vit_tiny_patch16_224": "vit_tiny", "tf_efficientnet_lite0": "efficientnet_lite0"}.get(args.model,
