@@ -20,9 +20,12 @@ __all__ = ["prepare_model", "quantize_model", "save_quantized", "load_quantized"
 
 
 def prepare_model(model: nn.Module, calib_data, quant: QuantConfig | None = None, arch: str = "",
-                  progress: bool = False) -> QModel:
+                  progress: bool = False, checkpoint_dir=None, resume: bool = False) -> QModel:
     """Quantize ``model`` in place (the ``quant`` regime, FQ-ViT by default) and
-    calibrate it on ``calib_data``: the start point of the search."""
+    calibrate it on ``calib_data``: the start point of the search. With
+    ``quant.start`` "gptq" or "brecq" the weights' rounding is then reconstructed
+    block by block (``evolq.qnn.reconstruct``; report in ``qmodel.start_report``),
+    checkpointed after every block in ``checkpoint_dir`` and resumable."""
     quant = quant or QuantConfig()
     quant.validate()
     x = as_tensor_data(calib_data)
@@ -30,6 +33,11 @@ def prepare_model(model: nn.Module, calib_data, quant: QuantConfig | None = None
     qmodel = wrap_model(model, quant, arch=arch)
     check_inputs(qmodel, x)
     calibrate(qmodel, x, progress=progress)
+    if quant.start != "rtn":
+        from .qnn.reconstruct import run_start
+
+        qmodel.start_report = run_start(qmodel, x, quant, progress=progress, checkpoint_dir=checkpoint_dir,
+                                        resume=resume)
     return qmodel
 
 
@@ -90,7 +98,8 @@ def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | 
         if not isinstance(model, nn.Module):
             raise ConfigError(f"model must be a torch nn.Module, got {type(model).__name__}")
         # split first: the hold-out never reaches the calibration statistics
-        qmodel = prepare_model(model, fit_x, config.quant, arch=arch, progress=search.progress)
+        qmodel = prepare_model(model, fit_x, config.quant, arch=arch, progress=search.progress,
+                               checkpoint_dir=ckpt_dir, resume=resume)
     qmodel.model.to(resolve_device(search.device))
     fit_x, hold_x = fit_x.to(search.device), hold_x.to(search.device)
     settings = run_settings(config)
@@ -115,4 +124,6 @@ def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | 
         "seconds": time.perf_counter() - t0,
         "fitness_curve": curve.values,
     }
+    if qmodel.start_report is not None:
+        report["start"] = qmodel.start_report
     return qmodel, report

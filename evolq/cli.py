@@ -68,6 +68,18 @@ def _add_model_args(p, quantize: bool):
     p.add_argument("--linear-input-strength", type=float, default=None,
                    help="outlier-aware: share of each Linear input channel's range moved into the weights "
                         "(0..1; default by weight bits: 0.75 at 8, 0.25 at 4 and below)")
+    _add_start_args(p)
+
+
+def _add_start_args(p):
+    from .config import STARTS
+
+    p.add_argument("--start", default=_q("start"), choices=STARTS,
+                   help="weight rounding of the start point: rtn (round-to-nearest, default), gptq (Hessian-based "
+                        "error compensation) or brecq (block reconstruction, AdaRound + QDrop)")
+    p.add_argument("--start-arg", type=_searcher_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="gptq/brecq setting, repeatable (e.g. iters=500, batch_size=32, qdrop=0, device=cuda, "
+                        "act_order=false)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--scope", default=_s("scope"), choices=SCOPES,
                     help="attn-weights (authors' code: qkv and proj weights), weights (every weight of the block) "
                          "or block (paper: every scale)")
+    from .config import UNITS
+
+    pq.add_argument("--unit", default=_s("unit"), choices=UNITS,
+                    help="search unit: block (default) or layer (each conv/linear layer's weight scales alone)")
     pq.add_argument("--noise", default=_s("noise"), choices=("absolute", "relative"),
                     help="absolute (+U(-eps,eps)) or relative")
     pq.add_argument("--eps", type=float, default=_s("eps"), help="mutation range (default by weight bits)")
@@ -119,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--preset", default="fq-vit", choices=tuple(QuantConfig.PRESETS),
                     help="start-point regime (default fq-vit, the authors')")
     pd.add_argument("--out", default=None, help="also write report.json and the model here")
+    _add_start_args(pd)
 
     pl = sub.add_parser("landscape", help="loss surfaces of one block's scales along two random directions "
                                           "(heat map + 3-D PNG and JSON)")
@@ -156,7 +173,8 @@ def _quant_config(args):
     extra = {} if args.linear_input_strength is None else {"linear_input_strength": args.linear_input_strength}
     return QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, act_observer=args.act_observer,
                               attn_probs=args.attn_probs, ptf=not args.no_ptf,
-                              bias_correction=not args.no_bias_correction, **extra)
+                              bias_correction=not args.no_bias_correction, start=args.start,
+                              start_options=dict(args.start_arg), **extra)
 
 
 def _load(args, quiet=False):
@@ -213,7 +231,8 @@ def _run_quantize(model, arch, quant, search, xc, xe, ye, out_dir, resume) -> di
 
     t0 = time.perf_counter()
     fit, _ = split_calibration(xc, search.holdout, search.seed)  # the hold-out never calibrates
-    qmodel = prepare_model(model, fit, quant, arch=arch, progress=search.progress)
+    qmodel = prepare_model(model, fit, quant, arch=arch, progress=search.progress, checkpoint_dir=out_dir,
+                           resume=resume)
     start, fp_logits = evaluate_qmodel(qmodel, xe, ye, progress=search.progress)
     qmodel, rep = quantize_model(qmodel, xc, EvolQConfig(quant, search), checkpoint_dir=out_dir, resume=resume)
     final, _ = evaluate_qmodel(qmodel, xe, ye, fp_logits=fp_logits, progress=search.progress)
@@ -221,6 +240,8 @@ def _run_quantize(model, arch, quant, search, xc, xe, ye, out_dir, resume) -> di
               "final": _short(final["quantized"]), "evaluations": rep["evaluations"],
               "seconds": time.perf_counter() - t0, "search_seconds": rep["search_seconds"],
               "calib_images": int(xc.shape[0]), "eval_images": int(xe.shape[0]), "search": rep}
+    if qmodel.start_report is not None:
+        report["start_point"] = qmodel.start_report
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_quantized(qmodel, out_dir / "model")
@@ -230,8 +251,8 @@ def _run_quantize(model, arch, quant, search, xc, xe, ye, out_dir, resume) -> di
 
 def cmd_quantize(args) -> int:
     search = SearchConfig(searcher=args.searcher, searcher_kwargs=dict(args.searcher_arg), loss=args.loss,
-                          passes=args.passes, cycles=args.cycles, scope=args.scope, noise=args.noise, eps=args.eps,
-                          infonce_batch=args.infonce_batch, holdout=args.holdout,
+                          passes=args.passes, cycles=args.cycles, scope=args.scope, unit=args.unit, noise=args.noise,
+                          eps=args.eps, infonce_batch=args.infonce_batch, holdout=args.holdout,
                           holdout_metric=args.holdout_metric, max_batch=args.max_batch,
                           seed=args.seed, device=args.device, progress=not args.quiet)
     from .checkpoint import check_run_folder
@@ -261,7 +282,8 @@ def cmd_demo(args) -> int:
     data = assets_dir() / "imagenet-sample"
     xc, _ = load_images(data, tf, "calib", limit=args.calib_size, progress=True)
     xe, ye = load_images(data, tf, "eval", limit=args.limit, progress=True)
-    quant = QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=8)
+    quant = QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=8, start=args.start,
+                               start_options=dict(args.start_arg))
     n_fit = xc.shape[0] - int(round(xc.shape[0] * 0.1))
     search = SearchConfig(passes=args.passes, cycles=args.cycles, infonce_batch=min(100, max(2, n_fit // 3)))
     out = Path(args.out) if args.out else None

@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-__all__ = ["QuantConfig", "SearchConfig", "EvolQConfig", "SCOPES", "field_default"]
+__all__ = ["QuantConfig", "SearchConfig", "EvolQConfig", "SCOPES", "STARTS", "UNITS", "field_default"]
 
 SCOPES = ("attn-weights", "weights", "block")
+STARTS = ("rtn", "gptq", "brecq")
+UNITS = ("block", "layer")
 
 
 def field_default(cls, name: str):
@@ -50,6 +52,13 @@ class QuantConfig:
       range moves into the weights, as SmoothQuant's migration strength: factors
       ``(s_c / mean s) ** strength``; 1 is fully per-channel activations (best for
       8-bit weights only), 0 keeps one scale and only per-channel zero-points.
+
+    ``start`` chooses how weights are rounded before the search: ``"rtn"``
+    (round-to-nearest, the default), ``"gptq"`` (one-shot Hessian-based error
+    compensation) or ``"brecq"`` (block reconstruction with learned AdaRound rounding,
+    QDrop optional); ``start_options`` sets their knobs (``evolq.qnn.reconstruct``).
+    Bias correction applies to the ``rtn`` start only: gptq and brecq correct the
+    rounding error themselves.
     """
 
     w_bits: int = 8
@@ -64,6 +73,8 @@ class QuantConfig:
     ptf_max_alpha: int = 3
     linear_input: str = "tensor"  # "tensor" (FQ-ViT) or "channel" (folded into the weights)
     linear_input_strength: float = 0.5  # "channel": factors (s_c / mean s)^strength; 1 = fully per channel
+    start: str = "rtn"  # weight rounding of the start point: "rtn", "gptq" or "brecq" (evolq.qnn.reconstruct)
+    start_options: dict = field(default_factory=dict)  # settings of the gptq/brecq start (GPTQOptions/BRECQOptions)
 
     PRESETS = {
         "fq-vit": {},
@@ -109,6 +120,13 @@ class QuantConfig:
         st = self.linear_input_strength
         if isinstance(st, bool) or not isinstance(st, (int, float)) or not 0.0 <= st <= 1.0:
             raise ConfigError(f"linear_input_strength must be a number in [0, 1], got {st!r}")
+        _check_choice("start", self.start, STARTS)
+        if not isinstance(self.start_options, dict):
+            raise ConfigError(f"start_options must be a dict, got {type(self.start_options).__name__}")
+        if self.start_options:
+            from .qnn.reconstruct import start_options
+
+            start_options(self.start, self.start_options)  # raises ConfigError on unknown or bad values
 
     @property
     def probs_bits(self) -> int:
@@ -143,6 +161,7 @@ class SearchConfig:
     eps: float | None = None  # mutation range; None: 1e-3 for <=4-bit weights, 1e-4 for 8-bit
     noise: str = "absolute"  # "absolute": +U(-eps, eps); "relative": *(1 + U(-eps, eps))
     scope: str = "attn-weights"
+    unit: str = "block"  # "layer": each conv/linear layer's weight scales are a search unit of their own
     order: str = "last-first"  # or "first-last"
     holdout: float = 0.1  # fraction of calibration data that decides if a pass is kept
     holdout_metric: str = "kl"  # "kl" or "agreement" to the float outputs, or "loss" (the fitness loss)
@@ -175,6 +194,7 @@ class SearchConfig:
         if not isinstance(self.searcher_kwargs, dict) or not all(isinstance(k, str) for k in self.searcher_kwargs):
             raise ConfigError("searcher_kwargs must be a dict with string keys")
         _check_choice("scope", self.scope, SCOPES)
+        _check_choice("unit", self.unit, UNITS)
         _check_choice("noise", self.noise, ("absolute", "relative"))
         _check_choice("order", self.order, ("last-first", "first-last"))
         _check_int("passes", self.passes, 0, 10_000)

@@ -20,12 +20,30 @@ from .losses import make_loss
 from .problems.block_scale import PENALTY
 from .qnn.scales import ScaleSpace
 
-__all__ = ["SearchEngine", "block_seed"]
+__all__ = ["SearchEngine", "block_seed", "layer_units", "unit_block"]
 
 
 def block_seed(seed: int, pass_idx: int, block_idx: int) -> int:
     """Independent, reproducible seed for one block search (so resuming needs no RNG state)."""
     return int(np.random.SeedSequence([int(seed), int(pass_idx), int(block_idx)]).generate_state(1)[0])
+
+
+def unit_block(key) -> int:
+    """The block index of a search unit (a block index, or (block index, j) for a layer unit)."""
+    return key if isinstance(key, int) else key[0]
+
+
+def layer_units(block, scope: str) -> list[tuple[str, dict]]:
+    """``SearchConfig(unit="layer")``: a block's scales under ``scope`` split into one unit
+    per conv/linear layer (its weight scales, named after the layer), in module order,
+    plus one unit with the rest (activation scales, if the scope has any)."""
+    qs = block.searched(scope)
+    units = [(n[: -len(".weight_quant")] if n.endswith(".weight_quant") else n, {n: q})
+             for n, q in qs.items() if getattr(q, "kind", None) == "weight"]
+    rest = {n: q for n, q in qs.items() if getattr(q, "kind", None) != "weight"}
+    if rest:
+        units.append((f"{block.name}/activations", rest))
+    return units
 
 
 class SearchEngine:
@@ -36,13 +54,21 @@ class SearchEngine:
     def __init__(self, qmodel, fit_inputs, hold_inputs, search, w_bits: int, checkpoint: RunCheckpoint | None = None):
         self.qmodel, self.search = qmodel, search
         self.loss, self.sigma = make_loss(search), search.eps_for(w_bits)
-        self.order = [i for i, b in enumerate(qmodel.blocks) if b.scopes.get(search.scope)]
+        blocks = [i for i, b in enumerate(qmodel.blocks) if b.scopes.get(search.scope)]
+        if not blocks:
+            raise ConfigError(f"no block of this model has scales under scope {search.scope!r}")
+        # search units: block indices, or (block index, j) per layer with unit="layer"
+        self.spaces, self.unit_names = {}, {}
+        for i in blocks:
+            if getattr(search, "unit", "block") == "layer":
+                for j, (name, qs) in enumerate(layer_units(qmodel.blocks[i], search.scope)):
+                    self.spaces[(i, j)], self.unit_names[(i, j)] = ScaleSpace(qs), name
+            else:
+                self.spaces[i], self.unit_names[i] = ScaleSpace(qmodel.blocks[i].searched(search.scope)), None
+        self.order = list(self.spaces)
         if search.order == "last-first":
             self.order.reverse()
-        if not self.order:
-            raise ConfigError(f"no block of this model has scales under scope {search.scope!r}")
-        self.spaces = {i: ScaleSpace(qmodel.blocks[i].searched(search.scope)) for i in self.order}
-        self.all_space = ScaleSpace({n: q for i in sorted(self.order) for n, q in self.spaces[i].quantizers.items()})
+        self.all_space = ScaleSpace({n: q for k in self.spaces for n, q in self.spaces[k].quantizers.items()})
         bs = min(256, search.max_batch)
         self.fitness = BlockFitness(qmodel, fit_inputs, reference_outputs(qmodel, fit_inputs, bs), self.loss,
                                     search.max_batch)
@@ -54,7 +80,7 @@ class SearchEngine:
 
     def evaluate(self, index: int, cands: torch.Tensor) -> torch.Tensor:
         """Losses of candidate scale vectors for block ``index`` (subscribers may replace them)."""
-        losses = self.fitness(index, self.spaces[index], cands)
+        losses = self.fitness(unit_block(index), self.spaces[index], cands)
         for f in list(self.fitness_hook):
             out = f(index, cands, losses)
             losses = losses if out is None else out
@@ -110,17 +136,20 @@ class SearchEngine:
         from .problems import BlockScaleProblem
         from .search import make_searcher
         space, t0, evals0 = self.spaces[idx], time.perf_counter(), self.fitness.evaluations
+        b = unit_block(idx)
+        unit = self.unit_names[idx]
         start_f = known if known is not None else float(self.evaluate(idx, space.vector().unsqueeze(0))[0])
         if not math.isfinite(start_f):  # a model that is already broken: any finite candidate is better
             start_f = PENALTY
-        self.block_start_hook({"pass": p, "block": self.qmodel.blocks[idx].name, "index": idx,
-                               "position": self.order.index(idx), "start_fitness": start_f})
-        seed = block_seed(self.search.seed, p, idx)
+        self.block_start_hook({"pass": p, "block": self.qmodel.blocks[b].name, "index": b,
+                               "position": self.order.index(idx), "start_fitness": start_f,
+                               **({"unit": unit} if unit else {})})
+        seed = block_seed(self.search.seed, p, idx) if unit is None else \
+            int(np.random.SeedSequence([int(self.search.seed), int(p), int(b), 1 + int(idx[1])]).generate_state(1)[0])
+        s = self.search
         with quiet():
             problem = BlockScaleProblem(space.vector(), lambda c: self.evaluate(idx, c),
                                         parameterization=self.search.noise, start_fitness=start_f, seed=seed)
-        s = self.search
-        with quiet():
             plan = make_searcher(s.searcher, problem, budget=s.cycles, sigma=self.sigma, popsize=s.popsize,
                                  start_fitness=start_f, seed=seed, population=s.population, samples=s.samples,
                                  searcher_kwargs=s.searcher_kwargs)
@@ -128,7 +157,10 @@ class SearchEngine:
                 plan.searcher.step()
         final, best = problem.outcome(start_f)  # the start again if the best is degenerate or no better
         space.write(final)
-        self.fitness.invalidate(after=idx)
-        return {"pass": p, "block": self.qmodel.blocks[idx].name, "start_fitness": start_f,
-                "final_fitness": best, "evaluations": self.fitness.evaluations - evals0,
-                "seconds": time.perf_counter() - t0, "history": problem.history}
+        self.fitness.invalidate(after=b)
+        rec = {"pass": p, "block": self.qmodel.blocks[b].name, "start_fitness": start_f,
+               "final_fitness": best, "evaluations": self.fitness.evaluations - evals0,
+               "seconds": time.perf_counter() - t0, "history": problem.history}
+        if unit is not None:
+            rec["unit"] = unit
+        return rec

@@ -12,7 +12,8 @@ __all__ = ["weight_quant", "act_quant", "probs_quant", "norm_input_quant", "wrap
 
 def weight_quant(quant, ch_axis=0) -> UniformQuantizer:
     return UniformQuantizer(quant.w_bits, signed=False, symmetric=False, per_channel=True, ch_axis=ch_axis,
-                            observer=quant.weight_observer, kind="weight", bias_correction=quant.bias_correction)
+                            observer=quant.weight_observer, kind="weight",
+                            bias_correction=quant.bias_correction and getattr(quant, "start", "rtn") == "rtn")
 
 
 def act_quant(quant, signed=False) -> UniformQuantizer:

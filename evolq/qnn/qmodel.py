@@ -65,6 +65,7 @@ class QModel:
     arch: str = ""
     config: object = None
     calibration_digests: frozenset | None = None  # per-sample hashes of the calibration inputs (None: unknown)
+    start_report: dict | None = None  # what a gptq/brecq start did (evolq.qnn.reconstruct)
 
     def quantizers(self) -> dict[str, Quantizer]:
         out = {}

@@ -146,15 +146,56 @@ class UniformQuantizer(Quantizer):
     def _axis(self, ndim: int) -> int | None:
         return self.ch_axis % ndim if self.per_channel and self.scale.numel() > 1 else None
 
+    # -- start-point state of a weight quantizer (evolq.qnn.reconstruct) ------------------
+    def set_rounding(self, delta: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> None:
+        """Weights only. ``delta``: added to the weight before quantizing (GPTQ's error
+        compensation; the float layer keeps its weight). ``offset``: per-weight rounding
+        decisions h in {0, 1}, quantizing as ``clamp(floor(w / s) + h + z, qmin, qmax)``
+        instead of round-to-nearest (AdaRound), so each weight keeps its up/down decision
+        at any scale. Both are buffers (saved, checkpointed); None removes one."""
+        for name, t in (("weight_delta", delta), ("round_offset", offset)):
+            if t is None:
+                self._buffers.pop(name, None)
+            else:
+                self.register_buffer(name, t.detach().float().clone())
+        self._wcache = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("weight_delta", "round_offset"):  # present only after a gptq/brecq start
+            if prefix + name in state_dict and name not in self._buffers:
+                self.register_buffer(name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _offset_quant(self, w: torch.Tensor, scale: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """``(clamp(floor(w / s) + h, qmin - z, qmax - z)) * s``; ``scale`` broadcasts against ``w``
+        (with a leading population dim when ``w`` has one more dim than ``h``)."""
+        axis = self._axis(h.ndim)
+        shape = [1] * h.ndim
+        if axis is not None:
+            shape[axis] = -1
+        extra = w.ndim - h.ndim
+        s = scale.reshape(scale.shape[0], *shape) if extra else scale.reshape(shape)
+        z = self.zero_point.reshape(shape) if self.zero_point.numel() > 1 else self.zero_point.reshape(())
+        q = torch.floor(w * torch.reciprocal(s)) + h
+        return torch.clamp(q, self.qmin - z, self.qmax - z) * s
+
     def _weight(self, w: torch.Tensor) -> torch.Tensor:
-        out = fake_quant_axis(w, self.scale, self.zero_point, self.qmin, self.qmax, self._axis(w.ndim))
-        return bias_correct(out, w, self.ch_axis) if self.bias_correction else out
+        x = w + self.weight_delta if "weight_delta" in self._buffers else w
+        if "round_offset" in self._buffers:
+            out = self._offset_quant(x, self.scale, self.round_offset)
+        else:
+            out = fake_quant_axis(x, self.scale, self.zero_point, self.qmin, self.qmax, self._axis(w.ndim))
+        return bias_correct(out, x, self.ch_axis) if self.bias_correction else out
 
     def _pop_weight(self, w: torch.Tensor) -> torch.Tensor:
         """P quantized copies of ``w`` (P, *w.shape), copy p with ``pop_scale[p]``."""
         p = self.pop_scale.shape[0]
+        if "weight_delta" in self._buffers:
+            w = w + self.weight_delta
         axis = self._axis(w.ndim)
-        if axis is None:  # per-tensor: one scale per copy
+        if "round_offset" in self._buffers:
+            out = self._offset_quant(w.unsqueeze(0), self.pop_scale.reshape(p, -1), self.round_offset)
+        elif axis is None:  # per-tensor: one scale per copy
             out = fake_quant(w.reshape(1, -1), self.pop_scale.reshape(p, 1), self.zero_point, self.qmin, self.qmax)
         else:  # per-channel: channels of all copies on one axis
             wm = w.movedim(axis, 0)
@@ -194,12 +235,14 @@ class UniformQuantizer(Quantizer):
             return fake_quant(xs, s, self.zero_point.reshape(bshape), self.qmin, self.qmax).reshape(x.shape)
         if self.kind == "weight":
             c = self._wcache  # quantized weight, valid while scale, zero-point and weight are unchanged
+            extra = (self._buffers.get("weight_delta"), self._buffers.get("round_offset"))
             if (c is not None and c[0] is self.scale and c[1] == self.scale._version and c[2] is x
-                    and c[3] == x._version and c[4] is self.zero_point and c[5] == self.zero_point._version):
+                    and c[3] == x._version and c[4] is self.zero_point and c[5] == self.zero_point._version
+                    and c[7][0] is extra[0] and c[7][1] is extra[1]):
                 return c[6]
             out = self._weight(x)
             self._wcache = (self.scale, self.scale._version, x, x._version, self.zero_point,
-                            self.zero_point._version, out)
+                            self.zero_point._version, out, extra)
             return out
         return fake_quant_axis(x, self.scale, self.zero_point, self.qmin, self.qmax, self._axis(x.ndim))
 

@@ -1,0 +1,144 @@
+"""Start points (issue 11): rtn / gptq / brecq, each alone and with a short Evol-Q
+search on top, on a real model from the assets; top-1, agreement and KL against the
+float model on the evaluation split (odd labels), and wall time. With ``--curve``,
+brecq's start accuracy for several iteration counts.
+
+Resumable: every finished run is written at once to the JSON (``evolq.io.write_json``)
+and skipped when the script is started again with the same output file.
+
+    python -m benchmarks.start_points --model vit_tiny_patch16_224 --w-bits 4 --a-bits 8
+    python -m benchmarks.start_points --model tf_efficientnet_lite0 --w-bits 4 --a-bits 4
+    python -m benchmarks.start_points --model vit_tiny_patch16_224 --w-bits 4 --starts brecq --curve 25,50,100 \\
+        --no-search
+    # GPU, closer to the papers' settings:
+    python -m benchmarks.start_points ... --device cuda --calib 256 --brecq-iters 5000 --passes 2 --cycles 10
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks._common import RESULTS, load_data, search_last_blocks, setup
+from evolq.api import prepare_model, quantize_model
+from evolq.config import EvolQConfig, QuantConfig, SearchConfig
+from evolq.evaluate import evaluate_qmodel, predict
+from evolq.io import write_json
+
+
+def _short(m):
+    return {k: round(float(m[k]), 4) for k in ("top1", "agreement", "kl")}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="vit_tiny_patch16_224")
+    ap.add_argument("--w-bits", type=int, default=4)
+    ap.add_argument("--a-bits", type=int, default=8)
+    ap.add_argument("--preset", default="fq-vit")
+    ap.add_argument("--starts", default="rtn,gptq,brecq")
+    ap.add_argument("--calib", type=int, default=128, help="calibration images (even labels)")
+    ap.add_argument("--eval", type=int, default=500, help="evaluation images (odd labels)")
+    ap.add_argument("--brecq-iters", type=int, default=None, help="default: the device's default (200 CPU)")
+    ap.add_argument("--brecq-batch", type=int, default=None)
+    ap.add_argument("--brecq-lr", type=float, default=None)
+    ap.add_argument("--qdrop", type=float, default=0.5)
+    ap.add_argument("--curve", default="", help="brecq iteration counts for an accuracy-vs-iterations curve")
+    ap.add_argument("--no-search", action="store_true", help="start points only")
+    ap.add_argument("--passes", type=int, default=1)
+    ap.add_argument("--cycles", type=int, default=3)
+    ap.add_argument("--population", type=int, default=15, help="tournament population K (paper 15)")
+    ap.add_argument("--samples", type=int, default=10, help="tournament sample size S (paper 10)")
+    ap.add_argument("--last", type=int, default=0, help="search only the last N searchable blocks (0: all)")
+    ap.add_argument("--scope", default="attn-weights")
+    ap.add_argument("--unit", default="block")
+    ap.add_argument("--infonce-batch", type=int, default=50)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None,
+                    help="JSON file (default benchmarks/results/start_points_<model>_w<w>a<a>.json)")
+    args = ap.parse_args(argv)
+    setup(args.threads)
+    short = {"vit_tiny_patch16_224": "vit_tiny", "tf_efficientnet_lite0": "efficientnet_lite0"}.get(args.model,
+                                                                                                    args.model)
+    out = Path(args.out) if args.out else RESULTS / f"start_points_{short}_w{args.w_bits}a{args.a_bits}.json"
+    res = json.loads(out.read_text()) if out.exists() else {}
+    res.setdefault("settings", {})
+    res.setdefault("runs", {})
+    res["settings"].update({k: v for k, v in vars(args).items() if k not in ("out",)})
+    base, xc, xe, ye = load_data(args.model, args.calib, args.eval)
+    dev = args.device
+    if "fp32" not in res:
+        res["fp32"] = None
+    fp_logits = None
+
+    def start_opts(start, iters=None):
+        if start == "gptq":
+            return {"device": dev}
+        if start == "brecq":
+            o = {"device": dev, "qdrop": args.qdrop, "seed": args.seed}
+            for k, v in (("iters", iters or args.brecq_iters), ("batch_size", args.brecq_batch),
+                         ("lr", args.brecq_lr)):
+                if v is not None:
+                    o[k] = v
+            return o
+        return {}
+
+    jobs = []
+    for start in [s for s in args.starts.split(",") if s]:
+        jobs.append((start, None, not args.no_search))
+    for it in [int(v) for v in args.curve.split(",") if v]:
+        jobs.append(("brecq", it, False))
+    for start, iters, search in jobs:
+        key = start if iters is None else f"brecq@{iters}"
+        if key in res["runs"] and (not search or "evolq" in res["runs"][key]):
+            print(f"{key}: done, skipped")
+            continue
+        quant = QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, start=start,
+                                   start_options=start_opts(start, iters))
+        model = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        qm = prepare_model(model, xc, quant, arch=args.model, progress=False)
+        t_start = time.perf_counter() - t0
+        qm.model.to(dev)
+        if fp_logits is None:
+            qm.set_quant_enabled(False)
+            fp_logits = predict(qm.model, xe.to(dev), 50).cpu()
+            qm.set_quant_enabled(True)
+            from evolq.evaluate import metrics
+
+            res["fp32"] = _short(metrics(fp_logits, ye))
+        m0, _ = evaluate_qmodel(qm, xe.to(dev), ye.to(dev), fp_logits=fp_logits.to(dev), batch_size=50)
+        run = {"start": _short(m0["quantized"]), "start_seconds": round(t_start, 1),
+               "start_report": {k: v for k, v in (qm.start_report or {}).items() if k != "blocks"}}
+        if qm.start_report:
+            run["start_blocks"] = [{k: v for k, v in b.items() if k in ("block", "status", "error_start", "error_end",
+                                                                        "seconds")} for b in qm.start_report["blocks"]]
+        print(f"{key}: start {run['start']} ({t_start:.0f} s)", flush=True)
+        if search:
+            s = SearchConfig(passes=args.passes, cycles=args.cycles, scope=args.scope, unit=args.unit,
+                             infonce_batch=args.infonce_batch, seed=args.seed, device=dev, progress=False,
+                             max_batch=32 if dev == "cpu" else 512, population=args.population,
+                             samples=min(args.samples, args.population))
+            t1 = time.perf_counter()
+            run["searched_blocks"] = search_last_blocks(qm, args.last, args.scope)
+            qm, rep = quantize_model(qm, xc, EvolQConfig(quant, s))
+            m1, _ = evaluate_qmodel(qm, xe.to(dev), ye.to(dev), fp_logits=fp_logits.to(dev), batch_size=50)
+            run["evolq"] = _short(m1["quantized"])
+            run["search_seconds"] = round(time.perf_counter() - t1, 1)
+            run["evaluations"] = rep["evaluations"]
+            print(f"{key}: evol-q {run['evolq']} ({run['search_seconds']:.0f} s)", flush=True)
+        run["seconds"] = round(time.perf_counter() - t0, 1)
+        res["runs"][key] = run
+        res["device"] = str(torch.cuda.get_device_name(0)) if dev.startswith("cuda") else "cpu"
+        write_json(out, res)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""GPTQ start point (Frantar et al., 2023): one-shot weight rounding with
+inverse-Hessian error compensation, layer by layer, on any ``QModel``.
+
+For each quantized Linear/Conv, block after block, ``H = 2 X^T X / n`` is collected
+from the inputs the layer sees in the already-quantized model (its input after its
+input quantizer; divided by the input factors where they are folded into the weights,
+so the folded weight ``W * factor`` is the one quantized). Columns are then quantized
+in order (optionally by decreasing ``diag(H)``, "act-order"), each one's rounding
+error spread over the columns not yet quantized. The grid is the layer's own weight
+quantizer (per-channel asymmetric uint, symmetric int, per tensor).
+
+What is stored: the *compensated* weights, i.e. each column's value at the moment it
+was rounded. Their round-to-nearest on the quantizer's grid is GPTQ's choice; they are
+kept as ``weight_delta = compensated - W`` in the weight quantizer (the float layer
+keeps its weight, so the float reference stays the original model), and a later scale
+search re-rounds the compensated weights at its candidate scales.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import DataError
+from ...quant.range import fake_quant
+from ..layers import QLinear
+
+__all__ = ["gptq_quantize", "layer_rows", "collect_hessian", "gptq_layer", "gptq_block"]
+
+
+class _Stop(Exception):
+    """Raised by the Hessian hook once the layer's input is seen (the rest of the block is not needed)."""
+
+
+def _folded(layer):
+    """(weight the quantizer sees, input factor or None)."""
+    f = layer._factor() if isinstance(layer, QLinear) else None
+    return (layer._folded_weight(f) if f is not None else layer.weight), f
+
+
+def _conv_padding(layer):
+    conv = layer.conv
+    if type(layer).__name__ == "QConv2dSame":
+        return "same-dynamic"
+    if isinstance(conv.padding, str):
+        return 0 if conv.padding == "valid" else None
+    return conv.padding
+
+
+def layer_rows(layer, x: torch.Tensor) -> torch.Tensor:
+    """The rows the layer's weight multiplies, grouped: (rows, groups, columns)."""
+    xq = layer.input_quant(x).float()
+    if isinstance(layer, QLinear):
+        f = layer._factor()
+        if f is not None:
+            xq = xq / f
+        return xq.reshape(-1, 1, xq.shape[-1])
+    conv = layer.conv
+    pad = _conv_padding(layer)
+    if pad == "same-dynamic":
+        from timm.layers import pad_same
+
+        xq, pad = pad_same(xq, conv.weight.shape[-2:], conv.stride, conv.dilation), 0
+    cols = F.unfold(xq, conv.kernel_size, dilation=conv.dilation, padding=pad, stride=conv.stride)
+    n, _, length = cols.shape
+    g = conv.groups
+    return cols.reshape(n, g, -1, length).permute(0, 3, 1, 2).reshape(n * length, g, -1)
+
+
+@torch.no_grad()
+def collect_hessian(run, layer, inputs: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, int]:
+    """``H = 2 X^T X / n`` per group (groups, d, d), float64, from ``layer``'s inputs while
+    ``run`` (a block) processes ``inputs``; returns (H, n rows)."""
+    acc = {"H": None, "n": 0}
+
+    def hook(mod, args):
+        x = args[0]
+        for i in range(0, x.shape[0], 4):  # a few images at a time: unfolded convs are large
+            r = layer_rows(mod, x[i:i + 4])
+            h = torch.einsum("ngd,nge->gde", r, r).double()
+            acc["H"] = h if acc["H"] is None else acc["H"] + h
+            acc["n"] += r.shape[0]
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        for i in range(0, inputs.shape[0], batch_size):
+            try:
+                run(inputs[i:i + batch_size])
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    if acc["H"] is None:
+        raise DataError("a quantized layer was never reached while collecting GPTQ Hessians")
+    return 2.0 * acc["H"] / max(acc["n"], 1), acc["n"]
+
+
+def _quant(w, inv_s, s, zp, qmin, qmax):
+    # the same arithmetic as ``fake_quant`` (x * (1/s), round, clamp, * s): bit-identical to the quantizer
+    q = torch.mul(w, inv_s)
+    q.round_()
+    q = torch.maximum(torch.minimum(q, qmax - zp), qmin - zp)
+    return q.mul_(s)
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                  qmax: int, damp: float = 0.01, act_order: bool = True, block_size: int = 128, name: str = ""):
+    """GPTQ on grouped weights.
+
+    Args:
+        w: (groups, rows, d) float weights (rows: output channels of a group).
+        h: (groups, d, d) Hessians.
+        scale, zero_point: (groups, rows) per-row grid.
+    Returns:
+        (quantized, compensated), both (groups, rows, d): ``quantized`` is the dequantized
+        choice; ``compensated`` each column's value when it was rounded.
+    Raises:
+        DataError: a Hessian that is not finite, or not positive definite even after
+        dampening with up to 1e4 times ``damp``.
+    """
+    g, r, d = w.shape
+    if not bool(torch.isfinite(h).all()):
+        raise DataError(f"the GPTQ Hessian of {name or 'a layer'} is not finite: the calibration activations hold "
+                        f"NaN or inf")
+    w = w.detach().float().clone()
+    h = h.clone()
+    diag = h.diagonal(dim1=1, dim2=2)
+    diag[diag == 0] = 1.0  # inputs that are always zero: any weight there is as good
+    perm = None
+    if act_order:
+        perm = torch.argsort(diag, dim=1, descending=True)
+        w = w.gather(2, perm[:, None, :].expand(g, r, d))
+        h = h.gather(1, perm[:, :, None].expand(g, d, d)).gather(2, perm[:, None, :].expand(g, d, d))
+    eye = torch.eye(d, dtype=h.dtype, device=h.device)
+    mean_diag = h.diagonal(dim1=1, dim2=2).mean(1)
+    u = None
+    for attempt in range(5):
+        hd = h + (damp * 10 ** attempt * mean_diag)[:, None, None] * eye
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if bool((info == 0).all()):
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if bool((info == 0).all()) and bool(torch.isfinite(u).all()):
+                break
+            u = None
+    if u is None:
+        raise DataError(f"the GPTQ Hessian of {name or 'a layer'} is not positive definite even with dampening "
+                        f"{damp * 1e4:g} x its mean diagonal: the calibration activations are degenerate")
+    u = u.float()
+    s = scale.reshape(g, r).float()
+    zp = zero_point.reshape(g, r).float() if zero_point.numel() > 1 else zero_point.float().reshape(()).expand(g, r)
+    inv_s = torch.reciprocal(s)
+    quantized, comp = torch.zeros_like(w), torch.zeros_like(w)
+    for i1 in range(0, d, block_size):
+        i2 = min(i1 + block_size, d)
+        w1 = w[:, :, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, :, i].clone()
+            q = _quant(col, inv_s, s, zp, qmin, qmax)
+            comp[:, :, i1 + i], quantized[:, :, i1 + i] = col, q
+            err = (col - q) / u1[:, i, i][:, None]
+            w1[:, :, i:] -= err[:, :, None] * u1[:, i, i:][:, None, :]
+            err1[:, :, i] = err
+        if i2 < d:
+            w[:, :, i2:] -= torch.bmm(err1, u[:, i1:i2, i2:])
+    if perm is not None:
+        inv = torch.argsort(perm, dim=1)[:, None, :].expand(g, r, d)
+        quantized, comp = quantized.gather(2, inv), comp.gather(2, inv)
+    return quantized, comp
+
+
+def _grouped(layer, t: torch.Tensor) -> torch.Tensor:
+    """A weight-shaped tensor as (groups, rows, d)."""
+    g = 1 if isinstance(layer, QLinear) else layer.conv.groups
+    return t.reshape(g, t.shape[0] // g, -1)
+
+
+@torch.no_grad()
+def gptq_layer(layer, h: torch.Tensor, rows: int, opts, name: str = "") -> dict:
+    """Quantize one layer with GPTQ given its Hessian; installs ``weight_delta`` in its
+    weight quantizer. Returns a record (layer-output error vs round-to-nearest)."""
+    q = layer.weight_quant
+    q.set_rounding()  # start from plain round-to-nearest
+    wf, _ = _folded(layer)
+    wf = wf.detach().float()
+    wg = _grouped(layer, wf)
+    g, r, d = wg.shape
+    rec = {"layer": name, "columns": d, "rows": rows}
+    if rows < d:
+        rec.update(method="rtn", reason=f"{rows} input rows for {d} columns: too few for a Hessian (give more "
+                                        f"calibration images)")
+        return rec
+    scale = q.scale.reshape(-1).float()
+    zp = q.zero_point.reshape(-1).float()
+    if scale.numel() == 1:
+        scale = scale.expand(wf.shape[0])
+    if zp.numel() == 1:
+        zp = zp.expand(wf.shape[0])
+    quantized, comp = gptq_quantize(wg, h.to(wg.device), scale.reshape(g, r), zp.reshape(g, r), q.qmin, q.qmax,
+                                    opts.damp, opts.act_order, opts.block_size, name)
+    rtn = fake_quant(wg, scale.reshape(g, r, 1), zp.reshape(g, r, 1), q.qmin, q.qmax)
+    hh = h.to(wg.device)
+
+    def out_err(wq):  # sum over groups of tr((W - Q) H (W - Q)^T): the layer-output error on the calibration rows
+        e = (wg - wq).double()
+        return float(torch.einsum("grd,gde,gre->", e, hh, e))
+
+    e_gptq, e_rtn = out_err(quantized), out_err(rtn)
+    rec.update(output_error_gptq=e_gptq, output_error_rtn=e_rtn)
+    if not e_gptq <= e_rtn:
+        rec.update(method="rtn", reason="GPTQ's layer-output error was not below round-to-nearest's")
+        return rec
+    quantized = quantized.reshape(wf.shape)
+    delta = comp.reshape(wf.shape) - wf
+    # the stored compensated weights must round back to GPTQ's choice (float re-association aside)
+    got = fake_quant(wf + delta, scale.reshape(-1, *[1] * (wf.ndim - 1)), zp.reshape(-1, *[1] * (wf.ndim - 1)),
+                     q.qmin, q.qmax)
+    bad = got != quantized
+    if bool(bad.any()):
+        delta[bad] = (quantized - wf)[bad]
+    q.set_rounding(delta=delta)
+    rec["method"] = "gptq"
+    return rec
+
+
+@torch.no_grad()
+def gptq_block(qmodel, index: int, x_in: torch.Tensor, opts, layers) -> list[dict]:
+    """GPTQ every layer of block ``index`` in module order, each with the Hessian of its
+    inputs given the layers before it already quantized."""
+    block = qmodel.blocks[index]
+    recs = []
+    for name, layer in layers:
+        h, rows = collect_hessian(block.run, layer, x_in, opts.batch_size)
+        recs.append(gptq_layer(layer, h, rows, opts, name))
+    return recs
