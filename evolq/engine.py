@@ -18,32 +18,17 @@ from .holdout import HoldOut
 from .hooks import Hook
 from .losses import make_loss
 from .problems.block_scale import PENALTY
+from .qnn.qmodel import search_units, unit_block
 from .qnn.scales import ScaleSpace
 
-__all__ = ["SearchEngine", "block_seed", "layer_units", "unit_block"]
+__all__ = ["SearchEngine", "block_seed"]
 
 
-def block_seed(seed: int, pass_idx: int, block_idx: int) -> int:
-    """Independent, reproducible seed for one block search (so resuming needs no RNG state)."""
-    return int(np.random.SeedSequence([int(seed), int(pass_idx), int(block_idx)]).generate_state(1)[0])
-
-
-def unit_block(key) -> int:
-    """The block index of a search unit (a block index, or (block index, j) for a layer unit)."""
-    return key if isinstance(key, int) else key[0]
-
-
-def layer_units(block, scope: str) -> list[tuple[str, dict]]:
-    """``SearchConfig(unit="layer")``: a block's scales under ``scope`` split into one unit
-    per conv/linear layer (its weight scales, named after the layer), in module order,
-    plus one unit with the rest (activation scales, if the scope has any)."""
-    qs = block.searched(scope)
-    units = [(n[: -len(".weight_quant")] if n.endswith(".weight_quant") else n, {n: q})
-             for n, q in qs.items() if getattr(q, "kind", None) == "weight"]
-    rest = {n: q for n, q in qs.items() if getattr(q, "kind", None) != "weight"}
-    if rest:
-        units.append((f"{block.name}/activations", rest))
-    return units
+def block_seed(seed: int, pass_idx: int, key) -> int:
+    """Independent, reproducible seed for one unit's search (so resuming needs no RNG state);
+    ``key`` is a block index, or (block index, j) for layer unit j."""
+    parts = [key] if isinstance(key, int) else [key[0], 1 + key[1]]
+    return int(np.random.SeedSequence([int(seed), int(pass_idx), *map(int, parts)]).generate_state(1)[0])
 
 
 class SearchEngine:
@@ -54,17 +39,11 @@ class SearchEngine:
     def __init__(self, qmodel, fit_inputs, hold_inputs, search, w_bits: int, checkpoint: RunCheckpoint | None = None):
         self.qmodel, self.search = qmodel, search
         self.loss, self.sigma = make_loss(search), search.eps_for(w_bits)
-        blocks = [i for i, b in enumerate(qmodel.blocks) if b.scopes.get(search.scope)]
-        if not blocks:
+        units = search_units(qmodel, search.scope, search.unit)  # key -> (name or None, quantizers)
+        if not units:
             raise ConfigError(f"no block of this model has scales under scope {search.scope!r}")
-        # search units: block indices, or (block index, j) per layer with unit="layer"
-        self.spaces, self.unit_names = {}, {}
-        for i in blocks:
-            if getattr(search, "unit", "block") == "layer":
-                for j, (name, qs) in enumerate(layer_units(qmodel.blocks[i], search.scope)):
-                    self.spaces[(i, j)], self.unit_names[(i, j)] = ScaleSpace(qs), name
-            else:
-                self.spaces[i], self.unit_names[i] = ScaleSpace(qmodel.blocks[i].searched(search.scope)), None
+        self.spaces = {k: ScaleSpace(qs) for k, (_, qs) in units.items()}
+        self.unit_names = {k: name for k, (name, _) in units.items()}
         self.order = list(self.spaces)
         if search.order == "last-first":
             self.order.reverse()
@@ -136,20 +115,17 @@ class SearchEngine:
         from .problems import BlockScaleProblem
         from .search import make_searcher
         space, t0, evals0 = self.spaces[idx], time.perf_counter(), self.fitness.evaluations
-        b = unit_block(idx)
-        unit = self.unit_names[idx]
+        b, unit, s = unit_block(idx), self.unit_names[idx], self.search
+        extra = {"unit": unit} if unit else {}
         start_f = known if known is not None else float(self.evaluate(idx, space.vector().unsqueeze(0))[0])
         if not math.isfinite(start_f):  # a model that is already broken: any finite candidate is better
             start_f = PENALTY
         self.block_start_hook({"pass": p, "block": self.qmodel.blocks[b].name, "index": b,
-                               "position": self.order.index(idx), "start_fitness": start_f,
-                               **({"unit": unit} if unit else {})})
-        seed = block_seed(self.search.seed, p, idx) if unit is None else \
-            int(np.random.SeedSequence([int(self.search.seed), int(p), int(b), 1 + int(idx[1])]).generate_state(1)[0])
-        s = self.search
+                               "position": self.order.index(idx), "start_fitness": start_f, **extra})
+        seed = block_seed(s.seed, p, idx)
         with quiet():
-            problem = BlockScaleProblem(space.vector(), lambda c: self.evaluate(idx, c),
-                                        parameterization=self.search.noise, start_fitness=start_f, seed=seed)
+            problem = BlockScaleProblem(space.vector(), lambda c: self.evaluate(idx, c), parameterization=s.noise,
+                                        start_fitness=start_f, seed=seed)
             plan = make_searcher(s.searcher, problem, budget=s.cycles, sigma=self.sigma, popsize=s.popsize,
                                  start_fitness=start_f, seed=seed, population=s.population, samples=s.samples,
                                  searcher_kwargs=s.searcher_kwargs)
@@ -158,9 +134,6 @@ class SearchEngine:
         final, best = problem.outcome(start_f)  # the start again if the best is degenerate or no better
         space.write(final)
         self.fitness.invalidate(after=b)
-        rec = {"pass": p, "block": self.qmodel.blocks[b].name, "start_fitness": start_f,
-               "final_fitness": best, "evaluations": self.fitness.evaluations - evals0,
-               "seconds": time.perf_counter() - t0, "history": problem.history}
-        if unit is not None:
-            rec["unit"] = unit
-        return rec
+        return {"pass": p, "block": self.qmodel.blocks[b].name, "start_fitness": start_f, "final_fitness": best,
+                "evaluations": self.fitness.evaluations - evals0, "seconds": time.perf_counter() - t0,
+                "history": problem.history, **extra}

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..quant import Quantizer
 
-__all__ = ["Block", "QModel"]
+__all__ = ["Block", "QModel", "search_units", "unit_block", "layer_units"]
 
 
 @dataclass
@@ -81,3 +81,37 @@ class QModel:
         for b in self.blocks[start:stop]:
             x = b.run(x)
         return x
+
+
+# -- search units: what one evolutionary search optimises -------------------------------
+def layer_units(block: Block, scope: str) -> list[tuple[str, dict]]:
+    """``SearchConfig(unit="layer")``: a block's scales under ``scope`` split into one unit
+    per conv/linear layer (its weight scales, named after the layer), in module order,
+    plus one unit with the rest (activation scales, if the scope has any)."""
+    qs = block.searched(scope)
+    units = [(n[: -len(".weight_quant")] if n.endswith(".weight_quant") else n, {n: q})
+             for n, q in qs.items() if getattr(q, "kind", None) == "weight"]
+    rest = {n: q for n, q in qs.items() if getattr(q, "kind", None) != "weight"}
+    if rest:
+        units.append((f"{block.name}/activations", rest))
+    return units
+
+
+def search_units(qmodel: QModel, scope: str, unit: str = "block") -> dict:
+    """The search units of ``qmodel`` under ``scope``, in block order: key -> (name, quantizers).
+    ``unit="block"``: key = block index, name None; ``unit="layer"``: key = (block index, j)."""
+    out = {}
+    for i, b in enumerate(qmodel.blocks):
+        if not b.scopes.get(scope):
+            continue
+        if unit == "layer":
+            for j, (name, qs) in enumerate(layer_units(b, scope)):
+                out[(i, j)] = (name, qs)
+        else:
+            out[i] = (None, b.searched(scope))
+    return out
+
+
+def unit_block(key) -> int:
+    """The block index of a search unit key (a block index, or (block index, j))."""
+    return key if isinstance(key, int) else key[0]
