@@ -21,8 +21,9 @@ import torch
 from .errors import CheckpointError, ConfigError
 from .io import atomic_write
 
-__all__ = ["RunCheckpoint", "RunLock", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "fingerprint",
-           "run_settings", "check_run_folder", "clean_stale_tmp", "new_state", "RESUME_FREE", "CKPT_NAME"]
+__all__ = ["RunCheckpoint", "RunFolder", "RunLock", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta",
+           "fingerprint", "run_settings", "check_run_folder", "clean_stale_tmp", "new_state", "RESUME_FREE",
+           "CKPT_NAME"]
 
 CKPT_NAME = "checkpoint.safetensors"
 LOCK_NAME = ".evolq.lock"
@@ -92,13 +93,13 @@ def save_checkpoint(path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     atomic_write(path, save(tensors, metadata={"evolq": json.dumps(meta)}))
 
 
-def clean_stale_tmp(folder) -> int:
-    """Remove temporary checkpoint files left by killed writers; returns how many."""
+def clean_stale_tmp(folder, name: str = CKPT_NAME) -> int:
+    """Remove temporary files of ``name`` left by killed writers; returns how many."""
     n = 0
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    for f in folder.glob(CKPT_NAME + ".tmp*"):
+    for f in folder.glob(name + ".tmp*"):
         try:
             f.unlink()
             n += 1
@@ -180,6 +181,27 @@ class RunLock:
         return False
 
 
+class RunFolder:
+    """Base of the per-run checkpoint classes (``RunCheckpoint``, the start point's
+    ``StartCheckpoint``): with a ``path``, entering takes the folder's run lock and removes
+    the temporary files that killed writers of that file left; without one, a no-op."""
+
+    path: Path | None = None
+    _lock: RunLock | None = None
+
+    def __enter__(self):
+        if self.path is not None:
+            self._lock = RunLock(self.path.parent).__enter__()
+            clean_stale_tmp(self.path.parent, self.path.name)
+        return self
+
+    def __exit__(self, *exc):
+        if self._lock is not None:
+            self._lock.__exit__(*exc)
+            self._lock = None
+        return False
+
+
 # -- the run's state -------------------------------------------------------------------
 def new_state() -> dict:
     """The progress record of a run that has not started."""
@@ -187,7 +209,7 @@ def new_state() -> dict:
             "passes": [], "evaluations": 0, "seconds": 0.0}
 
 
-class RunCheckpoint:
+class RunCheckpoint(RunFolder):
     """The state of one search run, in memory and (with a ``folder``) on disk.
 
     Args:
@@ -207,18 +229,6 @@ class RunCheckpoint:
         self.path = Path(folder) / CKPT_NAME if folder is not None else None
         self.on_install: list = []
         self._snap, self._saved = None, True
-        self._lock = RunLock(self.path.parent) if self.path is not None else None
-
-    def __enter__(self):
-        if self._lock is not None:
-            self._lock.__enter__()
-            clean_stale_tmp(self.path.parent)
-        return self
-
-    def __exit__(self, *exc):
-        if self._lock is not None:
-            self._lock.__exit__(*exc)
-        return False
 
     def quantizer_state(self) -> dict[str, torch.Tensor]:
         out = {}

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ...checkpoint import RunLock, clean_stale_tmp, fingerprint, load_checkpoint, save_checkpoint
+from ...checkpoint import RunFolder, fingerprint, load_checkpoint, save_checkpoint
 from ...errors import CheckpointError, ConfigError
 from ...quant import UniformQuantizer
 from ..layers import QConv2d, QLinear
@@ -156,7 +156,7 @@ def block_layers(qmodel, block) -> list[tuple[str, nn.Module]]:
     return out
 
 
-class StartCheckpoint:
+class StartCheckpoint(RunFolder):
     """Per-block checkpoint of a gptq/brecq start: every quantizer buffer (rounding
     offsets, weight deltas, learned activation steps) and the records of finished
     blocks, written atomically after each block to ``START_CKPT_NAME`` in ``folder``.
@@ -167,23 +167,11 @@ class StartCheckpoint:
         self.qmodel, self.run_id = qmodel, run_id
         self.path = Path(folder) / START_CKPT_NAME if folder is not None else None
         self.resume = resume
-        self._lock = RunLock(self.path.parent) if self.path is not None else None
 
     @staticmethod
     def run_id_of(qmodel, quant, x: torch.Tensor) -> str:
         return fingerprint(qmodel.arch, qmodel.family, json.loads(json.dumps(dataclasses.asdict(quant), default=str)),
                            x[:: max(1, x.shape[0] // 16)])
-
-    def __enter__(self):
-        if self._lock is not None:
-            self._lock.__enter__()
-            clean_stale_tmp(self.path.parent)
-        return self
-
-    def __exit__(self, *exc):
-        if self._lock is not None:
-            self._lock.__exit__(*exc)
-        return False
 
     def restore(self) -> dict | None:
         """Install the checkpoint (if resuming and one exists); returns its progress record."""
