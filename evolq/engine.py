@@ -80,7 +80,9 @@ class SearchEngine:
                     if state["pos"] == 0:  # a new pass: remember where it started, for the hold-out decision
                         self.fitness.invalidate()
                         prepass = self.all_space.vector()
-                        state["hold_before"], state["pass_start_fitness"] = self.holdout.score(), state["known"]
+                        # the model's hold-out score is known after a pass (after if kept, before if reverted)
+                        before = state["hold_now"] if "hold_now" in state else self.holdout.score()
+                        state["hold_before"], state["pass_start_fitness"] = before, state["known"]
                     while state["pos"] < len(self.order):
                         rec = self._search_block(state["pass"], self.order[state["pos"]], state["known"])
                         state["known"] = rec["final_fitness"] if self.search.reuse_fitness else None
@@ -96,6 +98,7 @@ class SearchEngine:
                         self.all_space.write(prepass)
                         self.fitness.invalidate()
                         state["known"] = state["pass_start_fitness"]
+                    state["hold_now"] = after if keep else before
                     rec = {"pass": state["pass"], "holdout_before": before, "holdout_after": after, "kept": keep}
                     state["passes"].append(rec)
                     state["pass"], state["pos"] = state["pass"] + 1, 0

@@ -50,6 +50,7 @@ from .qnn.layers import QConv2d, QLinear
 from .qnn.qmodel import QModel
 from .quant import ChannelFactorQuantizer, Log2Quantizer, PTFQuantizer, Quantizer, UniformQuantizer
 from .quant.quantizers import bias_correct
+from .quant.range import quant_codes
 
 __all__ = ["export_onnx", "check_onnx", "export_float_onnx", "MIN_OPSET", "INT4_OPSET"]
 
@@ -114,11 +115,9 @@ def _np(t: torch.Tensor, dtype=np.float32) -> np.ndarray:
 
 
 def _fake(x, scale, zp, qmin, qmax):
-    """``evolq.quant.range.fake_quant`` (the same operations), returning the integers
-    ``clamp(round(x / s), qmin - z, qmax - z) + z`` and the dequantized values."""
-    q = torch.mul(x, torch.reciprocal(scale))
-    q.round_()
-    q = torch.maximum(torch.minimum(q, qmax - zp), qmin - zp)
+    """The stored integers ``codes + z`` and the dequantized values ``codes * s``, from
+    the quantizers' own ``quant_codes`` (so the graph holds exactly evolq's grid)."""
+    q = quant_codes(x, scale, zp, qmin, qmax)
     return q + zp, q * scale
 
 

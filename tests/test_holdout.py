@@ -86,3 +86,17 @@ def test_a_forced_rollback_restores_the_pre_pass_scales_exactly():
     assert any(b["final_fitness"] < b["start_fitness"] for b in rep["blocks"])  # the passes did move scales
     assert fk.same_tensors(scales(qm), before)  # ... and every move was undone, bit for bit
     assert torch.equal(revert.engine.all_space.vector(), revert.pre_pass[0])
+
+
+def test_the_holdout_is_scored_once_per_pass():
+    calls = []
+
+    def count(engine):
+        real = engine.holdout.score
+        engine.holdout.score = lambda: calls.append(1) or real()
+
+    x = fk.images(32)
+    qm, rep = quantize_model(fk.tiny_vit(), x, fk.small_config(holdout=0.25, passes=3, eps=0.01), subscribers=[count])
+    assert len(calls) == 1 + 3  # the start, then the end of each pass; a pass's start reuses the last score
+    for prev, cur in zip(rep["passes"], rep["passes"][1:]):
+        assert cur["holdout_before"] == (prev["holdout_after"] if prev["kept"] else prev["holdout_before"])

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quant import Quantizer
+from ..quant.quantizers import memo
 
 __all__ = ["QLinear", "QConv2d", "QAct", "QNorm", "conv_forward", "quantizers_of"]
 
@@ -62,13 +63,7 @@ class QLinear(nn.Module):
         return None
 
     def _folded_weight(self, f):
-        c = self._fold_cache  # W * factor, valid while weight and factor are unchanged
-        w = self.weight
-        if c is not None and c[0] is w and c[1] == w._version and c[2] is f and c[3] == f._version:
-            return c[4]
-        out = w * f
-        self._fold_cache = (w, w._version, f, f._version, out)
-        return out
+        return memo(self, "_fold_cache", (self.weight, f), lambda: self.weight * f)  # W * factor
 
     @torch.no_grad()
     def after_calibration(self) -> None:

@@ -39,6 +39,20 @@ def bias_correct(w_q: torch.Tensor, w: torch.Tensor, ch_axis: int = 0) -> torch.
     return (w_q - mu_q) * ratio + mu
 
 
+def memo(owner, slot: str, deps: tuple, compute):
+    """``compute()``, kept in ``owner.<slot>`` while every tensor in ``deps`` is the same object
+    at the same version (an in-place write bumps the version; a replaced buffer is a new
+    object): quantized (or folded) weights are computed once per scale, weight and rounding
+    state, not once per forward."""
+    versions = tuple(None if t is None else t._version for t in deps)
+    c = getattr(owner, slot, None)
+    if c is not None and len(c[0]) == len(deps) and all(a is b for a, b in zip(c[0], deps)) and c[1] == versions:
+        return c[2]
+    out = compute()
+    setattr(owner, slot, (deps, versions, out))
+    return out
+
+
 class Quantizer(nn.Module):
     """Common state: calibration switch, enable switch, population override."""
 
@@ -64,6 +78,10 @@ class Quantizer(nn.Module):
 
     def finalize(self) -> None:  # turn observed statistics into qparams
         pass
+
+    def _rounding(self) -> tuple:
+        """The start point's rounding state (GPTQ delta, AdaRound offsets), None where absent."""
+        return self._buffers.get("weight_delta"), self._buffers.get("round_offset")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # buffers are sized at calibration; adopt the stored sizes when loading
@@ -214,15 +232,9 @@ class UniformQuantizer(Quantizer):
             return x
         if self.pop_scale is not None:
             if self.kind == "weight":
-                # P quantized weights, valid while the installed population, weight and zero-point are
-                # unchanged: a population evaluated on several image chunks is quantized once
-                c, ps = self._pcache, self.pop_scale
-                if (c is not None and c[0] is ps and c[1] == ps._version and c[2] is x and c[3] == x._version
-                        and c[4] is self.zero_point and c[5] == self.zero_point._version):
-                    return c[6]
-                out = self._pop_weight(x)
-                self._pcache = (ps, ps._version, x, x._version, self.zero_point, self.zero_point._version, out)
-                return out
+                # P quantized weights: a population evaluated on several image chunks is quantized once
+                return memo(self, "_pcache", (self.pop_scale, x, self.zero_point, *self._rounding()),
+                            lambda: self._pop_weight(x))
             p = self.pop_scale.shape[0]
             if self._axis(x.ndim) is None:  # per-tensor: candidate p's samples share scale p
                 xs = x.reshape(p, -1)
@@ -234,16 +246,8 @@ class UniformQuantizer(Quantizer):
             s = self.pop_scale.reshape(p, *bshape)
             return fake_quant(xs, s, self.zero_point.reshape(bshape), self.qmin, self.qmax).reshape(x.shape)
         if self.kind == "weight":
-            c = self._wcache  # quantized weight, valid while scale, zero-point and weight are unchanged
-            extra = (self._buffers.get("weight_delta"), self._buffers.get("round_offset"))
-            if (c is not None and c[0] is self.scale and c[1] == self.scale._version and c[2] is x
-                    and c[3] == x._version and c[4] is self.zero_point and c[5] == self.zero_point._version
-                    and c[7][0] is extra[0] and c[7][1] is extra[1]):
-                return c[6]
-            out = self._weight(x)
-            self._wcache = (self.scale, self.scale._version, x, x._version, self.zero_point,
-                            self.zero_point._version, out, extra)
-            return out
+            return memo(self, "_wcache", (self.scale, x, self.zero_point, *self._rounding()),
+                        lambda: self._weight(x))
         return fake_quant_axis(x, self.scale, self.zero_point, self.qmin, self.qmax, self._axis(x.ndim))
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["int_range", "qparams_from_range", "fake_quant", "fake_quant_axis", "MIN_SCALE"]
+__all__ = ["int_range", "qparams_from_range", "fake_quant", "fake_quant_axis", "MIN_SCALE", "quant_codes"]
 
 MIN_SCALE = 1e-8
 
@@ -38,14 +38,10 @@ def qparams_from_range(min_val, max_val, qmin: int, qmax: int, symmetric: bool):
     return scale, zp
 
 
-def fake_quant(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
-    """Quantize to the integer grid and back, with broadcasting scale/zero-point:
-    ``(clamp(round(x / s) + z, qmin, qmax) - z) * s``.
-
-    Computed as ``clamp(round(x * (1/s)), qmin - z, qmax - z) * s`` (equal, since z is
-    an integer) in one allocation and three in-place passes: on CPU this is about 2.5x
-    faster than torch's fused fake-quantize kernels.
-    """
+def quant_codes(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
+    """``clamp(round(x * (1/s)), qmin - z, qmax - z)``: the integer codes minus the
+    zero-point, as floats (``fake_quant`` multiplies them back by ``s``; the ONNX export
+    adds ``z`` to store them)."""
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
     zero_point = torch.as_tensor(zero_point, dtype=x.dtype, device=x.device)
     q = torch.mul(x, torch.reciprocal(scale))
@@ -55,7 +51,19 @@ def fake_quant(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torc
         q.clamp_(qmin - z, qmax - z)
     else:
         q.clamp_(min=qmin - zero_point, max=qmax - zero_point)
-    return q.mul_(scale)
+    return q
+
+
+def fake_quant(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
+    """Quantize to the integer grid and back, with broadcasting scale/zero-point:
+    ``(clamp(round(x / s) + z, qmin, qmax) - z) * s``.
+
+    Computed as ``clamp(round(x * (1/s)), qmin - z, qmax - z) * s`` (equal, since z is
+    an integer) in one allocation and three in-place passes: on CPU this is about 2.5x
+    faster than torch's fused fake-quantize kernels.
+    """
+    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    return quant_codes(x, scale, zero_point, qmin, qmax).mul_(scale)
 
 
 def fake_quant_axis(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,

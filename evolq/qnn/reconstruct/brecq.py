@@ -229,8 +229,7 @@ def brecq_block(qmodel, index: int, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp:
             r.q.set_rounding(offset=off)
         for q in act_qs:
             if id(q) in new_scales:
-                q.scale = new_scales[id(q)].to(q.scale)
-                q._wcache = None
+                q.scale = new_scales[id(q)].to(q.scale)  # a new tensor: caches keyed on it refresh
         err_end = block_error(block.run, x_q, y_fp, eval_bs)
         rec["error_end"] = err_end
         if not (math.isfinite(err_end) and err_end <= err_start):

@@ -195,9 +195,7 @@ class StartCheckpoint(RunFolder):
             if bname in ("weight_delta", "round_offset"):
                 q.register_buffer(bname, t.clone())
             else:
-                setattr(q, bname, t.clone())
-            if hasattr(q, "_wcache"):
-                q._wcache = None
+                setattr(q, bname, t.clone())  # new tensors: the quantizer's caches see the change
         return meta["state"]
 
     def save(self, state: dict) -> None:
