@@ -25,6 +25,11 @@ def _s(name):
     return field_default(SearchConfig, name)
 
 
+# `evolq demo`'s start point: the best W3A8 start measured (benchmarks/start_points.py) that keeps
+# the demo under 5 minutes on 2 cores (benchmarks/demo.py)
+DEMO = {"preset": "outlier-aware", "start": "gptq", "edge_bits": 8}
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``evolq: error: ...``, exit 2), like evolq's own."""
 
@@ -67,7 +72,11 @@ def _add_model_args(p, quantize: bool):
                         "(PTF with per-channel zero-points; per-channel linear inputs folded into the weights)")
     p.add_argument("--linear-input-strength", type=float, default=None,
                    help="outlier-aware: share of each Linear input channel's range moved into the weights "
-                        "(0..1; default by weight bits: 0.75 at 8, 0.25 at 4 and below)")
+                        "(0..1; default by weight bits and start: 0.75 at 8; at 4 and below 0.25 with rtn, "
+                        "0.625 at 4 and 0.5 below with gptq/brecq)")
+    p.add_argument("--edge-bits", type=int, default=None,
+                   help="at least this many bits for the first layer and the classifier, weights and inputs "
+                        "(e.g. 8, as BRECQ/QDrop do; default: every layer alike)")
     _add_start_args(p)
 
 
@@ -132,10 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--cycles", type=int, default=3)
     pd.add_argument("--calib-size", type=int, default=200)
     pd.add_argument("--limit", type=int, default=500, help="evaluation images")
-    pd.add_argument("--preset", default="fq-vit", choices=tuple(QuantConfig.PRESETS),
-                    help="start-point regime (default fq-vit, the authors')")
+    pd.add_argument("--preset", default=DEMO["preset"], choices=tuple(QuantConfig.PRESETS),
+                    help=f"start-point regime (default {DEMO['preset']}; fq-vit is the authors')")
+    pd.add_argument("--edge-bits", type=int, default=DEMO["edge_bits"],
+                    help=f"bits of the first layer and the classifier (default {DEMO['edge_bits']})")
     pd.add_argument("--out", default=None, help="also write report.json and the model here")
     _add_start_args(pd)
+    pd.set_defaults(start=DEMO["start"])
 
     pl = sub.add_parser("landscape", help="loss surfaces of one block's scales along two random directions "
                                           "(heat map + 3-D PNG and JSON)")
@@ -174,7 +186,7 @@ def _quant_config(args):
     return QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, act_observer=args.act_observer,
                               attn_probs=args.attn_probs, ptf=not args.no_ptf,
                               bias_correction=not args.no_bias_correction, start=args.start,
-                              start_options=dict(args.start_arg), **extra)
+                              start_options=dict(args.start_arg), edge_bits=args.edge_bits, **extra)
 
 
 def _load(args, quiet=False):
@@ -274,7 +286,8 @@ def cmd_demo(args) -> int:
     from .models import load_model, model_transform
 
     arch = "vit_tiny_patch16_224"
-    print(f"evolq demo: {arch} (real ImageNet weights), W{args.w_bits}A8 {args.preset}, "
+    print(f"evolq demo: {arch} (real ImageNet weights), W{args.w_bits}A8 {args.preset}, start {args.start}, "
+          f"edge bits {args.edge_bits}, "
           f"{args.calib_size} calibration images "
           f"(even labels), {args.limit} evaluation images (odd labels); {args.passes} pass x {args.cycles} cycles")
     model = load_model(arch)
@@ -283,7 +296,7 @@ def cmd_demo(args) -> int:
     xc, _ = load_images(data, tf, "calib", limit=args.calib_size, progress=True)
     xe, ye = load_images(data, tf, "eval", limit=args.limit, progress=True)
     quant = QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=8, start=args.start,
-                               start_options=dict(args.start_arg))
+                               start_options=dict(args.start_arg), edge_bits=args.edge_bits)
     n_fit = xc.shape[0] - int(round(xc.shape[0] * 0.1))
     search = SearchConfig(passes=args.passes, cycles=args.cycles, infonce_batch=min(100, max(2, n_fit // 3)))
     out = Path(args.out) if args.out else None

@@ -59,6 +59,12 @@ class QuantConfig:
     QDrop optional); ``start_options`` sets their knobs (``evolq.qnn.reconstruct``).
     Bias correction applies to the ``rtn`` start only: gptq and brecq correct the
     rounding error themselves.
+
+    ``edge_bits`` (default None: every layer alike, the FQ-ViT regime) gives the first
+    Linear/Conv (patch embedding, stem convolution) and the classifier at least that
+    many bits, weights and input alike: BRECQ, QDrop and most PTQ papers keep these
+    two layers at 8 bits. The input of the first layer is the image, which 4-bit
+    activations cut to 16 levels.
     """
 
     w_bits: int = 8
@@ -75,6 +81,7 @@ class QuantConfig:
     linear_input_strength: float = 0.5  # "channel": factors (s_c / mean s)^strength; 1 = fully per channel
     start: str = "rtn"  # weight rounding of the start point: "rtn", "gptq" or "brecq" (evolq.qnn.reconstruct)
     start_options: dict = field(default_factory=dict)  # settings of the gptq/brecq start (GPTQOptions/BRECQOptions)
+    edge_bits: int | None = None  # at least this many bits for the first and last layer (weights and inputs)
 
     PRESETS = {
         "fq-vit": {},
@@ -82,11 +89,19 @@ class QuantConfig:
     }
 
     @staticmethod
-    def outlier_strength(w_bits: int) -> float:
-        """The outlier-aware preset's ``linear_input_strength`` for ``w_bits``: the lowest
-        KL on calibration-pool images in ``benchmarks/preset_strength.py`` (ViT-Tiny:
-        0.75 at 8 bits, 0.25 at 4 and 3 bits; 5-7 bits were not measured and get 0.5)."""
-        return 0.75 if w_bits >= 8 else 0.25 if w_bits <= 4 else 0.5
+    def outlier_strength(w_bits: int, start: str = "rtn") -> float:
+        """The outlier-aware preset's ``linear_input_strength`` for ``w_bits`` and ``start``:
+        the lowest KL on calibration-pool images. Round-to-nearest
+        (``benchmarks/preset_strength.py``, ViT-Tiny): 0.75 at 8 bits, 0.25 at 4 and 3 bits;
+        5-7 bits were not measured and get 0.5. With a gptq or brecq start the rounding
+        error is compensated, so more of each channel's range can move into the weights:
+        0.625 at 4 bits and 0.5 at 3 bits and below (``benchmarks/start_choices.py``,
+        calibration pool only; measured with gptq, brecq assumed alike)."""
+        if w_bits >= 8:
+            return 0.75
+        if start == "rtn":
+            return 0.25 if w_bits <= 4 else 0.5
+        return 0.625 if w_bits == 4 else 0.5
 
     @classmethod
     def preset(cls, name: str, **overrides) -> QuantConfig:
@@ -98,7 +113,7 @@ class QuantConfig:
         if name == "outlier-aware" and "linear_input_strength" not in overrides:
             w_bits = fields.get("w_bits", cls.w_bits)
             if isinstance(w_bits, int) and not isinstance(w_bits, bool):  # else validation reports it
-                fields["linear_input_strength"] = cls.outlier_strength(w_bits)
+                fields["linear_input_strength"] = cls.outlier_strength(w_bits, fields.get("start", cls.start))
         return cls(**fields)
 
     def __post_init__(self):
@@ -121,6 +136,8 @@ class QuantConfig:
         if isinstance(st, bool) or not isinstance(st, (int, float)) or not 0.0 <= st <= 1.0:
             raise ConfigError(f"linear_input_strength must be a number in [0, 1], got {st!r}")
         _check_choice("start", self.start, STARTS)
+        if self.edge_bits is not None:
+            _check_int("edge_bits", self.edge_bits, 2, 8)
         if not isinstance(self.start_options, dict):
             raise ConfigError(f"start_options must be a dict, got {type(self.start_options).__name__}")
         if self.start_options:

@@ -229,7 +229,8 @@ def test_good_folder_loads_and_bad_arguments(tmp_path):
                                 dict(w_bits="8"), dict(attn_bits=1), dict(act_observer="median"),
                                 dict(attn_probs="log10"), dict(ptf_zero_point="row"), dict(ptf_max_alpha=9),
                                 dict(ptf_max_alpha=-1), dict(linear_input="token"),
-                                dict(linear_input_strength=1.5), dict(linear_input_strength="half")])
+                                dict(linear_input_strength=1.5), dict(linear_input_strength="half"),
+                                dict(edge_bits=1), dict(edge_bits=9), dict(edge_bits="8")])
 def test_bad_quant_config(kw):
     with pytest.raises(ConfigError) as e:
         QuantConfig(**kw)
@@ -252,6 +253,10 @@ def test_presets():
     # the migration strength follows the weight bits unless given
     strengths = [QuantConfig.preset("outlier-aware", w_bits=b).linear_input_strength for b in (8, 4, 3)]
     assert strengths == [0.75, 0.25, 0.25]
+    # with a gptq/brecq start the rounding error is compensated: more migrates into the weights
+    for start in ("gptq", "brecq"):
+        got = [QuantConfig.preset("outlier-aware", w_bits=b, start=start).linear_input_strength for b in (8, 4, 3)]
+        assert got == [0.75] + [QuantConfig.outlier_strength(b, start) for b in (4, 3)] and got[1] > 0.25
     assert QuantConfig.preset("outlier-aware", w_bits=4, linear_input_strength=1.0).linear_input_strength == 1.0
     with pytest.raises(ConfigError) as e:
         QuantConfig.preset("fast")

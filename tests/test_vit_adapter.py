@@ -234,3 +234,52 @@ def test_real_vit_tiny_w8a8_close_to_fp32():
     assert ro["agreement"] >= 90.0, ro
     assert 1e-4 < ro["kl"] < 0.5 * r["kl"], (ro, r)
     assert cos_o.mean() >= 0.95 and cos_o.mean() > cos.mean(), cos_o
+
+
+# --------------------------------------------------------------------------- edge_bits
+def _bits(layer):
+    return layer.weight_quant.bits, layer.input_quant.bits
+
+
+def _vit_random_head():
+    m = small_vit()
+    torch.nn.init.normal_(m.head.weight, std=0.2)  # timm starts the head at zero
+    return m
+
+
+def test_edge_bits_first_layer_and_classifier(tmp_path):
+    """``edge_bits=8`` at W4A6: the patch embedding and the head keep 8-bit weights and
+    inputs (really 8-bit after calibration: more than 16 weight codes per channel), every
+    other layer stays at 4 bits; a saved model loads with the same bits and outputs."""
+    from evolq import load_quantized, prepare_model, save_quantized
+    from evolq.qnn.builder import edge_layers
+    from evolq.quant.range import quant_codes
+
+    x = images(16, seed=3)
+    q = prepare_model(_vit_random_head(), x, QuantConfig(w_bits=4, a_bits=6, edge_bits=8), arch="vit_tiny_patch16_224")
+    layers = dict((n, m) for n, m in q.model.named_modules() if isinstance(m, (QLinear, QConv2d)))
+    assert [n for n, _ in edge_layers(q.model)] == ["patch_embed.proj", "head"]
+    assert _bits(layers["patch_embed.proj"]) == _bits(layers["head"]) == (8, 8)
+    others = {n: m.weight_quant.bits for n, m in layers.items() if n not in ("patch_embed.proj", "head")}
+    assert others and set(others.values()) == {4}
+    wq = layers["head"].weight_quant
+    codes = quant_codes(layers["head"].weight.detach(), wq.scale.reshape(-1, 1), wq.zero_point.reshape(-1, 1),
+                        wq.qmin, wq.qmax)
+    assert max(len(torch.unique(row)) for row in codes) > 16
+    plain = prepare_model(_vit_random_head(), x, QuantConfig(w_bits=4, a_bits=6), arch="vit_tiny_patch16_224")
+    with torch.no_grad():
+        out, out_plain = q.model(x), plain.model(x)
+    assert not torch.equal(out, out_plain)
+    save_quantized(q, tmp_path / "m")
+    back = load_quantized(tmp_path / "m", _vit_random_head())
+    blayers = dict((n, m) for n, m in back.model.named_modules() if isinstance(m, (QLinear, QConv2d)))
+    assert _bits(blayers["head"]) == (8, 8) and blayers["blocks.0.attn.qkv"].weight_quant.bits == 4
+    with torch.no_grad():
+        assert torch.equal(back.model(x), out)
+
+
+def test_edge_bits_never_lower_and_none_is_a_no_op():
+    q8, _ = quantized_small(QuantConfig(w_bits=8, a_bits=8, edge_bits=4), calib=False)
+    assert {m.weight_quant.bits for m in q8.model.modules() if isinstance(m, (QLinear, QConv2d))} == {8}
+    q4, _ = quantized_small(QuantConfig(w_bits=4, a_bits=8), calib=False)
+    assert {m.weight_quant.bits for m in q4.model.modules() if isinstance(m, (QLinear, QConv2d))} == {4}

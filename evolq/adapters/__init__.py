@@ -24,11 +24,14 @@ __all__ = ["ADAPTERS", "IMAGES", "Adapter", "InputSpec", "adapter_for", "get_ada
 def wrap_model(model, quant, arch: str = ""):
     """Wrap ``model``'s layers with (uncalibrated) quantizers; returns the ``QModel``."""
     from ..errors import EvolQError
+    from ..qnn.builder import apply_edge_bits
     from ..qnn.layers import quantizers_of
 
     if quantizers_of(model):
         raise EvolQError("this model is already quantized; pass a fresh float model")
-    return adapter_for(model).wrap(model, quant, arch=arch)
+    qmodel = adapter_for(model).wrap(model, quant, arch=arch)
+    apply_edge_bits(qmodel.model, quant)
+    return qmodel
 
 
 def check_inputs(qmodel, x) -> None:

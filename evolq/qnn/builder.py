@@ -6,8 +6,9 @@ from torch import nn
 from ..quant import ChannelFactorQuantizer, Log2Quantizer, PTFQuantizer, UniformQuantizer
 from .layers import QAct, QConv2d, QLinear, QNorm
 
-__all__ = ["weight_quant", "act_quant", "probs_quant", "norm_input_quant", "wrap_linear",
-           "linear_input_quant", "wrap_head", "wrap_conv", "wrap_act", "wrap_mlp_act", "wrap_norm", "replace_module"]
+__all__ = ["edge_layers", "apply_edge_bits", "weight_quant", "act_quant", "probs_quant", "norm_input_quant",
+           "wrap_linear", "linear_input_quant", "wrap_head", "wrap_conv", "wrap_act", "wrap_mlp_act", "wrap_norm",
+           "replace_module"]
 
 
 def weight_quant(quant, ch_axis=0) -> UniformQuantizer:
@@ -70,6 +71,39 @@ def wrap_act(module: nn.Module, quant) -> QAct:
 
 def wrap_norm(norm: nn.Module, quant) -> QNorm:
     return QNorm(norm, norm_input_quant(quant))
+
+
+def edge_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The first quantized Linear/Conv in module order, and the classifier: the last one
+    with the trailing run of layers of its output size before it (LeViT's two heads)."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (QLinear, QConv2d))]
+    if not layers:
+        return []
+
+    def width(m):
+        return m.out_features if isinstance(m, QLinear) else m.conv.out_channels
+
+    last = [layers[-1]]
+    for n, m in reversed(layers[:-1]):
+        if not isinstance(m, QLinear) or width(m) != width(layers[-1][1]):
+            break
+        last.insert(0, (n, m))
+    return [layers[0]] + [lm for lm in last if lm[1] is not layers[0][1]]
+
+
+def apply_edge_bits(model: nn.Module, quant) -> list[str]:
+    """Raise the weight and input quantizers of ``edge_layers`` to ``quant.edge_bits``
+    (never lower them); returns the layers' names. A no-op when ``edge_bits`` is None."""
+    bits = getattr(quant, "edge_bits", None)
+    if bits is None:
+        return []
+    names = []
+    for name, layer in edge_layers(model):
+        for q in (layer.weight_quant, layer.input_quant):
+            if isinstance(q, UniformQuantizer) and q.bits < bits:
+                q.set_bits(bits)
+        names.append(name)
+    return names
 
 
 def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:

@@ -151,6 +151,12 @@ class UniformQuantizer(Quantizer):
         self.observer.update(x)
         self.finalize()
 
+    def set_bits(self, bits: int) -> None:
+        """Change the bit width (before calibration: the integer range follows)."""
+        self.qmin, self.qmax = int_range(bits, self.signed, self.symmetric)
+        self.bits = bits
+        self._wcache = None
+
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None):
         """Set scale (and zero-point) directly, marking the quantizer calibrated."""
         self.scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1).clone()
