@@ -3,6 +3,11 @@ search on top, on a real model from the assets; top-1, agreement and KL against 
 float model on the evaluation split (odd labels), and wall time. With ``--curve``,
 brecq's start accuracy for several iteration counts.
 
+The hold-out is split off the calibration images first (``evolq.data.split_calibration``
+with the run's seed, as ``quantize_model`` does) and the start point is calibrated and
+reconstructed on the fitness part only; ``--seeds`` repeats a start with other seeds
+(another hold-out split, other search draws) and the table reports their mean and spread.
+
 Resumable: every finished run is written at once to the JSON (``evolq.io.write_json``)
 and skipped when the script is started again with the same output file.
 
@@ -26,6 +31,7 @@ import torch
 from benchmarks._common import RESULTS, load_data, search_last_blocks, setup
 from evolq.api import prepare_model, quantize_model
 from evolq.config import EvolQConfig, QuantConfig, SearchConfig
+from evolq.data import split_calibration
 from evolq.evaluate import evaluate_qmodel, predict
 from evolq.io import write_json
 
@@ -40,6 +46,8 @@ def main(argv=None):
     ap.add_argument("--w-bits", type=int, default=4)
     ap.add_argument("--a-bits", type=int, default=8)
     ap.add_argument("--preset", default="fq-vit")
+    ap.add_argument("--edge-bits", type=int, default=None, help="QuantConfig.edge_bits (first layer and classifier)")
+    ap.add_argument("--holdout", type=float, default=0.1, help="SearchConfig.holdout (split off first)")
     ap.add_argument("--starts", default="rtn,gptq,brecq")
     ap.add_argument("--calib", type=int, default=128, help="calibration images (even labels)")
     ap.add_argument("--eval", type=int, default=500, help="evaluation images (odd labels)")
@@ -59,7 +67,7 @@ def main(argv=None):
     ap.add_argument("--infonce-batch", type=int, default=50)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds: hold-out split, search and brecq draws")
     ap.add_argument("--out", default=None,
                     help="JSON file (default benchmarks/results/start_points_<model>_w<w>a<a>.json)")
     args = ap.parse_args(argv)
@@ -77,11 +85,11 @@ def main(argv=None):
         res["fp32"] = None
     fp_logits = None
 
-    def start_opts(start, iters=None):
+    def start_opts(start, iters, seed):
         if start == "gptq":
             return {"device": dev}
         if start == "brecq":
-            o = {"device": dev, "qdrop": args.qdrop, "seed": args.seed}
+            o = {"device": dev, "qdrop": args.qdrop, "seed": seed}
             for k, v in (("iters", iters or args.brecq_iters), ("batch_size", args.brecq_batch),
                          ("lr", args.brecq_lr)):
                 if v is not None:
@@ -89,21 +97,24 @@ def main(argv=None):
             return o
         return {}
 
+    seeds = [int(v) for v in args.seeds.split(",") if v]
     jobs = []
-    for start in [s for s in args.starts.split(",") if s]:
-        jobs.append((start, None, not args.no_search))
+    for seed in seeds:
+        for start in [s for s in args.starts.split(",") if s]:
+            jobs.append((start, None, not args.no_search, seed))
     for it in [int(v) for v in args.curve.split(",") if v]:
-        jobs.append(("brecq", it, False))
-    for start, iters, search in jobs:
-        key = start if iters is None else f"brecq@{iters}"
+        jobs.append(("brecq", it, False, seeds[0]))
+    for start, iters, search, seed in jobs:
+        key = (start if iters is None else f"brecq@{iters}") + (f"/seed{seed}" if seed else "")
         if key in res["runs"] and (not search or "evolq" in res["runs"][key]):
             print(f"{key}: done, skipped")
             continue
         quant = QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, start=start,
-                                   start_options=start_opts(start, iters))
+                                   start_options=start_opts(start, iters, seed), edge_bits=args.edge_bits)
         model = copy.deepcopy(base)
+        fit_x, _ = split_calibration(xc, args.holdout, seed)
         t0 = time.perf_counter()
-        qm = prepare_model(model, xc, quant, arch=args.model, progress=False)
+        qm = prepare_model(model, fit_x, quant, arch=args.model, progress=False)
         t_start = time.perf_counter() - t0
         qm.model.to(dev)
         if fp_logits is None:
@@ -114,7 +125,8 @@ def main(argv=None):
 
             res["fp32"] = _short(metrics(fp_logits, ye))
         m0, _ = evaluate_qmodel(qm, xe.to(dev), ye.to(dev), fp_logits=fp_logits.to(dev), batch_size=50)
-        run = {"start": _short(m0["quantized"]), "start_seconds": round(t_start, 1),
+        run = {"seed": seed, "start": _short(m0["quantized"]), "start_seconds": round(t_start, 1),
+               "calib_images": int(fit_x.shape[0]), "linear_input_strength": quant.linear_input_strength,
                "start_report": {k: v for k, v in (qm.start_report or {}).items() if k != "blocks"}}
         if qm.start_report:
             run["start_blocks"] = [{k: v for k, v in b.items() if k in ("block", "status", "error_start", "error_end",
@@ -122,7 +134,8 @@ def main(argv=None):
         print(f"{key}: start {run['start']} ({t_start:.0f} s)", flush=True)
         if search:
             s = SearchConfig(passes=args.passes, cycles=args.cycles, scope=args.scope, unit=args.unit,
-                             infonce_batch=args.infonce_batch, seed=args.seed, device=dev, progress=False,
+                             infonce_batch=args.infonce_batch, seed=seed, holdout=args.holdout, device=dev,
+                             progress=False,
                              max_batch=32 if dev == "cpu" else 512, population=args.population,
                              samples=min(args.samples, args.population))
             t1 = time.perf_counter()

@@ -76,7 +76,7 @@ def _add_model_args(p, quantize: bool):
                         "0.625 at 4 and 0.5 below with gptq/brecq)")
     p.add_argument("--edge-bits", type=int, default=None,
                    help="at least this many bits for the first layer and the classifier, weights and inputs "
-                        "(e.g. 8, as BRECQ/QDrop do; default: every layer alike)")
+                        "(e.g. 8, as BRECQ/QDrop do; default or 0: every layer alike)")
     _add_start_args(p)
 
 
@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--preset", default=DEMO["preset"], choices=tuple(QuantConfig.PRESETS),
                     help=f"start-point regime (default {DEMO['preset']}; fq-vit is the authors')")
     pd.add_argument("--edge-bits", type=int, default=DEMO["edge_bits"],
-                    help=f"bits of the first layer and the classifier (default {DEMO['edge_bits']})")
+                    help=f"bits of the first layer and the classifier (default {DEMO['edge_bits']}; 0: as the "
+                         f"other layers)")
     pd.add_argument("--out", default=None, help="also write report.json and the model here")
     _add_start_args(pd)
     pd.set_defaults(start=DEMO["start"])
@@ -186,7 +187,7 @@ def _quant_config(args):
     return QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, act_observer=args.act_observer,
                               attn_probs=args.attn_probs, ptf=not args.no_ptf,
                               bias_correction=not args.no_bias_correction, start=args.start,
-                              start_options=dict(args.start_arg), edge_bits=args.edge_bits, **extra)
+                              start_options=dict(args.start_arg), edge_bits=args.edge_bits or None, **extra)
 
 
 def _load(args, quiet=False):
@@ -296,7 +297,7 @@ def cmd_demo(args) -> int:
     xc, _ = load_images(data, tf, "calib", limit=args.calib_size, progress=True)
     xe, ye = load_images(data, tf, "eval", limit=args.limit, progress=True)
     quant = QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=8, start=args.start,
-                               start_options=dict(args.start_arg), edge_bits=args.edge_bits)
+                               start_options=dict(args.start_arg), edge_bits=args.edge_bits or None)
     n_fit = xc.shape[0] - int(round(xc.shape[0] * 0.1))
     search = SearchConfig(passes=args.passes, cycles=args.cycles, infonce_batch=min(100, max(2, n_fit // 3)))
     out = Path(args.out) if args.out else None
