@@ -13,6 +13,8 @@ timm = pytest.importorskip("timm")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+from tiny_models import tiny_levit, tiny_swin, tiny_torchvision_vit  # noqa: E402  (tests/tiny_models.py)
+
 from evolq import QuantConfig, prepare_model, save_quantized  # noqa: E402
 from evolq.adapters import wrap_model  # noqa: E402
 from evolq.cli import main  # noqa: E402
@@ -44,47 +46,6 @@ def tiny_cnn(seed=0):
             mod.weight.data.copy_(0.5 + torch.rand(n, generator=g))
             mod.bias.data.copy_(0.4 * torch.rand(n, generator=g) - 0.2)
     return m
-
-
-def tiny_swin(seed=0):
-    """8x8 tokens, 4x4 windows: stage 0 has a shifted (masked) block, stage 1 follows a patch merging."""
-    torch.manual_seed(seed)
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, embed_dim=24,
-                             depths=(2, 2), num_heads=(1, 2), window_size=4, num_classes=10).eval()
-
-
-def tiny_levit(seed=0, use_conv=False):
-    """LeViT with a distilled head (64 px: the 16x stem leaves 4x4 tokens, 2x2 after the attention
-    downsample), with random BatchNorms and attention biases (timm starts both at zero)."""
-    from timm.models.levit import LevitDistilled
-
-    torch.manual_seed(seed)
-    m = LevitDistilled(img_size=64, embed_dim=(32, 48), key_dim=8, depth=(1, 1), num_heads=(2, 3),
-                       num_classes=10, use_conv=use_conv)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                c = mod.num_features
-                mod.weight.copy_((torch.rand(c, generator=g) + 0.5) * (torch.randint(0, 2, (c,), generator=g) * 2 - 1))
-                mod.bias.copy_(torch.randn(c, generator=g) * 0.1)
-                mod.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-                mod.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-            if hasattr(mod, "attention_biases"):
-                mod.attention_biases.copy_(torch.randn(mod.attention_biases.shape, generator=g))
-    return m.eval()
-
-
-def tiny_torchvision_vit(seed=0):
-    """torchvision VisionTransformer (nn.MultiheadAttention, packed in_proj) with a random
-    classifier and class token (torchvision starts both at zero)."""
-    torchvision = pytest.importorskip("torchvision")
-    torch.manual_seed(seed)
-    m = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
-                                             mlp_dim=64, num_classes=10)
-    torch.nn.init.normal_(m.heads.head.weight, std=0.2)
-    torch.nn.init.normal_(m.class_token, std=1.0)
-    return m.eval()
 
 
 def images(n, size=32, seed=1):
@@ -226,6 +187,8 @@ def test_transformer_family_round_trip(tmp_path, family):
     in_proj): the same top-1 as PyTorch and the same logits up to float32 reassociation
     (seed 0: no sample of any family has a rounding tie), every Linear/Conv's weights as
     integers and one Q/DQ pair per activation quantizer."""
+    if family == "torchvision_vit":
+        pytest.importorskip("torchvision")
     build, size, adapter = FAMILIES[family]
     x = images(40, size=size)
     q = prepare_model(build(), x[:16], QuantConfig(w_bits=8, a_bits=8))

@@ -17,6 +17,11 @@ from torch import nn
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 
+# --------------------------------------------------------------------------- tiny models
+from tiny_models import tiny_levit as _levit  # noqa: E402  (tests/tiny_models.py)
+from tiny_models import tiny_swin as _swin  # noqa: E402
+from tiny_models import tiny_torchvision_vit as _tv_vit  # noqa: E402
+
 from evolq.adapters import adapter_for, wrap_model  # noqa: E402
 from evolq.api import quantize_model  # noqa: E402
 from evolq.config import EvolQConfig, QuantConfig  # noqa: E402
@@ -26,48 +31,6 @@ from evolq.qnn.calibrate import calibrate  # noqa: E402
 from evolq.qnn.layers import QAct, QConv2d, QLinear, QNorm, quantizers_of  # noqa: E402
 from evolq.qnn.scales import ScaleSpace  # noqa: E402
 from evolq.quant import PTFQuantizer, UniformQuantizer  # noqa: E402
-
-
-# --------------------------------------------------------------------------- tiny models
-def _swin(seed):
-    torch.manual_seed(seed)
-    # 8x8 tokens, 4x4 windows: stage 0 has a shifted (masked) block, stage 1 follows a patch merging
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, embed_dim=24,
-                             depths=(2, 2), num_heads=(1, 2), window_size=4, num_classes=10)
-
-
-def _levit(seed, use_conv=False):
-    from timm.models.levit import LevitDistilled
-
-    torch.manual_seed(seed)
-    m = LevitDistilled(img_size=64, embed_dim=(32, 48), key_dim=8, depth=(1, 1), num_heads=(2, 3),
-                       num_classes=10, use_conv=use_conv)
-    # timm initialises the residual BatchNorms to zero and the attention biases to zero:
-    # randomise them so every branch carries signal
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                c = mod.num_features
-                mod.weight.copy_((torch.rand(c, generator=g) + 0.5) * (torch.randint(0, 2, (c,), generator=g) * 2 - 1))
-                mod.bias.copy_(torch.randn(c, generator=g) * 0.1)
-                mod.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-                mod.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-            if hasattr(mod, "attention_biases"):
-                mod.attention_biases.copy_(torch.randn(mod.attention_biases.shape, generator=g))
-    return m
-
-
-def _tv_vit(seed):
-    torch.manual_seed(seed)
-    m = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
-                                             mlp_dim=64, num_classes=10)
-    # torchvision zero-initialises the classifier and the class token (a zero token makes the
-    # first LayerNorm amplify its quantization error: pretrained tokens are not zero)
-    nn.init.normal_(m.heads.head.weight, std=0.2)
-    nn.init.normal_(m.class_token, std=1.0)
-    return m
-
 
 FAMILIES = {  # id -> (builder, image size, adapter name, block names)
     "swin": (_swin, 32, "swin", ["stem", "layers.0.blocks.0", "layers.0.blocks.1", "layers.1.downsample",
