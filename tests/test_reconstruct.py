@@ -308,3 +308,17 @@ def test_unit_layer_one_search_unit_per_layer():
     assert len(blk.order) == sum(1 for b in qm.blocks if b.searched("attn-weights"))
     with pytest.raises(ConfigError, match="unit"):
         SearchConfig(unit="channel")
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_pointwise_conv_rows_equal_unfold(groups):
+    """GPTQ's rows of a 1x1 convolution (the fast path, no im2col) are unfold's, bit for bit."""
+    from evolq.qnn.layers import QConv2d
+    from evolq.qnn.reconstruct.gptq import layer_rows
+
+    layer = QConv2d(nn.Conv2d(16, 8, 1, groups=groups), UniformQuantizer(8, kind="weight"), None)
+    x = torch.randn(3, 16, 5, 7, generator=torch.Generator().manual_seed(0))
+    cols = F.unfold(x, (1, 1))
+    n, _, length = cols.shape
+    ref = cols.reshape(n, groups, -1, length).permute(0, 3, 1, 2).reshape(n * length, groups, -1)
+    assert torch.equal(layer_rows(layer, x), ref)

@@ -56,6 +56,12 @@ def layer_rows(layer, x: torch.Tensor) -> torch.Tensor:
         return xq.reshape(-1, 1, xq.shape[-1])
     conv = layer.conv
     pad = _conv_padding(layer)
+    if tuple(conv.kernel_size) == (1, 1) and tuple(conv.stride) == (1, 1) and pad in (0, (0, 0), None, "same-dynamic"):
+        # a pointwise convolution multiplies each pixel's channels: the rows are the pixels, in
+        # unfold's order, without the im2col copy (most of a MobileNet/EfficientNet's layers)
+        n, c = xq.shape[:2]
+        g = conv.groups
+        return xq.reshape(n, g, c // g, -1).permute(0, 3, 1, 2).reshape(-1, g, c // g)
     if pad == "same-dynamic":
         from timm.layers import pad_same
 
