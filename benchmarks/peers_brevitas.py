@@ -13,34 +13,10 @@ Writes the evaluation logits (``--logits``) and a JSON (``--out``): seconds, wha
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
-import traceback
 
 import torch
-
-T_START = time.time()
-
-
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="tensor file written by peers.py")
-    p.add_argument("--arch", required=True)
-    p.add_argument("--weights", required=True)
-    p.add_argument("--config", required=True, help="W<bits>A<bits>, e.g. W4A8")
-    p.add_argument("--out", required=True)
-    p.add_argument("--logits", required=True)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=64, help="calibration batch size (the example's default)")
-    return p.parse_args()
-
-
-def load_model(arch, weights):
-    import timm
-
-    return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=dict(file=weights)).eval()
+from _peer_common import eval_logits, finish, load_data, load_model, parse_args
 
 
 def quantized_ops(model) -> dict:
@@ -59,10 +35,8 @@ def quantized_ops(model) -> dict:
 
 
 def main():
-    args = parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, "W<bits>A<bits>, e.g. W4A8", 64, "calibration batch size (the example's default)")
     import brevitas
-    import timm
     from brevitas.export.inference import quant_inference_mode
     from brevitas.graph.quantize import preprocess_for_quantize
     from brevitas_examples.imagenet_classification.ptq.ptq_common import (
@@ -74,8 +48,7 @@ def main():
     )
 
     w_bits, a_bits = (int(s) for s in args.config[1:].split("A"))
-    data = torch.load(args.data, weights_only=True)
-    xc, xe = data["calib"], data["eval"]
+    xc, xe = load_data(args)
     loader = [(xc[i:i + args.batch_size], torch.zeros(0)) for i in range(0, len(xc), args.batch_size)]
     model = load_model(args.arch, args.weights)
     notes = []
@@ -120,30 +93,18 @@ def main():
     steps["bias_correction"] = time.time() - t
     ptq_s = time.time() - t0
     t = time.time()
-    outs = []
     with torch.no_grad(), quant_inference_mode(qmodel):
         qmodel(xe[:1])
-        for i in range(0, len(xe), 50):
-            outs.append(qmodel(xe[i:i + 50]).float())
+        logits = eval_logits(qmodel, xe)
     eval_s = time.time() - t
-    torch.save(torch.cat(outs), args.logits)
     res = {"tool": "brevitas", "version": brevitas.__version__, "ptq_seconds": ptq_s, "eval_seconds": eval_s,
            "step_seconds": steps, "ops": quantized_ops(qmodel), "notes": notes,
-           "env": {"torch": torch.__version__, "timm": timm.__version__, "brevitas": brevitas.__version__,
-                   "python": platform.python_version()},
            "recipe": (f"brevitas_examples ptq_common: preprocess_for_quantize(graph eq 20 iters, merge bias), "
                       f"act equalization layerwise alpha 0.5, layerwise backend, W{w_bits} per-channel sym "
                       f"float scale (stats), A{a_bits} per-tensor asym percentile 99.999, first/last layer 8 bit, "
                       f"GPTQ act order, bias correction; calib batch {args.batch_size}")}
-    res["script_seconds"] = time.time() - T_START  # imports, model load, PTQ, evaluation
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
-    print(json.dumps({k: v for k, v in res.items() if k != "env"}, indent=1))
+    finish(args, res, logits, brevitas=brevitas.__version__)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception:
-        traceback.print_exc()
-        raise
+    main()

@@ -14,30 +14,12 @@ Writes the evaluation logits (``--logits``) and a JSON (``--out``): seconds, wha
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-import platform
 import re
 import time
-import traceback
 
 import torch
-
-T_START = time.time()
-
-
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="tensor file written by peers.py")
-    p.add_argument("--arch", required=True)
-    p.add_argument("--weights", required=True)
-    p.add_argument("--config", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--logits", required=True)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
-    return p.parse_args()
+from _peer_common import eval_logits, finish, load_data, load_model, parse_args
 
 
 def filter_func(name):
@@ -103,15 +85,13 @@ def quantized_ops(model) -> dict:
 
 
 def main():
-    args = parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args(__doc__, "a modelopt.torch.quantization config name, or INT8_DEFAULT_CFG:w<bits>", 32,
+                      "calibration batch size")
     import modelopt
     import modelopt.torch.quantization as mtq
-    import timm
 
-    data = torch.load(args.data, weights_only=True)
-    xc, xe = data["calib"], data["eval"]
-    model = timm.create_model(args.arch, pretrained=True, pretrained_cfg_overlay=dict(file=args.weights)).eval()
+    xc, xe = load_data(args)
+    model = load_model(args.arch, args.weights)
     config = make_config(args.config)
 
     def forward_loop(m):
@@ -124,28 +104,15 @@ def main():
     mtq.disable_quantizer(model, filter_func)
     ptq_s = time.time() - t0
     t = time.time()
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(xe), 50):
-            outs.append(model(xe[i:i + 50]).float())
+    logits = eval_logits(model, xe)
     eval_s = time.time() - t
-    torch.save(torch.cat(outs), args.logits)
     res = {"tool": "modelopt", "version": modelopt.__version__, "ptq_seconds": ptq_s, "eval_seconds": eval_s,
            "ops": quantized_ops(model),
-           "env": {"torch": torch.__version__, "timm": timm.__version__, "modelopt": modelopt.__version__,
-                   "python": platform.python_version()},
            "recipe": (f"mtq.quantize(model, {args.config}, forward_loop) (algorithm {config['algorithm']!r}), "
                       f"then mtq.disable_quantizer with the timm example's filter (patch_embed, pos_embed, ...); "
                       f"calib batch {args.batch_size}")}
-    res["script_seconds"] = time.time() - T_START  # imports, model load, PTQ, evaluation
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
-    print(json.dumps({k: v for k, v in res.items() if k != "env"}, indent=1))
+    finish(args, res, logits, modelopt=modelopt.__version__)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except Exception:
-        traceback.print_exc()
-        raise
+    main()
