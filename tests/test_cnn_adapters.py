@@ -13,6 +13,8 @@ from torch import nn
 timm = pytest.importorskip("timm")
 torchvision = pytest.importorskip("torchvision")
 
+from tiny_models import randomize_bn as _randomize_bn  # noqa: E402  (tests/tiny_models.py)
+
 from evolq import EvolQConfig, QuantConfig, UnsupportedModelError, load_quantized, quantize_model, save_quantized  # noqa: E402
 from evolq.adapters import wrap_model  # noqa: E402
 from evolq.adapters._cnn import FoldedBNAct, QConv2dSame, fold_bn  # noqa: E402
@@ -22,20 +24,6 @@ from evolq.losses import mse  # noqa: E402
 from evolq.qnn.calibrate import calibrate  # noqa: E402
 from evolq.qnn.layers import QConv2d, QLinear, quantizers_of  # noqa: E402
 from evolq.qnn.scales import ScaleSpace  # noqa: E402
-
-
-def _randomize_bn(model, seed=0):
-    """Non-trivial BatchNorm statistics, so folding is really exercised."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            m.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=g))
-            m.weight.data.copy_(0.5 + torch.rand(n, generator=g))
-            m.bias.data.copy_(0.4 * torch.rand(n, generator=g) - 0.2)
-    return model
-
 
 FAMILIES = {
     # tf_ variant: TF "SAME" padding (Conv2dSame) in the stem and stride-2 depthwise convs

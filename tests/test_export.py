@@ -13,7 +13,7 @@ timm = pytest.importorskip("timm")
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from tiny_models import tiny_levit, tiny_swin, tiny_torchvision_vit  # noqa: E402  (tests/tiny_models.py)
+from tiny_models import randomize_bn, tiny_levit, tiny_swin, tiny_torchvision_vit  # noqa: E402  (tests/tiny_models.py)
 
 from evolq import QuantConfig, prepare_model, save_quantized  # noqa: E402
 from evolq.adapters import wrap_model  # noqa: E402
@@ -36,16 +36,7 @@ def tiny_vit(seed=0, **kw):
 def tiny_cnn(seed=0):
     """tf_efficientnet_lite0 (depthwise and TF "same"-padded convs) with non-trivial BatchNorms."""
     torch.manual_seed(seed)
-    m = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10).eval()
-    g = torch.Generator().manual_seed(seed)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            n = mod.num_features
-            mod.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            mod.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=g))
-            mod.weight.data.copy_(0.5 + torch.rand(n, generator=g))
-            mod.bias.data.copy_(0.4 * torch.rand(n, generator=g) - 0.2)
-    return m
+    return randomize_bn(timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10).eval(), seed)
 
 
 def images(n, size=32, seed=1):
@@ -153,14 +144,7 @@ def test_tiny_cnn_round_trip(tmp_path):
     """ResNet-18 (random weights and BatchNorms) at 32 px: the same top-1 as PyTorch."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).eval()
-    g = torch.Generator().manual_seed(0)
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.BatchNorm2d):
-            n = mod.num_features
-            mod.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-            mod.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=g))
-            mod.weight.data.copy_(0.5 + torch.rand(n, generator=g))
+    model = randomize_bn(torchvision.models.resnet18(num_classes=10).eval())
     x = images(64)
     q = prepare_model(model, x[:16], QuantConfig(w_bits=8, a_bits=8))
     path = export_onnx(q, tmp_path / "cnn.onnx", example=x[:1])

@@ -1,10 +1,25 @@
-"""Tiny randomly initialised transformer families shared by the adapter and export tests
-(``tests/tiny_models.py``): timm Swin, timm LeViT (linear and conv mode) and torchvision's
-VisionTransformer. timm and torchvision are imported where a builder needs them."""
+"""Tiny randomly initialised models shared by the adapter and export tests
+(``tests/tiny_models.py``): timm Swin, timm LeViT (linear and conv mode), torchvision's
+VisionTransformer, and non-trivial BatchNorms for CNNs. timm and torchvision are imported
+where a builder needs them."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+def randomize_bn(model, seed=0):
+    """Non-trivial BatchNorm2d statistics and affines, so that folding is really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_var.copy_(0.5 + 1.5 * torch.rand(n, generator=g))
+                m.weight.copy_(0.5 + torch.rand(n, generator=g))
+                m.bias.copy_(0.4 * torch.rand(n, generator=g) - 0.2)
+    return model
 
 
 def tiny_swin(seed=0):
