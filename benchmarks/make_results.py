@@ -409,13 +409,11 @@ def section_peers(lines):
 
 def _ms(xs, fmt="{:.1f}"):
     """mean (and +- standard deviation over seeds where there are several)."""
-    import statistics
-
     xs = [x for x in xs if x is not None]
     if not xs:
         return ""
-    m = fmt.format(statistics.mean(xs))
-    return m + (" +- " + fmt.format(statistics.stdev(xs)) if len(xs) > 1 else "")
+    s = _stats(xs)
+    return fmt.format(s["mean"]) + (" +- " + fmt.format(s["std"]) if len(xs) > 1 else "")
 
 
 def section_start_points(lines):
@@ -469,7 +467,8 @@ def section_start_choices(lines):
     lines += ["## Start-point choices, on the calibration pool only (`benchmarks/start_choices.py`)", "",
               "The 500 calibration-pool images split into images that calibrate (and feed GPTQ) and a *dev* set "
               "that scores; the evaluation split is not read. These decide `QuantConfig.outlier_strength` under a "
-              "gptq start and whether `edge_bits=8` is used in the start-point benchmarks.", ""]
+              "gptq start, whether `edge_bits=8` is used in the start-point benchmarks, and the start of "
+              "`evolq demo` (W3A8).", ""]
     for f in files:
         d = json.loads(f.read_text())
         s = d["settings"]

@@ -76,14 +76,15 @@ def main(argv=None):
         if text in res["variants"]:
             print(f"{text}: done, skipped")
             continue
-        q = quant_of(parse_variant(text), args.w_bits, args.a_bits)
+        v = parse_variant(text)
+        q = quant_of(v, args.w_bits, args.a_bits)
         t0 = time.perf_counter()
         qm = prepare_model(copy.deepcopy(base), xc, q, arch=args.model)
         secs = time.perf_counter() - t0
         m, _ = evaluate_qmodel(qm, xd, yd, fp_logits=fp, batch_size=50)
         r = {k: round(float(m["quantized"][k]), 4) for k in ("top1", "agreement", "kl")}
         r.update(seconds=round(secs, 1), linear_input_strength=q.linear_input_strength, edge_bits=q.edge_bits,
-                 start=q.start, preset=text.split("preset=")[1].split("+")[0] if "preset=" in text else "fq-vit")
+                 start=q.start, preset=v.get("preset", "fq-vit"))
         res["variants"][text] = r
         res["best_kl"] = min(res["variants"], key=lambda k: res["variants"][k]["kl"])
         write_json(out, res)

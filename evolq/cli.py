@@ -25,8 +25,8 @@ def _s(name):
     return field_default(SearchConfig, name)
 
 
-# `evolq demo`'s start point: the best W3A8 start measured (benchmarks/start_points.py) that keeps
-# the demo under 5 minutes on 2 cores (benchmarks/demo.py)
+# `evolq demo`'s start point: the lowest calibration-pool KL at W3A8 (benchmarks/start_choices.py) that
+# keeps the demo under 5 minutes on 2 cores (benchmarks/demo.py)
 DEMO = {"preset": "outlier-aware", "start": "gptq", "edge_bits": 8}
 
 

@@ -241,6 +241,21 @@ def test_4bit_weights_make_a_smaller_file(tmp_path):
     assert sizes[8] < 0.4 * fp.stat().st_size and sizes[4] < 0.7 * sizes[8]
 
 
+def test_edge_bits_export_as_8bit_integers(tmp_path):
+    """``edge_bits=8`` at W4A8: the patch embedding and the head are stored as uint8, every
+    other layer as uint4, and onnxruntime agrees with PyTorch."""
+    x = images(48)
+    model = tiny_vit()
+    torch.nn.init.normal_(model.head.weight, std=0.2)  # timm starts the head at zero
+    q = prepare_model(model, x[:24], QuantConfig(w_bits=4, a_bits=8, edge_bits=8))
+    path = export_onnx(q, tmp_path / "edge.onnx", example=x[:1])
+    types = {t.name: t.data_type for t in onnx.load(str(path)).graph.initializer
+             if t.name.endswith(".weight.quantized")}
+    assert types.pop("patch_embed.proj.weight.quantized") == types.pop("head.weight.quantized") == TP.UINT8
+    assert types and set(types.values()) == {TP.UINT4}
+    assert check_onnx(q, path, x[24:], batch_size=8)["agreement"] == 100.0
+
+
 def test_activation_bits_below_8_are_clipped(tmp_path):
     x = images(32)
     q = prepare_model(tiny_vit(), x[:16], QuantConfig(w_bits=6, a_bits=6))

@@ -229,3 +229,15 @@ def test_quantize_model_tiny_search(family):
         y = qm.model(x[:4])
         torch.testing.assert_close(qm.run_blocks(x[:4]), y, rtol=0, atol=0)
     assert y.shape == (4, 10) and torch.isfinite(y).all()
+
+
+def test_edge_bits_cover_both_levit_heads():
+    """A distilled LeViT's classifier is two heads: ``edge_bits`` raises both (and the first conv)."""
+    from evolq.qnn.builder import edge_layers
+
+    qm = wrap_model(_levit(0).eval(), QuantConfig(w_bits=4, a_bits=8, edge_bits=8))
+    edges = edge_layers(qm.model)
+    assert [n for n, _ in edges] == ["stem.conv1", "head", "head_dist"]
+    assert all(m.weight_quant.bits == 8 for _, m in edges)
+    rest = [m for m in qm.model.modules() if isinstance(m, (QLinear, QConv2d)) and all(m is not e for _, e in edges)]
+    assert rest and {m.weight_quant.bits for m in rest} == {4}
