@@ -62,7 +62,7 @@ class QuantConfig:
 
     ``edge_bits`` (default None: every layer alike, the FQ-ViT regime) gives the first
     Linear/Conv (patch embedding, stem convolution) and the classifier at least that
-    many bits, weights and input alike: BRECQ, QDrop and most PTQ papers keep these
+    many bits, weights and input alike: BRECQ, QDrop and Brevitas' PTQ example keep these
     two layers at 8 bits. The input of the first layer is the image, which 4-bit
     activations cut to 16 levels.
     """
