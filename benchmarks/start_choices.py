@@ -6,7 +6,8 @@ agreement and KL to the float model are measured. The evaluation split (odd labe
 not read.
 
 A variant is ``key=value`` pairs joined by ``+``: ``preset``, ``start``, ``st``
-(linear_input_strength), ``edge`` (edge_bits). Every finished variant is written at once
+(linear_input_strength), ``edge`` (edge_bits), ``wobs`` (weight observer), and for a brecq
+start ``init`` (``rtn`` or ``gptq``) and ``iters``. Every finished variant is written at once
 (resumable).
 
     python -m benchmarks.start_choices --model vit_tiny_patch16_224 --w-bits 3 --a-bits 8 \\
@@ -25,7 +26,7 @@ from evolq.api import prepare_model
 from evolq.config import QuantConfig
 from evolq.evaluate import evaluate_qmodel, predict
 
-KEYS = {"preset": str, "start": str, "st": float, "edge": int}
+KEYS = {"preset": str, "start": str, "st": float, "edge": int, "wobs": str, "init": str, "iters": int}
 
 
 def parse_variant(text: str) -> dict:
@@ -44,6 +45,11 @@ def quant_of(v: dict, w_bits: int, a_bits: int) -> QuantConfig:
         kw["linear_input_strength"] = v["st"]
     if v.get("edge"):
         kw["edge_bits"] = v["edge"]
+    if "wobs" in v:
+        kw["weight_observer"] = v["wobs"]
+    opts = {k: v[k] for k in ("init", "iters") if k in v}
+    if opts:
+        kw["start_options"] = {**opts, "progress": False}
     return QuantConfig.preset(v.get("preset", "fq-vit"), **kw)
 
 
@@ -79,7 +85,7 @@ def main(argv=None):
         v = parse_variant(text)
         q = quant_of(v, args.w_bits, args.a_bits)
         t0 = time.perf_counter()
-        qm = prepare_model(copy.deepcopy(base), xc, q, arch=args.model)
+        qm = prepare_model(copy.deepcopy(base), xc, q, arch=args.model, progress=False)
         secs = time.perf_counter() - t0
         m, _ = evaluate_qmodel(qm, xd, yd, fp_logits=fp, batch_size=50)
         r = {k: round(float(m["quantized"][k]), 4) for k in ("top1", "agreement", "kl")}

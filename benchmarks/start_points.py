@@ -48,7 +48,8 @@ def main(argv=None):
     ap.add_argument("--preset", default="fq-vit")
     ap.add_argument("--edge-bits", type=int, default=None, help="QuantConfig.edge_bits (first layer and classifier)")
     ap.add_argument("--holdout", type=float, default=0.1, help="SearchConfig.holdout (split off first)")
-    ap.add_argument("--starts", default="rtn,gptq,brecq")
+    ap.add_argument("--starts", default="rtn,gptq,brecq",
+                    help="comma-separated: rtn, gptq, brecq, brecq+gptq (brecq with init='gptq')")
     ap.add_argument("--calib", type=int, default=128, help="calibration images (even labels)")
     ap.add_argument("--eval", type=int, default=500, help="evaluation images (odd labels)")
     ap.add_argument("--brecq-iters", type=int, default=None, help="default: the device's default (200 CPU)")
@@ -88,8 +89,10 @@ def main(argv=None):
     def start_opts(start, iters, seed):
         if start == "gptq":
             return {"device": dev}
-        if start == "brecq":
+        if start.startswith("brecq"):
             o = {"device": dev, "qdrop": args.qdrop, "seed": seed}
+            if start == "brecq+gptq":
+                o["init"] = "gptq"
             for k, v in (("iters", iters or args.brecq_iters), ("batch_size", args.brecq_batch),
                          ("lr", args.brecq_lr)):
                 if v is not None:
@@ -102,14 +105,15 @@ def main(argv=None):
     for seed in seeds:
         for start in [s for s in args.starts.split(",") if s]:
             jobs.append((start, None, not args.no_search, seed))
+    curve_start = next((s for s in args.starts.split(",") if s.startswith("brecq")), "brecq")
     for it in [int(v) for v in args.curve.split(",") if v]:
-        jobs.append(("brecq", it, False, seeds[0]))
+        jobs.append((curve_start, it, False, seeds[0]))
     for start, iters, search, seed in jobs:
-        key = (start if iters is None else f"brecq@{iters}") + (f"/seed{seed}" if seed else "")
+        key = (start if iters is None else f"{start}@{iters}") + (f"/seed{seed}" if seed else "")
         if key in res["runs"] and (not search or "evolq" in res["runs"][key]):
             print(f"{key}: done, skipped")
             continue
-        quant = QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, start=start,
+        quant = QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, start=start.split("+")[0],
                                    start_options=start_opts(start, iters, seed), edge_bits=args.edge_bits)
         model = copy.deepcopy(base)
         fit_x, _ = split_calibration(xc, args.holdout, seed)

@@ -21,6 +21,7 @@ from evolq.fitness import reference_outputs  # noqa: E402
 from evolq.qnn.layers import QLinear  # noqa: E402
 from evolq.qnn.reconstruct import GPTQOptions, block_layers  # noqa: E402
 from evolq.qnn.reconstruct import brecq as brecq_mod  # noqa: E402
+from evolq.qnn.reconstruct.common import folded_weight  # noqa: E402
 from evolq.qnn.reconstruct.gptq import collect_hessian, gptq_layer, gptq_quantize  # noqa: E402
 from evolq.quant import ChannelFactorQuantizer, UniformQuantizer  # noqa: E402
 from evolq.quant.range import fake_quant_axis  # noqa: E402
@@ -233,6 +234,34 @@ def test_brecq_nan_keeps_the_blocks_start_and_says_so():
     assert rec["status"].startswith("non-finite")
     assert not any("round_offset" in q._buffers for q in qm.blocks[i].quantizers.values())
     assert torch.equal(qm.model(x), before)
+
+
+def _weights(qm):
+    with torch.no_grad():
+        return {n: layer.weight_quant(folded_weight(layer)[0]) for b in qm.blocks for n, layer in block_layers(qm, b)}
+
+
+def test_brecq_init_gptq_learns_the_rounding_of_gptqs_weights():
+    x = imgs(24)
+    gptq = prepare_model(tiny_vit(), x, QuantConfig(w_bits=3, a_bits=8, start="gptq"))
+    # rounding variables that cannot move: AdaRound's start reproduces GPTQ's weights
+    still = _brecq(x=x, init="gptq", lr=1e-12, act_lr=0.0, reg_weight=0.0)
+    wg, ws = _weights(gptq), _weights(still)
+    assert wg.keys() == ws.keys()
+    for k in wg:
+        assert float((wg[k] != ws[k]).float().mean()) < 1e-3, k
+    # a real reconstruction keeps GPTQ's compensation under the learned rounding, and starts from GPTQ's error
+    qm = _brecq(x=x, init="gptq")
+    both = [q for q in qm.quantizers().values() if {"weight_delta", "round_offset"} <= set(q._buffers)]
+    assert both
+    rep = qm.start_report
+    assert any(b.get("gptq_layers") for b in rep["blocks"])
+    plain = _brecq(x=x)
+    starts = {b["block"]: b["error_start"] for b in plain.start_report["blocks"]}
+    assert rep["blocks"][0]["error_start"] < starts[rep["blocks"][0]["block"]]
+    assert all(b["error_end"] <= b["error_start"] for b in rep["blocks"])
+    with pytest.raises(ConfigError, match="init"):
+        QuantConfig(start="brecq", start_options={"init": "adaround"})
 
 
 def test_brecq_then_evolq_and_save_load_round_trip(tmp_path):

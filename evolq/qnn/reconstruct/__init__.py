@@ -28,8 +28,9 @@ def _forward(run, x: torch.Tensor, batch_size: int) -> torch.Tensor:
 
 def _check_data(start: str, opts, x: torch.Tensor) -> None:
     n = x.shape[0]
-    if start == "gptq" and n < 2:
-        raise DataError(f"the gptq start needs at least 2 calibration samples for its Hessians, got {n}")
+    if (start == "gptq" or getattr(opts, "init", "rtn") == "gptq") and n < 2:
+        what = "start" if start == "gptq" else "init of brecq"
+        raise DataError(f"the gptq {what} needs at least 2 calibration samples for its Hessians, got {n}")
     if start == "brecq" and n < opts.batch_size:
         raise DataError(f"the brecq start's reconstruction batch is {opts.batch_size} samples but the calibration set "
                         f"has {n}: give more calibration data or lower start_options['batch_size']")
@@ -66,7 +67,8 @@ def run_start(qmodel, x: torch.Tensor, quant, progress: bool = False, checkpoint
     report = {"start": quant.start, "options": {k: (list(v) if isinstance(v, tuple) else v)
                                                 for k, v in vars(opts).items()},
               "blocks": state["blocks"], "seconds": time.perf_counter() - t0}
-    fallbacks = [f"{r['layer']}: {r['reason']}" for b in state["blocks"] for r in b.get("layers", [])
+    fallbacks = [f"{r['layer']}: {r['reason']}" for b in state["blocks"]
+                 for r in b.get("layers", []) + b.get("gptq_layers", [])
                  if isinstance(r, dict) and r.get("method") == "rtn"]
     fallbacks += [f"{b['block']}: {b['status']}" for b in state["blocks"] if b.get("status", "ok") != "ok"]
     report["fallbacks"] = fallbacks
@@ -103,7 +105,11 @@ def _run_blocks(qmodel, x, start, opts, todo, state, ckpt, t0, progress) -> None
             if start == "gptq":
                 rec = {"block": block.name, "layers": gptq_block(qmodel, i, x_q, opts, layers)}
             else:
+                gptq_rec = gptq_block(qmodel, i, x_q, GPTQOptions(device=opts.device), layers) \
+                    if opts.init == "gptq" else None
                 rec = brecq_block(qmodel, i, x_q, x_fp, y_fp, opts, layers, progress=progress and opts.progress)
+                if gptq_rec is not None:
+                    rec["gptq_layers"] = gptq_rec
             rec["seconds"] = time.perf_counter() - t_b
             state["blocks"].append(rec)
         x_q = _forward(block.run, x_q, bs)

@@ -17,7 +17,9 @@ output), minimising the per-sample squared error plus AdaRound's rounding regula
   of the block input, takes its full-precision value with probability p.
 
 At the end ``h = 1[V >= 0]`` is stored in the weight quantizer as ``round_offset``
-(kept through any later change of scale). The block's output error on the
+(kept through any later change of scale). A ``weight_delta`` already in the quantizer
+(``init="gptq"``: GPTQ ran on the block first) is kept: the variables then learn the
+rounding of the compensated weights ``w + delta``. The block's output error on the
 calibration set is measured before and after: a block whose loss became NaN/inf,
 or whose error did not go down, keeps its round-to-nearest start, and the record
 says so.
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from ...quant import UniformQuantizer
+from .common import folded_weight
 
 __all__ = ["rect_sigmoid", "brecq_block", "block_error", "ZETA", "GAMMA"]
 
@@ -157,15 +160,16 @@ def brecq_block(qmodel, index: int, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp:
     for p in params:
         p.requires_grad_(False)
     act_qs = [q for q in block.quantizers.values() if getattr(q, "kind", None) != "weight" and q.active]
-    rounding, steps, drops = [], [], []
+    rounding, steps, drops, deltas = [], [], [], []
     saved_scales = {id(q): q.scale.detach().clone() for q in act_qs if hasattr(q, "scale")}
     try:
         for _, layer in layers:
             wq = layer.weight_quant
-            wq.set_rounding()
-            w = layer._folded_weight(layer._factor()) if hasattr(layer, "_factor") and layer._factor() is not None \
-                else layer.weight
-            rounding.append(_WeightRounding(wq, w))
+            delta = wq._buffers.get("weight_delta")
+            deltas.append(delta)
+            wq.set_rounding(delta=delta)  # drops an earlier round_offset, keeps a gptq init
+            w, _ = folded_weight(layer)
+            rounding.append(_WeightRounding(wq, w if delta is None else w + delta))
         if opts.act_lr > 0:
             steps = [_ActStep(q) for q in act_qs if isinstance(q, UniformQuantizer) and q.scale.numel() == 1]
         if opts.qdrop > 0:
@@ -225,8 +229,8 @@ def brecq_block(qmodel, index: int, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp:
             p.requires_grad_(True)
     rec["status"] = status
     if status == "ok":
-        for r, off in zip(rounding, offsets):
-            r.q.set_rounding(offset=off)
+        for r, off, delta in zip(rounding, offsets, deltas):
+            r.q.set_rounding(delta=delta, offset=off)
         for q in act_qs:
             if id(q) in new_scales:
                 q.scale = new_scales[id(q)].to(q.scale)  # a new tensor: caches keyed on it refresh
@@ -234,9 +238,9 @@ def brecq_block(qmodel, index: int, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp:
         rec["error_end"] = err_end
         if not (math.isfinite(err_end) and err_end <= err_start):
             rec["status"] = "reverted: the block's output error did not go down"
-    if rec["status"] != "ok":  # keep the round-to-nearest start of this block
-        for r in rounding:
-            r.q.set_rounding()
+    if rec["status"] != "ok":  # keep the block's start (round-to-nearest, or gptq's)
+        for r, delta in zip(rounding, deltas):
+            r.q.set_rounding(delta=delta)
         for q in act_qs:
             if id(q) in saved_scales:
                 q.scale = saved_scales[id(q)]

@@ -16,7 +16,8 @@ from ...errors import CheckpointError, ConfigError
 from ...quant import UniformQuantizer
 from ..layers import QConv2d, QLinear
 
-__all__ = ["GPTQOptions", "BRECQOptions", "start_options", "block_layers", "StartCheckpoint", "START_CKPT_NAME"]
+__all__ = ["GPTQOptions", "BRECQOptions", "start_options", "block_layers", "folded_weight", "StartCheckpoint",
+           "START_CKPT_NAME"]
 
 START_CKPT_NAME = "start.safetensors"
 
@@ -78,6 +79,10 @@ class BRECQOptions:
         warmup: fraction of the iterations without the regulariser, before beta anneals.
         beta: (start, end) of the regulariser's annealed exponent (20 -> 2).
         seed: the reconstruction's seed (batches, QDrop masks); same seed, same result.
+        init: what the rounding variables start from: ``"rtn"`` (round-to-nearest of the
+            weights, AdaRound's initialisation) or ``"gptq"`` (GPTQ runs on each block first,
+            with default ``GPTQOptions`` on ``device``, and AdaRound learns the rounding of its
+            compensated weights).
         device: where blocks are reconstructed.
         progress: a tqdm bar per block.
     """
@@ -91,6 +96,7 @@ class BRECQOptions:
     warmup: float = 0.2
     beta: tuple = (20.0, 2.0)
     seed: int = 0
+    init: str = "rtn"
     device: str = "cpu"
     progress: bool = True
 
@@ -122,6 +128,8 @@ class BRECQOptions:
         self.beta = (float(b[0]), float(b[1]))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"brecq seed must be a non-negative integer, got {self.seed!r}")
+        if self.init not in ("rtn", "gptq"):
+            raise ConfigError(f"brecq init must be 'rtn' or 'gptq', got {self.init!r}")
 
 
 OPTIONS = {"gptq": GPTQOptions, "brecq": BRECQOptions}
@@ -140,6 +148,12 @@ def start_options(start: str, options: dict | None):
     if unknown:
         raise ConfigError(f"unknown {start} option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     return cls(**options)
+
+
+def folded_weight(layer):
+    """(the weight ``layer``'s weight quantizer sees, its input factor or None)."""
+    f = layer._factor() if isinstance(layer, QLinear) else None
+    return (layer._folded_weight(f) if f is not None else layer.weight), f
 
 
 def block_layers(qmodel, block) -> list[tuple[str, nn.Module]]:

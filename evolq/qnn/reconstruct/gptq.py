@@ -23,18 +23,13 @@ import torch.nn.functional as F
 from ...errors import DataError
 from ...quant.range import fake_quant
 from ..layers import QLinear
+from .common import folded_weight
 
 __all__ = ["gptq_quantize", "layer_rows", "collect_hessian", "gptq_layer", "gptq_block"]
 
 
 class _Stop(Exception):
     """Raised by the Hessian hook once the layer's input is seen (the rest of the block is not needed)."""
-
-
-def _folded(layer):
-    """(weight the quantizer sees, input factor or None)."""
-    f = layer._factor() if isinstance(layer, QLinear) else None
-    return (layer._folded_weight(f) if f is not None else layer.weight), f
 
 
 def _conv_padding(layer):
@@ -188,7 +183,7 @@ def gptq_layer(layer, h: torch.Tensor, rows: int, opts, name: str = "") -> dict:
     weight quantizer. Returns a record (layer-output error vs round-to-nearest)."""
     q = layer.weight_quant
     q.set_rounding()  # start from plain round-to-nearest
-    wf, _ = _folded(layer)
+    wf, _ = folded_weight(layer)
     wf = wf.detach().float()
     wg = _grouped(layer, wf)
     g, r, d = wg.shape
