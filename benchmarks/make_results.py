@@ -420,7 +420,7 @@ def section_start_points(lines):
     files = sorted(RES.glob("start_points_*.json"))
     if not files:
         return
-    rows, sets = [], []
+    rows, sets, curve = [], [], []
     for f in files:
         d = json.loads(f.read_text())
         st = d["settings"]
@@ -429,6 +429,14 @@ def section_start_points(lines):
         for name, r in d["runs"].items():
             groups.setdefault(name.split("/")[0], []).append(r)
         for start, rs in groups.items():
+            base, _, iters = start.partition("@")
+            if iters or (base.startswith("brecq") and any(k.startswith(base + "@") for k in groups)):
+                it = int(iters) if iters else (rs[0].get("start_report", {}).get("options", {}).get("iters") or 200)
+                curve.append([st["model"].split("_patch")[0], f"W{st['w_bits']}A{st['a_bits']}", base, str(it),
+                              f2(rs[0]["start"]["top1"]), f"{rs[0]['start']['kl']:.3f}",
+                              f"{rs[0]['start_seconds']:.0f}"])
+                if iters:
+                    continue
             ev = [r for r in rs if r.get("evolq")]
             rows.append([st["model"].split("_patch")[0], f"W{st['w_bits']}A{st['a_bits']}",
                          st.get("preset", "fq-vit") + (f", edge {st['edge_bits']}" if st.get("edge_bits") else ""),
@@ -449,15 +457,20 @@ def section_start_points(lines):
               f"top-1 - start top-1 per seed. Times in seconds on this machine. The regime's strength follows "
               f"`QuantConfig.outlier_strength` (0.625 at W4 and 0.5 at W3 under gptq, 0.25 under rtn) and "
               f"`edge_bits=8` keeps the first layer and the classifier at 8 bits (both chosen on the calibration "
-              f"pool, next section). brecq is not in this table: at its CPU default (200 iterations per block) "
-              f"on 500 images it needs more time than this 2-core machine had; the GPU command is in the "
-              f"script's help.", "",
+              f"pool, next section). brecq runs at its CPU default (200 Adam steps per block, batch 16, lr 1e-2, "
+              f"QDrop 0.5); *brecq+gptq* is brecq with `init='gptq'` (AdaRound learns the rounding of GPTQ's "
+              f"compensated weights).", "",
               table(["model", "bits", "regime", "start", "seeds", "start top-1", "agreement", "KL",
                      "+ Evol-Q top-1", "+ Evol-Q KL", "gain", "start s", "search s"], rows), ""]
     for name, s in sets:
         lines += [f"- `{name}`: calibration {s['calib']}, search last {s['last']} blocks, threads {s['threads']}, "
                   f"device {s['device']}"]
     lines.append("")
+    if curve:
+        curve.sort(key=lambda r: (r[0], r[1], r[2], int(r[3])))
+        lines += ["brecq's start point against its Adam steps per block (first seed, no search; the other settings "
+                  "at their CPU defaults):", "",
+                  table(["model", "bits", "start", "steps per block", "start top-1", "KL", "start s"], curve), ""]
 
 
 def section_start_choices(lines):
@@ -468,7 +481,9 @@ def section_start_choices(lines):
               "The 500 calibration-pool images split into images that calibrate (and feed GPTQ) and a *dev* set "
               "that scores; the evaluation split is not read. These decide `QuantConfig.outlier_strength` under a "
               "gptq start, whether `edge_bits=8` is used in the start-point benchmarks, and the start of "
-              "`evolq demo` (W3A8).", ""]
+              "`evolq demo` (W3A8). `wobs=omse`: the weights' per-channel range clipped to the least squared "
+              "error (OMSE) instead of min/max under GPTQ; not adopted: slightly lower KL at W3A8, much higher at "
+              "W4A8. `init=gptq`: brecq starting from GPTQ's weights.", ""]
     for f in files:
         d = json.loads(f.read_text())
         s = d["settings"]
