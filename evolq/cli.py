@@ -88,7 +88,7 @@ def _add_start_args(p):
                         "error compensation) or brecq (block reconstruction, AdaRound + QDrop)")
     p.add_argument("--start-arg", type=_searcher_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="gptq/brecq setting, repeatable (e.g. iters=500, batch_size=32, qdrop=0, device=cuda, "
-                        "act_order=false)")
+                        "act_order=false; init=gptq: brecq learns the rounding of GPTQ's weights)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -301,6 +301,8 @@ def test_cli_start_errors_are_one_line(capsys):
         cli_main(["eval", "--model", "vit_tiny_patch16_224", "--start", "bogus"])
     rc = cli_main(["eval", "--model", "vit_tiny_patch16_224", "--start", "brecq", "--start-arg", "iterz=3"])
     assert rc == 2 and "unknown brecq option" in capsys.readouterr().err
+    rc = cli_main(["eval", "--model", "vit_tiny_patch16_224", "--start", "brecq", "--start-arg", "init=adaround"])
+    assert rc == 2 and "brecq init must be 'rtn' or 'gptq'" in capsys.readouterr().err
 
 
 def test_rtn_start_is_unchanged():
