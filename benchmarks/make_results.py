@@ -461,7 +461,12 @@ def section_start_points(lines):
               f"QDrop 0.5); *brecq+gptq* is brecq with `init='gptq'` (AdaRound learns the rounding of GPTQ's "
               f"compensated weights).", "",
               table(["model", "bits", "regime", "start", "seeds", "start top-1", "agreement", "KL",
-                     "+ Evol-Q top-1", "+ Evol-Q KL", "gain", "start s", "search s"], rows), ""]
+                     "+ Evol-Q top-1", "+ Evol-Q KL", "gain", "start s", "search s"], rows), "",
+              "The brecq, brecq+gptq and W4A4 rows ran while another benchmark shared the same 2 cores, so their "
+              "times are longer than on an idle machine. At W4A4 the regime puts every activation the FQ-ViT way "
+              "at 4 bits, LayerNorm inputs (the residual stream), q/k/v and the softmax output included, and "
+              "ViT-Tiny's start collapses whatever the weights' start. The published W4A4 ViT figures (APHQ-ViT, "
+              "FIMA-Q) come from regimes that quantize fewer operations.", ""]
     for name, s in sets:
         lines += [f"- `{name}`: calibration {s['calib']}, search last {s['last']} blocks, threads {s['threads']}, "
                   f"device {s['device']}"]
