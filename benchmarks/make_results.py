@@ -474,7 +474,9 @@ def section_start_points(lines):
     if curve:
         curve.sort(key=lambda r: (r[0], r[1], r[2], int(r[3])))
         lines += ["brecq's start point against its Adam steps per block (first seed, no search; the other settings "
-                  "at their CPU defaults):", "",
+                  "at their CPU defaults). Both runs shared the 2 cores with other benchmarks (the 50-step run with "
+                  "a brecq+gptq run whose threads oversubscribed the cores), so *start s* does not scale with the "
+                  "steps here; the 100- and 400-step points were not run for lack of time.", "",
                   table(["model", "bits", "start", "steps per block", "start top-1", "KL", "start s"], curve), ""]
 
 
