@@ -26,6 +26,8 @@ def main():
     extra = sys.argv[1:]
     if extra[:1] == ["--"]:
         extra = extra[1:]
+    if {"-h", "--help"} & set(extra):  # the demo's own options
+        return subprocess.run([sys.executable, "-m", "evolq", "demo", "--help"], check=False).returncode
     with tempfile.TemporaryDirectory() as tmp:
         load0 = os.getloadavg()
         t0 = time.perf_counter()

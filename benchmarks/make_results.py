@@ -548,9 +548,12 @@ SCRIPTS = [  # script, what, command, result files
     ("start_points.py", "start points rtn / gptq / brecq, each alone and with a short Evol-Q search, seeds",
      "python benchmarks/start_points.py --model vit_tiny_patch16_224 --w-bits 4 --a-bits 8 --preset outlier-aware "
      "--edge-bits 8 --calib 500 --starts gptq --seeds 0,1,2 --last 4 --population 6 --samples 3 --cycles 3 "
-     "--threads 2 (and --starts rtn --seeds 0; W3A8; EfficientNet-Lite0 W4A4 --preset fq-vit)",
-     ["start_points_vit_tiny_w4a8", "start_points_vit_tiny_w3a8", "start_points_efficientnet_lite0_w4a4"]),
-    ("start_choices.py", "start-point choices (outlier-aware strength under gptq, edge bits), calibration pool only",
+     "--threads 2 (and --starts rtn --seeds 0; W3A8 with --starts brecq, brecq+gptq --seeds 0,1,2 and --curve 50 "
+     "--no-search; W4A4; EfficientNet-Lite0 W4A4 --preset fq-vit)",
+     ["start_points_vit_tiny_w4a8", "start_points_vit_tiny_w3a8", "start_points_vit_tiny_w4a4",
+      "start_points_efficientnet_lite0_w4a4"]),
+    ("start_choices.py", "start-point choices (outlier-aware strength under gptq, edge bits, weight observer, brecq "
+     "init), calibration pool only",
      "python benchmarks/start_choices.py --model vit_tiny_patch16_224 --w-bits 3 --a-bits 8 --variants ...",
      ["start_choices_vit_tiny_w3a8", "start_choices_vit_tiny_w4a8", "start_choices_efficientnet_lite0_w4a4"]),
     ("peers.py", "Brevitas and NVIDIA ModelOpt beside evolq on the same images (own venvs)",

@@ -18,13 +18,18 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
-from benchmarks._common import RESULTS, setup, write_json
-from evolq.api import prepare_model
-from evolq.config import QuantConfig
-from evolq.evaluate import evaluate_qmodel, predict
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # also runs as a script
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import RESULTS, setup, write_json  # noqa: E402
+from evolq.api import prepare_model  # noqa: E402
+from evolq.config import QuantConfig  # noqa: E402
+from evolq.evaluate import evaluate_qmodel, predict  # noqa: E402
 
 KEYS = {"preset": str, "start": str, "st": float, "edge": int, "wobs": str, "init": str, "iters": int}
 

@@ -23,17 +23,22 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks._common import RESULTS, load_data, search_last_blocks, setup
-from evolq.api import prepare_model, quantize_model
-from evolq.config import EvolQConfig, QuantConfig, SearchConfig
-from evolq.data import split_calibration
-from evolq.evaluate import evaluate_qmodel, predict
-from evolq.io import write_json
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # also runs as a script
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import RESULTS, load_data, search_last_blocks, setup  # noqa: E402
+from evolq.api import prepare_model, quantize_model  # noqa: E402
+from evolq.config import EvolQConfig, QuantConfig, SearchConfig  # noqa: E402
+from evolq.data import split_calibration  # noqa: E402
+from evolq.evaluate import evaluate_qmodel, predict  # noqa: E402
+from evolq.io import write_json  # noqa: E402
 
 
 def _short(m):
