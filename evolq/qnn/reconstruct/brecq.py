@@ -21,8 +21,8 @@ At the end ``h = 1[V >= 0]`` is stored in the weight quantizer as ``round_offset
 (``init="gptq"``: GPTQ ran on the block first) is kept: the variables then learn the
 rounding of the compensated weights ``w + delta``. The block's output error on the
 calibration set is measured before and after: a block whose loss became NaN/inf,
-or whose error did not go down, keeps its round-to-nearest start, and the record
-says so.
+or whose error did not go down, keeps its start (round-to-nearest, or GPTQ's with
+``init="gptq"``), and the record says so.
 """
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ class BRECQOptions:
     """BRECQ (Li et al., 2021) block reconstruction with AdaRound rounding, QDrop optional.
 
     ``None`` settings take a default by device. CPU: ``iters=200, batch_size=16, lr=1e-2``
-    (ViT-Tiny, 14 blocks: 13-15 minutes alone on 2 cores, ``benchmarks/start_points.py``);
+    (ViT-Tiny, 14 blocks, with ``init="gptq"``: 13-15 minutes alone on 2 cores, ``benchmarks/start_points.py``);
     GPU: ``iters=5000, batch_size=32, lr=3e-3``.
     BRECQ's paper runs 20000 iterations at lr 1e-3; with 25-100x fewer steps the
     rounding variables need a larger step to leave their round-to-nearest start before
