@@ -3,7 +3,7 @@
 A run's state is every quantizer buffer of the model, the progress record (pass,
 position, block and pass records, evaluations, seconds) and the scales at the start
 of the current pass. ``RunCheckpoint`` snapshots it after every finished block,
-writes it as one atomic file (``evolq.io.atomic_write``: a reader sees the previous
+writes it as one atomic file (``evolq.fsio.atomic_write``: a reader sees the previous
 checkpoint or the new one, never half of one), puts the model back to the last
 snapshot on Ctrl-C, restores it on resume, and checks that a resumed run is the
 same run (``run_settings``, ``fingerprint``). ``RunLock`` keeps two runs from
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError, ConfigError
-from .io import atomic_write
+from .fsio import atomic_write
 
 __all__ = ["RunCheckpoint", "RunFolder", "RunLock", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta",
            "fingerprint", "run_settings", "check_run_folder", "clean_stale_tmp", "new_state", "RESUME_FREE",

@@ -141,7 +141,7 @@ class QuantConfig:
         if not isinstance(self.start_options, dict):
             raise ConfigError(f"start_options must be a dict, got {type(self.start_options).__name__}")
         if self.start_options:
-            from .qnn.reconstruct import start_options
+            from .start_options import start_options
 
             start_options(self.start, self.start_options)  # raises ConfigError on unknown or bad values
 

@@ -4,151 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ...checkpoint import RunFolder, fingerprint, load_checkpoint, save_checkpoint
-from ...errors import CheckpointError, ConfigError
+from ...errors import CheckpointError
 from ...quant import UniformQuantizer
+from ...start_options import BRECQOptions, GPTQOptions, start_options
 from ..layers import QConv2d, QLinear
 
 __all__ = ["GPTQOptions", "BRECQOptions", "start_options", "block_layers", "folded_weight", "StartCheckpoint",
            "START_CKPT_NAME"]
 
 START_CKPT_NAME = "start.safetensors"
-
-
-def _on_gpu(device: str) -> bool:
-    return str(device).startswith("cuda")
-
-
-@dataclass
-class GPTQOptions:
-    """GPTQ (Frantar et al., 2023) settings.
-
-    Args:
-        damp: dampening added to the Hessian's diagonal, as a fraction of its mean (GPTQ: 0.01);
-            multiplied by 10 and retried (up to 4 times) when the Hessian is not positive definite.
-        act_order: quantize columns in order of decreasing Hessian diagonal (GPTQ's "act-order").
-        block_size: columns per lazy batch update (GPTQ: 128; the result does not depend on it
-            beyond float rounding).
-        batch_size: images per forward while collecting Hessians.
-        device: where the Hessians are collected and the columns quantized.
-    """
-
-    damp: float = 0.01
-    act_order: bool = True
-    block_size: int = 128
-    batch_size: int = 32
-    device: str = "cpu"
-
-    def __post_init__(self):
-        if not (isinstance(self.damp, (int, float)) and math.isfinite(self.damp) and self.damp > 0):
-            raise ConfigError(f"gptq damp must be a positive number, got {self.damp!r}")
-        if not isinstance(self.act_order, bool):
-            raise ConfigError(f"gptq act_order must be true or false, got {self.act_order!r}")
-        for name in ("block_size", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"gptq {name} must be a positive integer, got {v!r}")
-
-
-@dataclass
-class BRECQOptions:
-    """BRECQ (Li et al., 2021) block reconstruction with AdaRound rounding, QDrop optional.
-
-    ``None`` settings take a default by device. CPU: ``iters=200, batch_size=16, lr=1e-2``
-    (ViT-Tiny, 14 blocks, with ``init="gptq"``: 13-15 minutes alone on 2 cores, ``benchmarks/start_points.py``);
-    GPU: ``iters=5000, batch_size=32, lr=3e-3``.
-    BRECQ's paper runs 20000 iterations at lr 1e-3; with 25-100x fewer steps the
-    rounding variables need a larger step to leave their round-to-nearest start before
-    the regulariser freezes them (see ``docs/concepts.md``).
-
-    Args:
-        iters: Adam steps per block.
-        batch_size: calibration samples per step (the calibration set must hold at least this many).
-        lr: Adam learning rate of the AdaRound variables.
-        act_lr: Adam learning rate of the activation steps (LSQ-style, per-tensor uniform
-            activation quantizers inside the block); 0 keeps them fixed.
-        qdrop: probability of dropping activation quantization per element (QDrop, 0.5);
-            0 is plain BRECQ.
-        reg_weight: weight of the rounding regulariser (BRECQ: 0.01).
-        warmup: fraction of the iterations without the regulariser, before beta anneals.
-        beta: (start, end) of the regulariser's annealed exponent (20 -> 2).
-        seed: the reconstruction's seed (batches, QDrop masks); same seed, same result.
-        init: what the rounding variables start from: ``"rtn"`` (round-to-nearest of the
-            weights, AdaRound's initialisation) or ``"gptq"`` (GPTQ runs on each block first,
-            with default ``GPTQOptions`` on ``device``, and AdaRound learns the rounding of its
-            compensated weights).
-        device: where blocks are reconstructed.
-        progress: a tqdm bar per block.
-    """
-
-    iters: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    act_lr: float = 4e-5
-    qdrop: float = 0.5
-    reg_weight: float = 0.01
-    warmup: float = 0.2
-    beta: tuple = (20.0, 2.0)
-    seed: int = 0
-    init: str = "rtn"
-    device: str = "cpu"
-    progress: bool = True
-
-    def __post_init__(self):
-        gpu = _on_gpu(self.device)
-        if self.iters is None:
-            self.iters = 5000 if gpu else 200
-        if self.batch_size is None:
-            self.batch_size = 32 if gpu else 16
-        if self.lr is None:
-            self.lr = 3e-3 if gpu else 1e-2
-        for name in ("iters", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"brecq {name} must be a positive integer, got {v!r}")
-        for name in ("lr", "act_lr", "reg_weight"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ConfigError(f"brecq {name} must be a non-negative number, got {v!r}")
-        if self.lr <= 0:
-            raise ConfigError(f"brecq lr must be positive, got {self.lr!r}")
-        for name in ("qdrop", "warmup"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-                raise ConfigError(f"brecq {name} must be a number in [0, 1), got {v!r}")
-        b = tuple(self.beta) if isinstance(self.beta, (list, tuple)) else ()
-        if len(b) != 2 or not all(isinstance(x, (int, float)) and x > 0 for x in b):
-            raise ConfigError(f"brecq beta must be two positive numbers (start, end), got {self.beta!r}")
-        self.beta = (float(b[0]), float(b[1]))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"brecq seed must be a non-negative integer, got {self.seed!r}")
-        if self.init not in ("rtn", "gptq"):
-            raise ConfigError(f"brecq init must be 'rtn' or 'gptq', got {self.init!r}")
-
-
-OPTIONS = {"gptq": GPTQOptions, "brecq": BRECQOptions}
-
-
-def start_options(start: str, options: dict | None):
-    """The options object of ``start`` from a dict; ConfigError on unknown keys or bad values."""
-    options = dict(options or {})
-    if start not in OPTIONS:
-        if options:
-            raise ConfigError(f"start {start!r} takes no start_options (got {', '.join(sorted(options))})")
-        return None
-    cls = OPTIONS[start]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(f"unknown {start} option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return cls(**options)
 
 
 def folded_weight(layer):

@@ -45,12 +45,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import ExportError
-from .qnn.layers import QConv2d, QLinear
-from .qnn.qmodel import QModel
-from .quant import ChannelFactorQuantizer, Log2Quantizer, PTFQuantizer, Quantizer, UniformQuantizer
-from .quant.quantizers import bias_correct
-from .quant.range import quant_codes
+from ..errors import ExportError
+from ..fsio import atomic_write
+from ..qnn.layers import QConv2d, QLinear
+from ..qnn.qmodel import QModel
+from ..quant import ChannelFactorQuantizer, Log2Quantizer, PTFQuantizer, Quantizer, UniformQuantizer
+from ..quant.quantizers import bias_correct
+from ..quant.range import quant_codes
 
 __all__ = ["export_onnx", "check_onnx", "export_float_onnx", "MIN_OPSET", "INT4_OPSET"]
 
@@ -518,8 +519,6 @@ def _trace(module, example, opset) -> bytes:
 
 
 def _write(path: Path, proto) -> Path:
-    from .io import atomic_write
-
     data = proto.SerializeToString()
     try:
         atomic_write(path, data)

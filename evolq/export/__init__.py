@@ -1,0 +1,10 @@
+"""Exported forms of a quantized model, one module each: ``onnx`` (the QDQ graph that
+onnxruntime and OpenVINO read), ``pt2`` (a ``torch.export`` program in PyTorch's PT2E
+quantize/dequantize form, which inductor lowers to oneDNN int8 kernels); ``runtimes``
+holds one module per runtime that checks and times an exported file (``FORMATS`` and
+``RUNTIMES`` are the registries the command line reads)."""
+from __future__ import annotations
+
+from .onnx import INT4_OPSET, MIN_OPSET, check_onnx, export_float_onnx, export_onnx, onnx_session
+
+__all__ = ["export_onnx", "check_onnx", "export_float_onnx", "onnx_session", "MIN_OPSET", "INT4_OPSET"]
