@@ -22,7 +22,8 @@ __all__ = ["prepare_model", "quantize_model", "save_quantized", "load_quantized"
 def prepare_model(model: nn.Module, calib_data, quant: QuantConfig | None = None, arch: str = "",
                   progress: bool = False, checkpoint_dir=None, resume: bool = False) -> QModel:
     """Quantize ``model`` in place (the ``quant`` regime, FQ-ViT by default) and
-    calibrate it on ``calib_data``: the start point of the search. With
+    calibrate it on ``calib_data``: the start point of the search. In the deploy regime
+    SmoothQuant factors are folded into the float model first (``evolq.qnn.smooth``). With
     ``quant.start`` "gptq" or "brecq" the weights' rounding is then reconstructed
     block by block (``evolq.qnn.reconstruct``; report in ``qmodel.start_report``),
     checkpointed after every block in ``checkpoint_dir`` and resumable."""
@@ -32,6 +33,10 @@ def prepare_model(model: nn.Module, calib_data, quant: QuantConfig | None = None
     model.eval()
     qmodel = wrap_model(model, quant, arch=arch)
     check_inputs(qmodel, x)
+    if quant.smoothing > 0:  # deploy regime: an exact float transform, before any statistics are taken
+        from .qnn.smooth import smooth_model
+
+        qmodel.smooth_report = smooth_model(qmodel, x, quant.smoothing)
     calibrate(qmodel, x, progress=progress)
     if quant.start != "rtn":
         from .qnn.reconstruct import run_start

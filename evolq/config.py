@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-__all__ = ["QuantConfig", "SearchConfig", "EvolQConfig", "SCOPES", "STARTS", "UNITS", "field_default"]
+__all__ = ["QuantConfig", "SearchConfig", "EvolQConfig", "SCOPES", "REGIMES", "STARTS", "UNITS", "field_default"]
 
 SCOPES = ("attn-weights", "weights", "block")
+REGIMES = ("fq-vit", "deploy")
+DEPLOY_STRENGTH = {8: 0.5, 4: 0.5, 3: 0.5}  # w_bits -> smooth_strength; see QuantConfig.deploy_strength
 STARTS = ("rtn", "gptq", "brecq")
 UNITS = ("block", "layer")
 
@@ -60,6 +62,19 @@ class QuantConfig:
     Bias correction applies to the ``rtn`` start only: gptq and brecq correct the
     rounding error themselves.
 
+    ``regime="deploy"`` (``QuantConfig.preset("deploy")``) is what CPU integer kernels
+    execute (oneDNN through PyTorch's inductor, onnxruntime, OpenVINO): the input of every
+    Linear/Conv quantized per tensor, unsigned and asymmetric (``a_bits``, u8 container); its
+    weights signed, symmetric, per output channel, zero-point 0 (``w_bits``, int8 container);
+    nothing else (LayerNorm inputs, residual adds, q/k/v, softmax and GELU stay float, so the
+    fields of the FQ-ViT regime, ``ptf``, ``attn_probs``, ``linear_input`` and
+    ``bias_correction``, do not apply). Outlier channels are handled offline, so every
+    activation stays per tensor: SmoothQuant factors ``f_c = max|x_c|^a / max|W_c|^(1-a)``
+    (``smooth_strength`` a; 0 is off) divide a LayerNorm's affine (or the v rows of qkv) and
+    multiply the next Linear's input columns, an exact float transform applied before
+    calibration (``evolq.qnn.smooth``). ``smooth_strength=None`` takes
+    ``QuantConfig.deploy_strength(w_bits)``.
+
     ``edge_bits`` (default None: every layer alike, the FQ-ViT regime) gives the first
     Linear/Conv (patch embedding, stem convolution) and the classifier at least that
     many bits, weights and input alike: BRECQ, QDrop and Brevitas' PTQ example keep these
@@ -82,11 +97,20 @@ class QuantConfig:
     start: str = "rtn"  # weight rounding of the start point: "rtn", "gptq" or "brecq" (evolq.qnn.reconstruct)
     start_options: dict = field(default_factory=dict)  # settings of the gptq/brecq start (GPTQOptions/BRECQOptions)
     edge_bits: int | None = None  # at least this many bits for the first and last layer (weights and inputs)
+    regime: str = "fq-vit"  # "fq-vit" (the authors' fake-quantized regime) or "deploy" (what integer kernels run)
+    smooth_strength: float | None = None  # deploy: SmoothQuant migration strength (0 = off; None: deploy_strength)
 
     PRESETS = {
         "fq-vit": {},
         "outlier-aware": {"ptf_zero_point": "channel", "ptf_max_alpha": 5, "linear_input": "channel"},
+        "deploy": {"regime": "deploy", "bias_correction": False},
     }
+
+    @staticmethod
+    def deploy_strength(w_bits: int) -> float:
+        """The deploy regime's SmoothQuant strength for ``w_bits`` (``smooth_strength=None``),
+        chosen by KL on calibration-pool images (``benchmarks/deploy.py --strengths``)."""
+        return DEPLOY_STRENGTH.get(w_bits, 0.5)
 
     @staticmethod
     def outlier_strength(w_bits: int, start: str = "rtn") -> float:
@@ -105,9 +129,10 @@ class QuantConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> QuantConfig:
-        """A named regime: ``"fq-vit"`` (the authors' start point, the defaults) or
+        """A named regime: ``"fq-vit"`` (the authors' start point, the defaults),
         ``"outlier-aware"`` (its ``linear_input_strength`` follows ``w_bits``, see
-        ``outlier_strength``); keyword arguments override single fields."""
+        ``outlier_strength``) or ``"deploy"`` (what CPU integer kernels run, see the class
+        docstring); keyword arguments override single fields."""
         _check_choice("preset", name, tuple(cls.PRESETS))
         fields = {**cls.PRESETS[name], **overrides}
         if name == "outlier-aware" and "linear_input_strength" not in overrides:
@@ -136,6 +161,10 @@ class QuantConfig:
         if isinstance(st, bool) or not isinstance(st, (int, float)) or not 0.0 <= st <= 1.0:
             raise ConfigError(f"linear_input_strength must be a number in [0, 1], got {st!r}")
         _check_choice("start", self.start, STARTS)
+        _check_choice("regime", self.regime, REGIMES)
+        ss = self.smooth_strength
+        if ss is not None and (isinstance(ss, bool) or not isinstance(ss, (int, float)) or not 0.0 <= ss <= 1.0):
+            raise ConfigError(f"smooth_strength must be a number in [0, 1] or None, got {ss!r}")
         if self.edge_bits is not None:
             _check_int("edge_bits", self.edge_bits, 2, 8)
         if not isinstance(self.start_options, dict):
@@ -144,6 +173,17 @@ class QuantConfig:
             from .start_options import start_options
 
             start_options(self.start, self.start_options)  # raises ConfigError on unknown or bad values
+
+    @property
+    def deploy(self) -> bool:
+        return self.regime == "deploy"
+
+    @property
+    def smoothing(self) -> float:
+        """The SmoothQuant strength in effect (0 outside the deploy regime)."""
+        if not self.deploy:
+            return 0.0
+        return self.deploy_strength(self.w_bits) if self.smooth_strength is None else float(self.smooth_strength)
 
     @property
     def probs_bits(self) -> int:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..qnn.builder import act_quant, probs_quant, wrap_act, wrap_conv, wrap_head, wrap_linear
+from ..qnn.builder import operand_quant, probs_quant, wrap_act, wrap_conv, wrap_head, wrap_linear
 from ..qnn.fold import fold_bn, fold_bn_before
 from ..qnn.layers import quantizers_of
 from ..qnn.qmodel import Block, QModel
@@ -67,7 +67,7 @@ class QLevitAttention(nn.Module):
         self.proj = attn.proj
         self.attention_biases = attn.attention_biases
         self.register_buffer("attention_bias_idxs", attn.attention_bias_idxs, persistent=False)
-        self.q_quant, self.k_quant, self.v_quant = (act_quant(quant, True) for _ in range(3))
+        self.q_quant, self.k_quant, self.v_quant = (operand_quant(quant) for _ in range(3))
         self.probs_quant = probs_quant(quant)
 
     def _probs(self, q, k):

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import UnsupportedModelError
 from ..qnn.builder import (
-    act_quant,
+    operand_quant,
     probs_quant,
     replace_module,
     wrap_conv,
@@ -58,7 +58,7 @@ class QWindowAttention(nn.Module):
         self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
         self.relative_position_bias_table = attn.relative_position_bias_table
         self.register_buffer("relative_position_index", attn.relative_position_index, persistent=False)
-        self.q_quant, self.k_quant, self.v_quant = (act_quant(quant, True) for _ in range(3))
+        self.q_quant, self.k_quant, self.v_quant = (operand_quant(quant) for _ in range(3))
         self.probs_quant = probs_quant(quant)
 
     def set_window_size(self, window_size):

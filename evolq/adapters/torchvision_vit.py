@@ -20,7 +20,16 @@ import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..qnn.builder import act_quant, probs_quant, wrap_act, wrap_conv, wrap_head, wrap_linear, wrap_mlp_act, wrap_norm
+from ..qnn.builder import (
+    operand_quant,
+    probs_quant,
+    wrap_act,
+    wrap_conv,
+    wrap_head,
+    wrap_linear,
+    wrap_mlp_act,
+    wrap_norm,
+)
 from ..qnn.layers import quantizers_of
 from ..qnn.qmodel import Block, QModel
 from ._registry import IMAGES, Adapter, register_adapter
@@ -53,7 +62,7 @@ class QMultiheadAttention(nn.Module):
         packed.bias = mha.in_proj_bias
         self.in_proj = wrap_linear(packed, quant)
         self.out_proj = wrap_linear(mha.out_proj, quant)
-        self.q_quant, self.k_quant, self.v_quant = (act_quant(quant, True) for _ in range(3))
+        self.q_quant, self.k_quant, self.v_quant = (operand_quant(quant) for _ in range(3))
         self.probs_quant = probs_quant(quant)
 
     def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=True, attn_mask=None,

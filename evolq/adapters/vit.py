@@ -10,10 +10,11 @@ Blocks: ``stem`` (patch embedding, class token, position embedding), ``blocks.0`
 """
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import nn
 
 from ..qnn.builder import (
-    act_quant,
+    operand_quant,
     probs_quant,
     replace_module,
     wrap_conv,
@@ -22,8 +23,9 @@ from ..qnn.builder import (
     wrap_mlp_act,
     wrap_norm,
 )
-from ..qnn.layers import quantizers_of
+from ..qnn.layers import QLinear, quantizers_of
 from ..qnn.qmodel import Block, QModel
+from ..qnn.smooth import SmoothGroup
 from ._registry import IMAGES, Adapter, register_adapter
 
 __all__ = ["QAttention", "ViTAdapter", "quantize_vit_block_attention", "attention_scopes"]
@@ -47,8 +49,11 @@ class QAttention(nn.Module):
         self.q_norm, self.k_norm, self.norm = attn.q_norm, attn.k_norm, getattr(attn, "norm", nn.Identity())
         self.proj = wrap_linear(attn.proj, quant)
         self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
-        self.q_quant, self.k_quant, self.v_quant = (act_quant(quant, True) for _ in range(3))
+        self.q_quant, self.k_quant, self.v_quant = (operand_quant(quant) for _ in range(3))
         self.probs_quant = probs_quant(quant)
+        # deploy regime: nothing quantized inside the attention, which then runs as one fused float kernel
+        self.float_attention = all(isinstance(m, nn.Identity) for m in (self.q_quant, self.k_quant, self.v_quant,
+                                                                         self.probs_quant))
 
     def forward(self, x, attn_mask=None, is_causal=False):
         if attn_mask is not None or is_causal:
@@ -57,10 +62,14 @@ class QAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        attn = self.probs_quant(attn.softmax(dim=-1))
-        x = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(b, n, self.attn_dim)
+        if self.float_attention:
+            x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = self.probs_quant(attn.softmax(dim=-1))
+            x = self.attn_drop(attn) @ v
+        x = x.transpose(1, 2).reshape(b, n, self.attn_dim)
         return self.proj_drop(self.proj(self.norm(x)))
 
 
@@ -81,6 +90,29 @@ def attention_scopes(name: str, block: nn.Module, quantizers: dict) -> dict[str,
         "attn-weights": [f"{name}.attn.qkv.weight_quant", f"{name}.attn.proj.weight_quant"],
         "block": [n for n, q in quantizers.items() if q.searchable],
     }
+
+
+def vit_smooth_groups(model: nn.Module) -> list[SmoothGroup]:
+    """Where SmoothQuant factors fold exactly in a pre-norm ViT: norm1 -> qkv, norm2 -> fc1,
+    the v rows of qkv -> proj (attention mixes tokens, not channels), and the final norm ->
+    the classifier (class-token or mean pooling keeps channels apart). fc2's input is the
+    GELU output, which has no affine producer: an explicit multiply before its quantizer."""
+    groups = []
+    for blk in model.blocks:
+        attn, dim = blk.attn, blk.attn.attn_dim
+        groups.append(SmoothGroup(blk.norm1, [attn.qkv]))
+        if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity) \
+                and isinstance(attn.norm, nn.Identity):
+            groups.append(SmoothGroup(attn.qkv, [attn.proj], rows=(2 * dim, 3 * dim)))
+        groups.append(SmoothGroup(blk.norm2, [blk.mlp.fc1]))
+        groups.append(SmoothGroup(None, [blk.mlp.fc2]))
+    head = model.head
+    if isinstance(head, QLinear):  # positive per-channel factors pass through token or mean pooling
+        if not isinstance(model.fc_norm, nn.Identity):
+            groups.append(SmoothGroup(model.fc_norm, [head]))
+        elif getattr(model, "global_pool", "") in ("token", "avg") and not isinstance(model.norm, nn.Identity):
+            groups.append(SmoothGroup(model.norm, [head]))
+    return groups
 
 
 def _is_timm_vit(model) -> bool:
@@ -129,4 +161,7 @@ class ViTAdapter(Adapter):
         head_q.update(quantizers_of(model.fc_norm, "fc_norm"))
         head_q.update(quantizers_of(model.head, "head"))
         blocks.append(Block("head", head, head_q))
-        return QModel(model, blocks, self.name, arch, quant)
+        qmodel = QModel(model, blocks, self.name, arch, quant)
+        if quant.deploy:
+            qmodel.smooth_groups = vit_smooth_groups(model)
+        return qmodel

@@ -6,5 +6,9 @@ holds one module per runtime that checks and times an exported file (``FORMATS``
 from __future__ import annotations
 
 from .onnx import INT4_OPSET, MIN_OPSET, check_onnx, export_float_onnx, export_onnx, onnx_session
+from .pt2 import export_pt2, load_pt2
 
-__all__ = ["export_onnx", "check_onnx", "export_float_onnx", "onnx_session", "MIN_OPSET", "INT4_OPSET"]
+__all__ = ["export_onnx", "check_onnx", "export_float_onnx", "onnx_session", "export_pt2", "load_pt2", "FORMATS",
+           "MIN_OPSET", "INT4_OPSET"]
+
+FORMATS = {"onnx": export_onnx, "pt2": export_pt2}  # format -> writer(qmodel, path, **options)

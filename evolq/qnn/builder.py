@@ -1,4 +1,11 @@
-"""Helpers shared by adapters: build quantizers from a ``QuantConfig`` and wrap layers."""
+"""Helpers shared by adapters: build quantizers from a ``QuantConfig`` and wrap layers.
+
+Each helper knows both regimes, so an adapter states *where* a model has quantization
+points and the regime decides *what* sits there. In the deploy regime
+(``QuantConfig.regime == "deploy"``) only the inputs and weights of Linear/Conv layers are
+quantized (and a ``QAct`` output where it is the next layer's input): ``wrap_norm``
+returns the norm unchanged, and ``operand_quant`` (q, k, v) and ``probs_quant`` give
+``nn.Identity``."""
 from __future__ import annotations
 
 from torch import nn
@@ -6,12 +13,20 @@ from torch import nn
 from ..quant import ChannelFactorQuantizer, Log2Quantizer, PTFQuantizer, UniformQuantizer
 from .layers import QAct, QConv2d, QLinear, QNorm
 
-__all__ = ["edge_layers", "apply_edge_bits", "weight_quant", "act_quant", "probs_quant", "norm_input_quant",
+__all__ = ["edge_layers", "apply_edge_bits", "weight_quant", "act_quant", "operand_quant", "probs_quant",
+           "norm_input_quant",
            "wrap_linear", "linear_input_quant", "wrap_head", "wrap_conv", "wrap_act", "wrap_mlp_act", "wrap_norm",
            "replace_module"]
 
 
+def _deploy(quant) -> bool:
+    return getattr(quant, "regime", "fq-vit") == "deploy"
+
+
 def weight_quant(quant, ch_axis=0) -> UniformQuantizer:
+    if _deploy(quant):  # what int8 kernels take: signed, symmetric, per output channel, zero-point 0
+        return UniformQuantizer(quant.w_bits, signed=True, symmetric=True, per_channel=True, ch_axis=ch_axis,
+                                observer=quant.weight_observer, kind="weight")
     return UniformQuantizer(quant.w_bits, signed=False, symmetric=False, per_channel=True, ch_axis=ch_axis,
                             observer=quant.weight_observer, kind="weight",
                             bias_correction=quant.bias_correction and getattr(quant, "start", "rtn") == "rtn")
@@ -22,7 +37,15 @@ def act_quant(quant, signed=False) -> UniformQuantizer:
                             observer=quant.act_observer, kind="activation")
 
 
+def operand_quant(quant) -> nn.Module:
+    """The quantizer of an attention matmul operand (q, k, v): signed per tensor, or
+    ``nn.Identity`` in the deploy regime (the attention matmuls run in float)."""
+    return nn.Identity() if _deploy(quant) else act_quant(quant, signed=True)
+
+
 def probs_quant(quant):
+    if _deploy(quant):
+        return nn.Identity()
     if quant.attn_probs == "log2":
         return Log2Quantizer(quant.probs_bits)
     return UniformQuantizer(quant.probs_bits, signed=False, symmetric=False, observer="minmax", kind="activation")
@@ -36,7 +59,7 @@ def norm_input_quant(quant):
 
 def linear_input_quant(quant):
     """Input quantizer of a Linear: per tensor, or per-channel factors folded into its weights."""
-    if quant.linear_input == "channel":
+    if quant.linear_input == "channel" and not _deploy(quant):
         return ChannelFactorQuantizer(quant.a_bits, observer=quant.act_observer, strength=quant.linear_input_strength)
     return act_quant(quant)
 
@@ -54,9 +77,10 @@ def wrap_head(linear: nn.Linear, quant, quant_input=True) -> QLinear:
 
 def wrap_mlp_act(act: nn.Module, fc2: nn.Linear, quant) -> tuple[nn.Module, QLinear]:
     """A transformer MLP's activation and second Linear. FQ-ViT quantizes the GELU
-    output per tensor (``QAct``); with ``linear_input="channel"`` that quantizer moves
-    into fc2 as its per-channel input quantizer (same tensor, folded into fc2's weights)."""
-    if quant.linear_input == "channel":
+    output per tensor (``QAct``); with ``linear_input="channel"`` or in the deploy regime that
+    quantizer moves into fc2 as its input quantizer (same tensor; per-channel factors folded
+    into fc2's weights, or per tensor)."""
+    if quant.linear_input == "channel" or _deploy(quant):
         return act, wrap_linear(fc2, quant)
     return wrap_act(act, quant), wrap_linear(fc2, quant, quant_input=False)
 
@@ -69,7 +93,10 @@ def wrap_act(module: nn.Module, quant) -> QAct:
     return QAct(module, act_quant(quant))
 
 
-def wrap_norm(norm: nn.Module, quant) -> QNorm:
+def wrap_norm(norm: nn.Module, quant) -> nn.Module:
+    """A norm with a quantized input (PTF on LayerNorm inputs); the deploy regime leaves it float."""
+    if _deploy(quant):
+        return norm
     return QNorm(norm, norm_input_quant(quant))
 
 

@@ -51,7 +51,21 @@ class QLinear(nn.Module):
         self.bias = linear.bias
         self.weight_quant = weight_quant
         self.input_quant = input_quant if input_quant is not None else nn.Identity()
+        self.input_scale = None
         self._fold_cache = None
+
+    def set_input_scale(self, scale: torch.Tensor | None) -> None:
+        if scale is None:
+            self._buffers.pop("input_scale", None)
+            self.input_scale = None
+        else:
+            self.__dict__.pop("input_scale", None)
+            self.register_buffer("input_scale", scale.detach().float().clone())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "input_scale" in state_dict and self.input_scale is None:  # present after deploy smoothing
+            self.set_input_scale(torch.empty_like(state_dict[prefix + "input_scale"]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -73,6 +87,8 @@ class QLinear(nn.Module):
             self.weight_quant.calibrate_from(self._folded_weight(f))
 
     def forward(self, x):
+        if self.input_scale is not None:
+            x = x * self.input_scale
         x = self.input_quant(x)
         f = self._factor()
         if f is None:

@@ -66,6 +66,8 @@ class QModel:
     config: object = None
     calibration_digests: frozenset | None = None  # per-sample hashes of the calibration inputs (None: unknown)
     start_report: dict | None = None  # what a gptq/brecq start did (evolq.qnn.reconstruct)
+    smooth_groups: list = field(default_factory=list)  # deploy regime: where SmoothQuant factors fold (qnn.smooth)
+    smooth_report: dict | None = None  # what smoothing did (evolq.qnn.smooth.smooth_model)
 
     def quantizers(self) -> dict[str, Quantizer]:
         out = {}

@@ -1,0 +1,44 @@
+"""What every runtime module provides (``evolq.export.runtimes``)."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from ...errors import ExportError
+
+__all__ = ["Runtime", "Runner"]
+
+
+class Runner:
+    """A loaded model: ``runner(x)`` -> float32 logits (a torch tensor) for an image batch."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def kernels(self) -> dict:
+        """``{"integer": {kernel: count}, "float": {kernel: count}}``: the compute kernels run."""
+        return {"integer": {}, "float": {}}
+
+
+class Runtime:
+    """A runtime: ``name``, the export ``format`` it reads, the package it needs (``package``,
+    installed by the ``extra``), ``load(path, threads)`` and ``load_float(qmodel, threads, folder)``."""
+
+    name = ""
+    format = ""
+    package = ""
+    extra = "export"
+
+    def require(self) -> None:
+        try:
+            importlib.import_module(self.package)
+        except ImportError:
+            raise ExportError(f"runtime {self.name} needs the package {self.package}, which is not installed: "
+                              f"pip install 'evolq[{self.extra}]'") from None
+
+    def load(self, path, threads: int) -> Runner:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def load_float(self, qmodel, threads: int, folder) -> Runner:  # pragma: no cover - interface
+        raise NotImplementedError

@@ -1,0 +1,84 @@
+"""PyTorch's x86 path: a ``torch.export`` program (``--format pt2``) compiled by inductor
+with freezing on, which lowers the PT2E quantize/dequantize patterns to oneDNN int8 kernels
+(``qlinear_pointwise``, ``qconv2d_pointwise``; the patterns are registered by torchao, where
+PT2E lives since torch 2.14). One compile per batch shape and thread count: inductor fixes
+the OpenMP thread count of its kernels when it compiles."""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import torch
+
+from .base import Runner, Runtime
+
+__all__ = ["InductorRuntime", "count_kernels"]
+
+_CALL = re.compile(r"torch\.ops\.(onednn|mkldnn|aten|quantized|torchao)\.(\w+)\.|extern_kernels\.(\w+)\(")
+
+
+def count_kernels(codes: list[str]) -> dict:
+    """Compute kernels called by inductor's generated code: oneDNN int8 (``onednn.q*``) as
+    integer, other matmul/convolution/attention kernels as float."""
+    integer, flt = Counter(), Counter()
+    for code in codes:
+        for ns, op, ext in _CALL.findall(code):
+            name = f"{ns}.{op}" if ns else f"extern_kernels.{ext}"
+            base = op or ext
+            if ns == "onednn" and base.startswith("q") or "int8" in base:
+                integer[name] += 1
+            elif any(k in base for k in ("mm", "linear", "conv", "attention", "addmm", "baddbmm")):
+                flt[name] += 1
+    return {"integer": dict(integer), "float": dict(flt)}
+
+
+def _setup():
+    import torch._inductor.config as cfg
+    import torch.ao.quantization.fx._decomposed  # noqa: F401 - the quantize ops
+    try:  # importing torchao's X86InductorQuantizer registers inductor's int8 weight-prepack and fusion passes
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+    except ImportError:  # pragma: no cover - checked by Runtime.require
+        pass
+    cfg.freezing = True
+
+
+class _CompiledRunner(Runner):
+    def __init__(self, module: torch.nn.Module, threads: int):
+        _setup()
+        self.module, self.threads = module.eval(), threads
+        self.compiled: dict = {}
+        self.codes: list[str] = []
+
+    def __call__(self, x):
+        torch.set_num_threads(self.threads)
+        key = tuple(x.shape)
+        with torch.no_grad():
+            if key not in self.compiled:
+                from torch._inductor.utils import run_and_get_code
+
+                fn = torch.compile(self.module, dynamic=False)
+                out, codes = run_and_get_code(fn, x)
+                self.compiled[key] = fn
+                self.codes.extend(codes)
+                return out.float()
+            return self.compiled[key](x).float()
+
+    def kernels(self):
+        return count_kernels(self.codes[-1:] if self.codes else [])
+
+
+class InductorRuntime(Runtime):
+    name = "inductor"
+    format = "pt2"
+    package = "torchao"
+    extra = "deploy"
+
+    def load(self, path, threads: int) -> Runner:
+        from ..pt2 import load_pt2
+
+        return _CompiledRunner(load_pt2(path).module(), threads)
+
+    def load_float(self, qmodel, threads: int, folder) -> Runner:
+        from ..pt2 import float_program
+
+        return _CompiledRunner(float_program(qmodel).module(), threads)
