@@ -11,7 +11,7 @@ from .errors import ConfigError
 __all__ = ["QuantConfig", "SearchConfig", "EvolQConfig", "SCOPES", "STARTS", "UNITS", "field_default"]
 
 SCOPES = ("attn-weights", "weights", "block")
-STARTS = ("rtn", "gptq", "brecq")
+STARTS = ("rtn", "gptq", "brecq", "ofq")
 UNITS = ("block", "layer")
 
 
@@ -55,10 +55,15 @@ class QuantConfig:
 
     ``start`` chooses how weights are rounded before the search: ``"rtn"``
     (round-to-nearest, the default), ``"gptq"`` (one-shot Hessian-based error
-    compensation) or ``"brecq"`` (block reconstruction with learned AdaRound rounding,
-    QDrop optional); ``start_options`` sets their knobs (``evolq.qnn.reconstruct``).
-    Bias correction applies to the ``rtn`` start only: gptq and brecq correct the
-    rounding error themselves.
+    compensation), ``"brecq"`` (block reconstruction with learned AdaRound rounding,
+    QDrop optional) or ``"ofq"`` (a short end-to-end distillation fine-tune of the
+    quantized weights, OFQ's StatsQ and CGA as switches); ``start_options`` sets their
+    knobs (``evolq.qnn.reconstruct``). Bias correction applies to the ``rtn`` start only:
+    the others correct the rounding error themselves.
+
+    ``weight_observer="statsq"`` (OFQ's StatsQ) gives every weight row the step
+    ``2 * mean|w| / 2^(b-1)`` on a grid of 2^b levels with none at zero (a half-step
+    zero-point), under any start.
 
     ``edge_bits`` (default None: every layer alike, the FQ-ViT regime) gives the first
     Linear/Conv (patch embedding, stem convolution) and the classifier at least that
@@ -79,8 +84,8 @@ class QuantConfig:
     ptf_max_alpha: int = 3
     linear_input: str = "tensor"  # "tensor" (FQ-ViT) or "channel" (folded into the weights)
     linear_input_strength: float = 0.5  # "channel": factors (s_c / mean s)^strength; 1 = fully per channel
-    start: str = "rtn"  # weight rounding of the start point: "rtn", "gptq" or "brecq" (evolq.qnn.reconstruct)
-    start_options: dict = field(default_factory=dict)  # settings of the gptq/brecq start (GPTQOptions/BRECQOptions)
+    start: str = "rtn"  # weight rounding of the start point: "rtn", "gptq", "brecq" or "ofq" (evolq.qnn.reconstruct)
+    start_options: dict = field(default_factory=dict)  # settings of the start (GPTQ/BRECQ/OFQOptions)
     edge_bits: int | None = None  # at least this many bits for the first and last layer (weights and inputs)
 
     PRESETS = {
@@ -120,12 +125,13 @@ class QuantConfig:
         self.validate()
 
     def validate(self):
-        from .quant import OBSERVERS
+        from .quant import OBSERVERS, WEIGHT_ONLY_OBSERVERS
 
         _check_int("w_bits", self.w_bits, 2, 8)
         _check_int("a_bits", self.a_bits, 4, 8)
         _check_choice("weight observer", self.weight_observer, tuple(OBSERVERS))
-        _check_choice("activation observer", self.act_observer, tuple(OBSERVERS))
+        _check_choice("activation observer", self.act_observer,
+                      tuple(o for o in OBSERVERS if o not in WEIGHT_ONLY_OBSERVERS))
         _check_choice("attn_probs", self.attn_probs, ("uniform", "log2"))
         if self.attn_bits is not None:
             _check_int("attn_bits", self.attn_bits, 2, 8)
