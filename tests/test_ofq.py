@@ -106,7 +106,8 @@ def test_starts_and_statsq_grid_export_to_onnx(tmp_path, start, observer):
     from evolq.export import export_onnx
 
     x = imgs(32)
-    opts = {"brecq": {"iters": 20, "batch_size": 8, "progress": False}, "ofq": {**FAST, "epochs": 1}}.get(start, {})
+    opts = {"brecq": {"iters": 20, "batch_size": 8, "progress": False},
+            "ofq": {**FAST, "epochs": 1, "statsq": True}}.get(start, {})
     qm = prepare_model(tiny_vit(), x[:16], QuantConfig(w_bits=4, weight_observer=observer, start=start,
                                                        start_options=opts))
     path = export_onnx(qm, tmp_path / "m.onnx", example=x[:1])
@@ -168,6 +169,15 @@ def test_frozen_model_equals_the_trained_one(monkeypatch):
             assert torch.equal(qm.model(x), seen["trained"]), statsq
         zps = [layer.weight_quant.zero_point for b in qm.blocks for _, layer in block_layers(qm, b)]
         assert all(bool((z - z.floor() == 0.5).all()) == statsq for z in zps)
+
+
+def test_statsq_only_on_the_w_bits_layers():
+    q = QuantConfig(w_bits=3, edge_bits=8, start="ofq", start_options={**FAST, "epochs": 1, "statsq": True})
+    qm = prepare_model(tiny_vit(), imgs(24), q)
+    half = {name: bool((layer.weight_quant.zero_point % 1 == 0.5).all())
+            for b in qm.blocks for name, layer in block_layers(qm, b)}
+    assert half.pop("patch_embed.proj") is False and half.pop("head") is False  # 8-bit edges: calibrated grid
+    assert half and all(half.values())
 
 
 def test_ofq_is_deterministic_for_a_seed():
@@ -260,10 +270,16 @@ def test_worse_after_fine_tune_is_reported(monkeypatch):
     assert any("raised the hold-out KL" in w for w in rep["warnings"])
 
 
-@pytest.mark.parametrize("make", [tiny_swin, tiny_torchvision_vit], ids=["swin", "torchvision_vit"])
+def tiny_cnn(seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10).eval()
+
+
+@pytest.mark.parametrize("make", [tiny_swin, tiny_torchvision_vit, tiny_cnn], ids=["swin", "torchvision_vit", "cnn"])
 def test_ofq_on_other_families(make):
     qm = ofq(imgs(16), model=make(), epochs=1, init="rtn")
     assert qm.start_report["status"] == "ok"
+    assert "cga_trained_share" not in qm.start_report["history"][0]  # one epoch: no CGA phase (cga is on)
     assert any("weight_delta" in q._buffers for q in qm.quantizers().values())
 
 

@@ -15,7 +15,7 @@ OFQ's parts as switches (``OFQOptions``):
 * ``statsq``: every step, each weight row's scale is recomputed from the current weights,
   ``2 * mean|w| / 2^(b-1)`` on a grid of 2^b levels with none at zero (a half-step zero-point,
   ``UniformQuantizer.fit_statsq``); GPTQ's init then runs on that grid too.
-* ``cga``: for the last ``cga_epochs`` epochs, weights whose latent value is farther than
+* ``cga``: for the last ``cga_epochs`` epochs (not the first), weights whose latent value is farther than
   ``cga_br`` steps from a rounding threshold are frozen (no gradient, restored after every
   step); only the near-threshold, oscillating ones keep training.
 * ``qkr`` is not implemented (refused by ``OFQOptions``).
@@ -232,7 +232,7 @@ def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, pr
     n, bs = x.shape[0], opts.batch_size
     steps = n // bs  # whole batches only: every step sees bs images
     total = steps * opts.epochs
-    cga_from = opts.epochs - opts.cga_epochs if opts.cga else opts.epochs
+    cga_from = max(1, opts.epochs - opts.cga_epochs) if opts.cga else opts.epochs  # never the first epoch
     teacher = _float_logits(qmodel, x, eval_bs)
     teacher_flip = _float_logits(qmodel, x.flip(-1), eval_bs) if flip else None
     hold_ref = _float_logits(qmodel, hold, eval_bs) if hold is not None else None
