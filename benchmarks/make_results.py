@@ -504,6 +504,39 @@ def section_start_choices(lines):
                   ""]
 
 
+def section_ofq(lines):
+    dev, ev = load("ofq_dev_vit_tiny_w3a8"), load("ofq_eval_vit_tiny_w3a8")
+    if not dev and not ev:
+        return
+    lines += ["## The ofq start: a short OFQ fine-tune (`benchmarks/ofq_start.py`)", "",
+              "ViT-Tiny W3A8, outlier-aware preset, edge bits 8, seed 0, 2 CPU cores. A variant is the start and "
+              "its `start_options`; the dev variants ran with the defaults of that time for the options they do "
+              "not name (3 epochs, batch 16, lr 1e-4, cosine, flips, init gptq, StatsQ on, CGA off, AdamW without "
+              "decay); the lowest dev KL became today's defaults (lr 2e-5, StatsQ off, CGA on). The recipe is "
+              "chosen on the *dev* table only (calibration pool: the first 300 images "
+              "calibrate and train, the other 200 score; the evaluation split is not read); the evaluation "
+              "table then reports the chosen recipe beside rtn and gptq (the calibration pool's 10% hold-out is "
+              "split off first and never calibrates nor trains; *hold-out KL* is the fine-tune's own report, before "
+              "-> after). *train KL*: mean distillation loss per epoch. StatsQ here is on the layers at w_bits only, "
+              "except the row marked superseded (StatsQ on the 8-bit edge layers too).", ""]
+    for name, d, col in (("dev", dev, "dev"), ("evaluation", ev, "eval")):
+        if not d:
+            continue
+        rows = []
+        for k, r in d["variants"].items():
+            hist = r.get("history") or []
+            hk = r.get("holdout_kl") or r.get("fitness_kl")
+            rows.append([k, f2(r["top1"]), f2(r["agreement"]),
+                         f"{r['kl']:.4f}" + (" (lowest)" if k == d.get("best_kl") else ""),
+                         " / ".join(f"{h['train_kl']:.3f}" for h in hist),
+                         f"{hk['before']:.3f} -> {hk['after']:.3f}" if hk else "",
+                         r.get("status", ""), f"{r['seconds']:.0f}"])
+        kl_what = "hold-out KL" if col == "eval" else "fitness KL (train images)"
+        lines += [f"{name}: {d['settings']['split']} (FP32 top-1 {d['fp32_top1']:.1f}).", "",
+                  table(["variant", f"{col} top-1", "agreement", "KL", "train KL per epoch", kl_what, "status",
+                         "start s"], rows), ""]
+
+
 def section_holdout(lines):
     d = load("holdout")
     if not d:
@@ -556,6 +589,10 @@ SCRIPTS = [  # script, what, command, result files
      "init), calibration pool only",
      "python benchmarks/start_choices.py --model vit_tiny_patch16_224 --w-bits 3 --a-bits 8 --variants ...",
      ["start_choices_vit_tiny_w3a8", "start_choices_vit_tiny_w4a8", "start_choices_efficientnet_lite0_w4a4"]),
+    ("ofq_start.py", "the ofq start (OFQ fine-tune) variants on the calibration pool's dev split, then the chosen "
+     "recipe beside rtn and gptq on the evaluation split",
+     "python benchmarks/ofq_start.py --mode dev --variants gptq,ofq+epochs=3+statsq=false,... ; then --mode eval "
+     "--variants rtn,gptq,<lowest dev KL>", ["ofq_dev_vit_tiny_w3a8", "ofq_eval_vit_tiny_w3a8"]),
     ("peers.py", "Brevitas and NVIDIA ModelOpt beside evolq on the same images (own venvs)",
      "python benchmarks/peers.py", ["peers"]),
     ("accuracy.py", "FP32 / start / Evol-Q for ViT-Tiny and EfficientNet-Lite0, seeds 0-2",
@@ -697,7 +734,8 @@ def main():
              "100/N points: treat differences of a point or two as noise. Which JSON files were produced with "
              "earlier code and not re-run (search, efficientnet*, searchers, scaling, landscapes) is "
              "listed in `benchmarks/README.md`.", ""]
-    for sec in (section_paper_budget, section_holdout, section_start_points, section_start_choices, section_peers,
+    for sec in (section_paper_budget, section_holdout, section_start_points, section_start_choices, section_ofq,
+                section_peers,
                 section_export,
                 section_accuracy,
                 section_start_point, section_preset_strength, section_search, section_speed,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import torch
 from torch import nn
 
 from .adapters import check_inputs, wrap_model
@@ -20,13 +21,16 @@ __all__ = ["prepare_model", "quantize_model", "save_quantized", "load_quantized"
 
 
 def prepare_model(model: nn.Module, calib_data, quant: QuantConfig | None = None, arch: str = "",
-                  progress: bool = False, checkpoint_dir=None, resume: bool = False) -> QModel:
+                  progress: bool = False, checkpoint_dir=None, resume: bool = False, holdout=None) -> QModel:
     """Quantize ``model`` in place (the ``quant`` regime, FQ-ViT by default) and
     calibrate it on ``calib_data``: the start point of the search. In the deploy regime
     SmoothQuant factors are folded into the float model first (``evolq.qnn.smooth``). With
     ``quant.start`` "gptq" or "brecq" the weights' rounding is then reconstructed
     block by block (``evolq.qnn.reconstruct``; report in ``qmodel.start_report``),
-    checkpointed after every block in ``checkpoint_dir`` and resumable."""
+    checkpointed after every block in ``checkpoint_dir`` and resumable; with "ofq" the
+    quantized weights are fine-tuned on ``calib_data`` (checkpointed after every epoch).
+    ``holdout``: inputs kept out of calibration and of the start, on which the ``ofq``
+    start reports the KL to the float model before and after its fine-tune."""
     quant = quant or QuantConfig()
     quant.validate()
     x = as_tensor_data(calib_data)
@@ -41,8 +45,10 @@ def prepare_model(model: nn.Module, calib_data, quant: QuantConfig | None = None
     if quant.start != "rtn":
         from .qnn.reconstruct import run_start
 
+        empty = holdout is None or (isinstance(holdout, torch.Tensor) and holdout.ndim > 0 and holdout.shape[0] == 0)
+        hold = None if empty else as_tensor_data(holdout, "hold-out data")
         qmodel.start_report = run_start(qmodel, x, quant, progress=progress, checkpoint_dir=checkpoint_dir,
-                                        resume=resume)
+                                        resume=resume, holdout=hold)
     return qmodel
 
 
@@ -104,7 +110,7 @@ def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | 
             raise ConfigError(f"model must be a torch nn.Module, got {type(model).__name__}")
         # split first: the hold-out never reaches the calibration statistics
         qmodel = prepare_model(model, fit_x, config.quant, arch=arch, progress=search.progress,
-                               checkpoint_dir=ckpt_dir, resume=resume)
+                               checkpoint_dir=ckpt_dir, resume=resume, holdout=hold_x)
     qmodel.model.to(resolve_device(search.device))
     fit_x, hold_x = fit_x.to(search.device), hold_x.to(search.device)
     settings = run_settings(config)

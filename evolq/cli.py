@@ -90,10 +90,13 @@ def _add_start_args(p):
 
     p.add_argument("--start", default=_q("start"), choices=STARTS,
                    help="weight rounding of the start point: rtn (round-to-nearest, default), gptq (Hessian-based "
-                        "error compensation) or brecq (block reconstruction, AdaRound + QDrop)")
+                        "error compensation), brecq (block reconstruction, AdaRound + QDrop) or ofq (a short "
+                        "distillation fine-tune of the quantized weights, OFQ's StatsQ/CGA as switches; eval holds "
+                        "out 10%% of the calibration images from it)")
     p.add_argument("--start-arg", type=_searcher_arg, action="append", default=[], metavar="KEY=VALUE",
-                   help="gptq/brecq setting, repeatable (e.g. iters=500, batch_size=32, qdrop=0, device=cuda, "
-                        "act_order=false; init=gptq: brecq learns the rounding of GPTQ's weights)")
+                   help="gptq/brecq/ofq setting, repeatable (e.g. iters=500, batch_size=32, qdrop=0, device=cuda, "
+                        "act_order=false; init=gptq: brecq learns the rounding of GPTQ's weights; ofq: epochs=2, "
+                        "lr=1e-4, statsq=false, cga=true)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,15 +243,31 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate_qmodel
 
     model, quant, xc, xe, ye = _load(args, quiet=args.json)
-    qmodel = prepare_model(model, xc, quant, arch=args.model, progress=not args.json)
+    hold = None
+    if quant.start == "ofq":  # the fine-tune's overfitting shows on images it never sees (quantize's hold-out)
+        from .data import split_calibration
+
+        xc, hold = split_calibration(xc, _s("holdout"), _s("seed"))
+    qmodel = prepare_model(model, xc, quant, arch=args.model, progress=not args.json, holdout=hold)
     res, _ = evaluate_qmodel(qmodel, xe, ye, progress=not args.json)
     out = {"model": args.model, "w_bits": args.w_bits, "a_bits": args.a_bits, "calib_images": int(xc.shape[0]),
            "eval_images": int(xe.shape[0]), "fp32": _short(res["fp32"]), "quantized": _short(res["quantized"])}
+    rep = qmodel.start_report
+    if rep is not None and rep.get("start") == "ofq":
+        out["start"] = {k: rep[k] for k in ("holdout_images", "holdout_kl", "fitness_kl", "epochs_run", "status",
+                                            "warnings", "seconds") if k in rep}
     if args.json:
         print(json.dumps(out))
     else:
         print(f"{args.model} W{args.w_bits}A{args.a_bits}: {xc.shape[0]} calibration / {xe.shape[0]} evaluation images")
         print(_table([("fp32", res["fp32"]), ("quantized", res["quantized"])]))
+        if "start" in out:
+            st = out["start"]
+            kl = st.get("holdout_kl") or st.get("fitness_kl") or {}
+            print(f"ofq fine-tune: {st['epochs_run']} epochs, {st['status']}; hold-out KL {kl.get('before', 0):.4f} "
+                  f"-> {kl.get('after', 0):.4f} ({st['holdout_images']} images)")
+            for w in st.get("warnings", []):
+                print(f"warning: {w}")
     return 0
 
 
@@ -260,9 +279,9 @@ def _run_quantize(model, arch, quant, search, xc, xe, ye, out_dir, resume) -> di
     from .io import save_quantized, write_json
 
     t0 = time.perf_counter()
-    fit, _ = split_calibration(xc, search.holdout, search.seed)  # the hold-out never calibrates
+    fit, hold = split_calibration(xc, search.holdout, search.seed)  # the hold-out never calibrates (nor trains)
     qmodel = prepare_model(model, fit, quant, arch=arch, progress=search.progress, checkpoint_dir=out_dir,
-                           resume=resume)
+                           resume=resume, holdout=hold)
     start, fp_logits = evaluate_qmodel(qmodel, xe, ye, progress=search.progress)
     qmodel, rep = quantize_model(qmodel, xc, EvolQConfig(quant, search), checkpoint_dir=out_dir, resume=resume)
     final, _ = evaluate_qmodel(qmodel, xe, ye, fp_logits=fp_logits, progress=search.progress)

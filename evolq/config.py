@@ -12,8 +12,8 @@ __all__ = ["QuantConfig", "SearchConfig", "EvolQConfig", "SCOPES", "REGIMES", "S
 
 SCOPES = ("attn-weights", "weights", "block")
 REGIMES = ("fq-vit", "deploy")
-DEPLOY_STRENGTH = {8: 0.5, 4: 0.5, 3: 0.5}  # w_bits -> smooth_strength; see QuantConfig.deploy_strength
-STARTS = ("rtn", "gptq", "brecq")
+DEPLOY_STRENGTH = {8: 1.0}  # w_bits -> smooth_strength (others: 0.5); see QuantConfig.deploy_strength
+STARTS = ("rtn", "gptq", "brecq", "ofq")
 UNITS = ("block", "layer")
 
 
@@ -57,10 +57,15 @@ class QuantConfig:
 
     ``start`` chooses how weights are rounded before the search: ``"rtn"``
     (round-to-nearest, the default), ``"gptq"`` (one-shot Hessian-based error
-    compensation) or ``"brecq"`` (block reconstruction with learned AdaRound rounding,
-    QDrop optional); ``start_options`` sets their knobs (``evolq.qnn.reconstruct``).
-    Bias correction applies to the ``rtn`` start only: gptq and brecq correct the
-    rounding error themselves.
+    compensation), ``"brecq"`` (block reconstruction with learned AdaRound rounding,
+    QDrop optional) or ``"ofq"`` (a short end-to-end distillation fine-tune of the
+    quantized weights, OFQ's StatsQ and CGA as switches); ``start_options`` sets their
+    knobs (``evolq.qnn.reconstruct``). Bias correction applies to the ``rtn`` start only:
+    the others correct the rounding error themselves.
+
+    ``weight_observer="statsq"`` (OFQ's StatsQ) gives every weight row the step
+    ``2 * mean|w| / 2^(b-1)`` on a grid of 2^b levels with none at zero (a half-step
+    zero-point), under any start.
 
     ``regime="deploy"`` (``QuantConfig.preset("deploy")``) is what CPU integer kernels
     execute (oneDNN through PyTorch's inductor, onnxruntime, OpenVINO): the input of every
@@ -94,8 +99,8 @@ class QuantConfig:
     ptf_max_alpha: int = 3
     linear_input: str = "tensor"  # "tensor" (FQ-ViT) or "channel" (folded into the weights)
     linear_input_strength: float = 0.5  # "channel": factors (s_c / mean s)^strength; 1 = fully per channel
-    start: str = "rtn"  # weight rounding of the start point: "rtn", "gptq" or "brecq" (evolq.qnn.reconstruct)
-    start_options: dict = field(default_factory=dict)  # settings of the gptq/brecq start (GPTQOptions/BRECQOptions)
+    start: str = "rtn"  # weight rounding of the start point: "rtn", "gptq", "brecq" or "ofq" (evolq.qnn.reconstruct)
+    start_options: dict = field(default_factory=dict)  # settings of the start (GPTQ/BRECQ/OFQOptions)
     edge_bits: int | None = None  # at least this many bits for the first and last layer (weights and inputs)
     regime: str = "fq-vit"  # "fq-vit" (the authors' fake-quantized regime) or "deploy" (what integer kernels run)
     smooth_strength: float | None = None  # deploy: SmoothQuant migration strength (0 = off; None: deploy_strength)
@@ -145,12 +150,13 @@ class QuantConfig:
         self.validate()
 
     def validate(self):
-        from .quant import OBSERVERS
+        from .quant import OBSERVERS, WEIGHT_ONLY_OBSERVERS
 
         _check_int("w_bits", self.w_bits, 2, 8)
         _check_int("a_bits", self.a_bits, 4, 8)
         _check_choice("weight observer", self.weight_observer, tuple(OBSERVERS))
-        _check_choice("activation observer", self.act_observer, tuple(OBSERVERS))
+        _check_choice("activation observer", self.act_observer,
+                      tuple(o for o in OBSERVERS if o not in WEIGHT_ONLY_OBSERVERS))
         _check_choice("attn_probs", self.attn_probs, ("uniform", "log2"))
         if self.attn_bits is not None:
             _check_int("attn_bits", self.attn_bits, 2, 8)

@@ -51,7 +51,7 @@ from ..qnn.layers import QConv2d, QLinear
 from ..qnn.qmodel import QModel
 from ..quant import ChannelFactorQuantizer, Log2Quantizer, PTFQuantizer, Quantizer, UniformQuantizer
 from ..quant.quantizers import bias_correct
-from ..quant.range import quant_codes
+from ..quant.range import quant_codes, split_zero_point
 
 __all__ = ["export_onnx", "check_onnx", "export_float_onnx", "MIN_OPSET", "INT4_OPSET"]
 
@@ -212,18 +212,35 @@ class _Exporter:
         scale = wq.scale.float().reshape(-1).expand(out_ch) if wq.scale.numel() == 1 else wq.scale.float()
         zp = wq.zero_point.float().reshape(-1).expand(out_ch) if wq.zero_point.numel() == 1 else wq.zero_point.float()
         scale, zp = scale.reshape(shape).contiguous(), zp.reshape(shape).contiguous()
-        ints, w_q = _fake(w, scale, zp, wq.qmin, wq.qmax)
+        if "weight_delta" in wq._buffers:  # a gptq/ofq start: the quantizer rounds w + delta
+            w = w + wq.weight_delta.float()
+        if "round_offset" in wq._buffers:  # a brecq start: AdaRound's up/down decisions, the quantizer's arithmetic
+            w_q = wq._offset_quant(w, wq.scale.float(), wq.round_offset.float())
+            ints = torch.round(w_q / scale + zp)
+        else:
+            ints, w_q = _fake(w, scale, zp, wq.qmin, wq.qmax)
         affine = shift = None
+        zi, frac = split_zero_point(zp)
+        half = None
+        if frac is not None:  # a half-step (StatsQ) grid: DequantizeLinear's (ints - zi) * s lies f * s above it
+            half, zp = frac * scale, zi
         if wq.bias_correction:  # evolq.quant.bias_correct, per output channel: (w_q - mu_q) * r + mu
             dims = list(range(1, w.ndim))
             mu, sd = w.mean(dim=dims, keepdim=True), w.std(dim=dims, keepdim=True)
             mu_q, sd_q = w_q.mean(dim=dims, keepdim=True), w_q.std(dim=dims, keepdim=True)
             ratio = torch.where(sd_q > 0, sd / sd_q.clamp_min(1e-12), torch.ones_like(sd_q))
+            if half is not None:
+                mu_q = mu_q + half
             if self.bias_correction == "weights":
                 affine = (mu_q, ratio, mu)
             else:  # == (ints - z) * (s * r) + (mu - mu_q * r): the shift becomes a term on the layer's output
                 scale = scale * ratio
                 shift = (mu - mu_q * ratio).reshape(-1)
+        elif half is not None:
+            if self.bias_correction == "weights":
+                affine = (half, torch.ones_like(half), torch.zeros_like(half))
+            else:
+                shift = (-half).reshape(-1)
         deq = (ints - zp) * scale  # what DequantizeLinear computes
         ref = bias_correct(w_q, w, 0) if wq.bias_correction else w_q
         got = deq if affine is None else (deq - affine[0]) * affine[1] + affine[2]

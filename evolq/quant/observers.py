@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .range import fake_quant, qparams_from_range
+from .range import fake_quant, qparams_from_range, statsq_qparams
 
 __all__ = [
     "Observer",
@@ -16,7 +16,9 @@ __all__ = [
     "EMAObserver",
     "PercentileObserver",
     "OMSEObserver",
+    "StatsQObserver",
     "OBSERVERS",
+    "WEIGHT_ONLY_OBSERVERS",
     "make_observer",
 ]
 
@@ -156,12 +158,36 @@ class OMSEObserver(Observer):
         return best
 
 
+class StatsQObserver(Observer):
+    """StatsQ (OFQ): the step is ``2 * mean|w| / 2^(b-1)`` per channel, the grid has 2^b levels
+    and none at zero (fractional zero-point, ``evolq.quant.range.statsq_qparams``). For weights
+    only (``QuantConfig(weight_observer="statsq")``): a weight tensor seen in several calibration
+    batches is the same tensor, so the mean is taken over the last one seen."""
+
+    name = "statsq"
+
+    def __init__(self, ch_axis: int | None = None):
+        super().__init__(ch_axis)
+        self._last = None
+
+    def update(self, x):
+        super().update(x)
+        self._last = x.detach().float().clone()
+
+    def compute(self, qmin, qmax, symmetric):
+        if not self.ready:
+            raise RuntimeError("StatsQObserver saw no data: run calibration first")
+        return statsq_qparams(self._last, qmin, qmax, self.ch_axis)
+
+
 OBSERVERS = {
     "minmax": MinMaxObserver,
     "ema": EMAObserver,
     "percentile": PercentileObserver,
     "omse": OMSEObserver,
+    "statsq": StatsQObserver,
 }
+WEIGHT_ONLY_OBSERVERS = ("statsq",)
 
 
 def make_observer(name: str, ch_axis: int | None = None) -> Observer:

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from .observers import MinMaxObserver, make_observer
-from .range import fake_quant, fake_quant_axis, int_range, qparams_from_range
+from .range import fake_quant, fake_quant_axis, int_range, qparams_from_range, split_zero_point, statsq_qparams
 
 __all__ = ["Quantizer", "UniformQuantizer", "PTFQuantizer", "ChannelFactorQuantizer", "Log2Quantizer",
-           "bias_correct"]
+           "bias_correct", "straight_through"]
 
 
 def bias_correct(w_q: torch.Tensor, w: torch.Tensor, ch_axis: int = 0) -> torch.Tensor:
@@ -51,6 +51,24 @@ def memo(owner, slot: str, deps: tuple, compute):
     out = compute()
     setattr(owner, slot, (deps, versions, out))
     return out
+
+
+def straight_through(q, x: torch.Tensor, fn=None) -> torch.Tensor:
+    """``q(x)`` (or ``fn(x)``, e.g. ``q``'s class forward) in value, with the straight-through
+    gradient (Bengio et al.): 1 where ``x`` is inside the quantizer's range (its value moved by
+    at most half a step), 0 where it was clipped. Quantizers without a ``step_like`` (log2)
+    pass the gradient everywhere. For training through fake quantizers (the ``ofq`` start):
+    a quantizer's own forward has no gradient."""
+    with torch.no_grad():
+        out = (fn or q)(x.detach())
+    if not x.requires_grad or out.shape != x.shape:
+        return out
+    step = q.step_like(x) if (hasattr(q, "step_like") and q.active) else None
+    if step is None:
+        return out + (x - x.detach())
+    with torch.no_grad():
+        mask = ((out - x).abs() <= 0.5001 * step).to(x.dtype)
+    return out + (x - x.detach()) * mask
 
 
 class Quantizer(nn.Module):
@@ -166,6 +184,22 @@ class UniformQuantizer(Quantizer):
         self.calibrated.fill_(True)
         self._wcache = None
 
+    def fit_statsq(self, w: torch.Tensor) -> None:
+        """Weights only: set the StatsQ scale and zero-point of ``w`` (per channel on ``ch_axis``
+        if per-channel): ``2 * mean|w| / 2^(b-1)`` and the half-step grid with 2^b levels, none at
+        zero (``evolq.quant.range.statsq_qparams``). OFQ recomputes this at every training step;
+        what is left in the buffers afterwards is an ordinary (searchable, saved) scale."""
+        self.set_qparams(*statsq_qparams(w, self.qmin, self.qmax, self.ch_axis if self.per_channel else None))
+
+    def step_like(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantization step, shaped to broadcast against ``x`` (for ``straight_through``)."""
+        axis = self._axis(x.ndim)
+        if axis is None:
+            return self.scale.reshape(())
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        return self.scale.reshape(shape)
+
     # -- forward ---------------------------------------------------------------
     def _axis(self, ndim: int) -> int | None:
         return self.ch_axis % ndim if self.per_channel and self.scale.numel() > 1 else None
@@ -200,8 +234,12 @@ class UniformQuantizer(Quantizer):
         extra = w.ndim - h.ndim
         s = scale.reshape(scale.shape[0], *shape) if extra else scale.reshape(shape)
         z = self.zero_point.reshape(shape) if self.zero_point.numel() > 1 else self.zero_point.reshape(())
-        q = torch.floor(w * torch.reciprocal(s)) + h
-        return torch.clamp(q, self.qmin - z, self.qmax - z) * s
+        zi, f = split_zero_point(z)
+        if f is None:
+            q = torch.floor(w * torch.reciprocal(s)) + h
+            return torch.clamp(q, self.qmin - z, self.qmax - z) * s
+        q = torch.floor(w * torch.reciprocal(s) + f) + h  # a half-step (StatsQ) grid: its levels are (k + f) * s
+        return (torch.clamp(q, self.qmin - zi, self.qmax - zi) - f) * s
 
     def _weight(self, w: torch.Tensor) -> torch.Tensor:
         x = w + self.weight_delta if "weight_delta" in self._buffers else w
@@ -277,6 +315,9 @@ class _ChannelFactorBase(Quantizer):
     @property
     def factor(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def step_like(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.scale * self.factor).reshape(*([1] * (x.ndim - 1)), -1)
 
     def forward(self, x):
         if self.calibrating:

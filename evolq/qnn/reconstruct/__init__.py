@@ -1,10 +1,11 @@
-"""Reconstruction start points: ``QuantConfig(start="gptq" | "brecq")``.
+"""Reconstruction start points: ``QuantConfig(start="gptq" | "brecq" | "ofq")``.
 
 ``run_start`` runs after calibration (``evolq.api.prepare_model``), block by block
 over any ``QModel``, and leaves its result in the weight quantizers (``weight_delta``
 for GPTQ, ``round_offset`` for AdaRound), so the Evol-Q scale search then runs on top
 unchanged. With a run folder, a checkpoint is written after every block and a killed
-start resumes after the last finished block with the same result.
+start resumes after the last finished block with the same result. ``"ofq"`` is an
+end-to-end fine-tune instead (``ofq.run_ofq``: checkpointed after every epoch).
 """
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ import torch
 from ...data import resolve_device
 from ...errors import DataError
 from .brecq import brecq_block
-from .common import BRECQOptions, GPTQOptions, StartCheckpoint, block_layers, start_options
+from .common import BRECQOptions, GPTQOptions, OFQOptions, StartCheckpoint, block_layers, start_options
 from .gptq import gptq_block
 
-__all__ = ["run_start", "start_options", "GPTQOptions", "BRECQOptions", "block_layers"]
+__all__ = ["run_start", "start_options", "GPTQOptions", "BRECQOptions", "OFQOptions", "block_layers"]
 
 
 @torch.no_grad()
@@ -29,16 +30,21 @@ def _forward(run, x: torch.Tensor, batch_size: int) -> torch.Tensor:
 def _check_data(start: str, opts, x: torch.Tensor) -> None:
     n = x.shape[0]
     if (start == "gptq" or getattr(opts, "init", "rtn") == "gptq") and n < 2:
-        what = "start" if start == "gptq" else "init of brecq"
+        what = "start" if start == "gptq" else f"init of {start}"
         raise DataError(f"the gptq {what} needs at least 2 calibration samples for its Hessians, got {n}")
+    if start == "ofq" and n < opts.batch_size:
+        raise DataError(f"the ofq start's batch is {opts.batch_size} images but the fitness set has {n}: give more "
+                        f"calibration data or lower start_options['batch_size']")
     if start == "brecq" and n < opts.batch_size:
         raise DataError(f"the brecq start's reconstruction batch is {opts.batch_size} samples but the calibration set "
                         f"has {n}: give more calibration data or lower start_options['batch_size']")
 
 
 def run_start(qmodel, x: torch.Tensor, quant, progress: bool = False, checkpoint_dir=None,
-              resume: bool = False) -> dict | None:
-    """Apply ``quant.start`` to a calibrated ``qmodel`` using calibration inputs ``x``.
+              resume: bool = False, holdout: torch.Tensor | None = None) -> dict | None:
+    """Apply ``quant.start`` to a calibrated ``qmodel`` using calibration inputs ``x``
+    (``holdout``: images kept out of calibration and of the start, which the ``ofq`` start
+    scores before and after its fine-tune).
 
     Returns a JSON-able report (per block and layer: method, errors, fallbacks), or
     None for ``"rtn"``. Raises ``DataError`` for too little calibration data or a
@@ -49,6 +55,11 @@ def run_start(qmodel, x: torch.Tensor, quant, progress: bool = False, checkpoint
         return None
     opts = start_options(quant.start, quant.start_options)
     _check_data(quant.start, opts, x)
+    if quant.start == "ofq":
+        from .ofq import run_ofq
+
+        return run_ofq(qmodel, x, quant, opts, holdout=holdout, progress=progress, checkpoint_dir=checkpoint_dir,
+                       resume=resume)
     dev = resolve_device(opts.device)
     home = x.device
     t0 = time.perf_counter()

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ...quant import UniformQuantizer
+from ...quant.range import split_zero_point
 from .common import folded_weight
 
 __all__ = ["rect_sigmoid", "brecq_block", "block_error", "ZETA", "GAMMA"]
@@ -70,7 +71,9 @@ class _WeightRounding:
         self.s = q.scale.detach().reshape(shape).float()
         self.z = (q.zero_point.detach().reshape(shape) if q.zero_point.numel() > 1
                   else q.zero_point.detach().reshape(())).float()
-        x = w.detach().float() * torch.reciprocal(self.s)
+        zi, f = split_zero_point(self.z)
+        self.z, self.frac = (zi, f) if f is not None else (self.z, 0.0)  # half-step (StatsQ) grids: levels (k + f) * s
+        x = w.detach().float() * torch.reciprocal(self.s) + self.frac
         self.floor = torch.floor(x)
         self.v = torch.nn.Parameter(_init_v(x - self.floor))
         self.hard = False
@@ -79,7 +82,7 @@ class _WeightRounding:
     def _hook(self, mod, args, out):
         h = (self.v >= 0).float() if self.hard else rect_sigmoid(self.v)
         qv = torch.clamp(self.floor + h, mod.qmin - self.z, mod.qmax - self.z)
-        return qv * self.s
+        return (qv - self.frac) * self.s
 
     def reg(self, beta: float) -> torch.Tensor:
         return (1 - (2 * rect_sigmoid(self.v) - 1).abs().pow(beta)).sum()

@@ -1,5 +1,5 @@
-"""What GPTQ and BRECQ share: the quantized layers of a block, the per-block
-checkpoint of a start (``StartCheckpoint``) and the options of both starts."""
+"""What the starts share: the quantized layers of a block, the checkpoint of a start
+(``StartCheckpoint``) and the options of every start."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,13 +12,14 @@ from torch import nn
 from ...checkpoint import RunFolder, fingerprint, load_checkpoint, save_checkpoint
 from ...errors import CheckpointError
 from ...quant import UniformQuantizer
-from ...start_options import BRECQOptions, GPTQOptions, start_options
+from ...start_options import BRECQOptions, GPTQOptions, OFQOptions, start_options
 from ..layers import QConv2d, QLinear
 
-__all__ = ["GPTQOptions", "BRECQOptions", "start_options", "block_layers", "folded_weight", "StartCheckpoint",
-           "START_CKPT_NAME"]
+__all__ = ["GPTQOptions", "BRECQOptions", "OFQOptions", "start_options", "block_layers", "folded_weight",
+           "StartCheckpoint", "START_CKPT_NAME"]
 
 START_CKPT_NAME = "start.safetensors"
+EXTRA = "extra/"
 
 
 def folded_weight(layer):
@@ -52,6 +53,7 @@ class StartCheckpoint(RunFolder):
         self.qmodel, self.run_id = qmodel, run_id
         self.path = Path(folder) / START_CKPT_NAME if folder is not None else None
         self.resume = resume
+        self.extra: dict[str, torch.Tensor] = {}  # tensors a start keeps beside the quantizer buffers (ofq)
 
     @staticmethod
     def run_id_of(qmodel, quant, x: torch.Tensor) -> str:
@@ -70,7 +72,10 @@ class StartCheckpoint(RunFolder):
             raise CheckpointError(f"start checkpoint {str(self.path)!r} belongs to another run (different model, "
                                   f"data or settings); use another output folder")
         qs = self.qmodel.quantizers()
+        self.extra = {k[len(EXTRA):]: t for k, t in tensors.items() if k.startswith(EXTRA)}
         for key, t in tensors.items():
+            if key.startswith(EXTRA):
+                continue
             name, _, bname = key.rpartition(".")
             if name not in qs:
                 raise CheckpointError(f"start checkpoint names unknown quantizer {name!r}")
@@ -83,10 +88,11 @@ class StartCheckpoint(RunFolder):
                 setattr(q, bname, t.clone())  # new tensors: the quantizer's caches see the change
         return meta["state"]
 
-    def save(self, state: dict) -> None:
+    def save(self, state: dict, extra: dict[str, torch.Tensor] | None = None) -> None:
+        """Write every quantizer buffer, ``extra`` tensors (read back as ``self.extra``) and ``state``."""
         if self.path is None:
             return
-        tensors = {}
+        tensors = {EXTRA + k: t for k, t in (extra or {}).items()}
         for name, q in self.qmodel.quantizers().items():
             for bname, buf in q.named_buffers(recurse=False):
                 tensors[f"{name}.{bname}"] = buf

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import DataError
-from ...quant.range import fake_quant
+from ...quant.range import fake_quant, split_zero_point
 from ..layers import QLinear
 from .common import folded_weight
 
@@ -96,9 +96,13 @@ def collect_hessian(run, layer, inputs: torch.Tensor, batch_size: int) -> tuple[
     return 2.0 * acc["H"] / max(acc["n"], 1), acc["n"]
 
 
-def _quant(w, inv_s, s, zp, qmin, qmax):
-    # the same arithmetic as ``fake_quant`` (x * (1/s), round, clamp, * s): bit-identical to the quantizer
+def _quant(w, inv_s, s, zp, qmin, qmax, frac=None):
+    # the same arithmetic as ``fake_quant`` (x * (1/s), round, clamp, * s): bit-identical to the quantizer;
+    # ``frac``: the fractional part of a half-step (StatsQ) zero-point, ``zp`` then its integer part
     q = torch.mul(w, inv_s)
+    if frac is not None:
+        q.add_(frac).round_()
+        return torch.maximum(torch.minimum(q, qmax - zp), qmin - zp).sub_(frac).mul_(s)
     q.round_()
     q = torch.maximum(torch.minimum(q, qmax - zp), qmin - zp)
     return q.mul_(s)
@@ -150,6 +154,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_po
     s = scale.reshape(g, r).float()
     zp = zero_point.reshape(g, r).float() if zero_point.numel() > 1 else zero_point.float().reshape(()).expand(g, r)
     inv_s = torch.reciprocal(s)
+    zp, frac = split_zero_point(zp)
     quantized, comp = torch.zeros_like(w), torch.zeros_like(w)
     for i1 in range(0, d, block_size):
         i2 = min(i1 + block_size, d)
@@ -158,7 +163,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_po
         u1 = u[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, :, i].clone()
-            q = _quant(col, inv_s, s, zp, qmin, qmax)
+            q = _quant(col, inv_s, s, zp, qmin, qmax, frac)
             comp[:, :, i1 + i], quantized[:, :, i1 + i] = col, q
             err = (col - q) / u1[:, i, i][:, None]
             w1[:, :, i:] -= err[:, :, None] * u1[:, i, i:][:, None, :]

@@ -1,0 +1,375 @@
+"""OFQ start point (Liu et al., "Oscillation-free Quantization for Low-bit Vision
+Transformers", ICML 2023), cut to a CPU budget: a short end-to-end fine-tune of the
+quantized weights by distillation to the float model's logits on the fitness images.
+
+What is trained is a change ``D`` of every quantized Linear/Conv weight, in the space its
+weight quantizer sees (``W`` or, with folded input factors, ``W * factor``), starting from
+GPTQ's compensation (``init="gptq"``) or zero (``init="rtn"``). The float layers keep their
+weights, so the float model (quantizers off) stays the original one: the teacher here, and
+the reference of the Evol-Q search, the hold-out and the evaluation afterwards. Gradients
+pass every fake quantizer straight through (``evolq.quant.quantizers.straight_through``:
+1 inside the quantizer's range, 0 where it clips); activation scales stay calibrated.
+
+OFQ's parts as switches (``OFQOptions``):
+
+* ``statsq``: every step, each weight row's scale is recomputed from the current weights,
+  ``2 * mean|w| / 2^(b-1)`` on a grid of 2^b levels with none at zero (a half-step zero-point,
+  ``UniformQuantizer.fit_statsq``); GPTQ's init then runs on that grid too.
+* ``cga``: for the last ``cga_epochs`` epochs (not the first), weights whose latent value is farther than
+  ``cga_br`` steps from a rounding threshold are frozen (no gradient, restored after every
+  step); only the near-threshold, oscillating ones keep training.
+* ``qkr`` is not implemented (refused by ``OFQOptions``).
+
+At the end ``D`` becomes the quantizer's ``weight_delta`` (as GPTQ's compensation) and the
+last scale its ``scale``: fixed integers on a fixed scale, which the search then moves like
+any start's (the trained weights are re-rounded at each candidate scale). The frozen model
+computes exactly what the last training forward computed.
+
+A checkpoint (``StartCheckpoint``, with ``D``, AdamW's moments and CGA's masks as extra
+tensors) is written after every epoch; the image order and flips of epoch e come from their
+own seed, so a resumed run ends with the same weights as an uninterrupted one. A NaN or inf
+loss stops the run, keeps the last good epoch's weights and says so in the report.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...errors import DataError
+from ...quant.quantizers import straight_through
+from ...quant.range import split_zero_point
+from .common import GPTQOptions, StartCheckpoint, block_layers, folded_weight
+
+__all__ = ["run_ofq", "epoch_seed", "logits_kl", "statsq_layers"]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([int(seed), 0x0F0, int(epoch)]).generate_state(1)[0])
+
+
+def logits_kl(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Mean over samples of KL(softmax(ref) || softmax(out)) (as ``evolq.losses.kl``)."""
+    lo = torch.log_softmax(out.double(), dim=-1)
+    lr = torch.log_softmax(ref.double(), dim=-1)
+    return (lr.exp() * (lr - lo)).sum(dim=-1).mean()
+
+
+@torch.no_grad()
+def _logits(model, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([model(x[i:i + batch_size]).float() for i in range(0, x.shape[0], batch_size)])
+
+
+def _float_logits(qmodel, x, batch_size):
+    qmodel.set_quant_enabled(False)
+    try:
+        return _logits(qmodel.model, x, batch_size)
+    finally:
+        qmodel.set_quant_enabled(True)
+
+
+class _Training:
+    """Installs the training forwards for the duration of a ``with``: every quantizer passes
+    gradients straight through; every trained layer's weight quantizer sees ``w + D`` (``D``
+    a parameter, started from its ``weight_delta``) and, with StatsQ, refits its scale to
+    ``w + D`` first. The float parameters are frozen meanwhile."""
+
+    def __init__(self, qmodel, layers, statsq: list[bool]):
+        self.qmodel, self.layers, self.statsq = qmodel, layers, statsq
+        self.deltas: list[nn.Parameter] = []
+        self._patched, self._grad = [], []
+
+    def __enter__(self):
+        self._grad = [(p, p.requires_grad) for p in self.qmodel.model.parameters()]
+        for p, _ in self._grad:
+            p.requires_grad_(False)
+        wqs = {id(layer.weight_quant) for _, layer in self.layers}
+        for q in self.qmodel.quantizers().values():
+            if id(q) not in wqs:
+                orig = type(q).forward.__get__(q)
+                self._patch(q, lambda x, q=q, orig=orig: straight_through(q, x, orig))
+        for (_, layer), sq in zip(self.layers, self.statsq):
+            q = layer.weight_quant
+            w, _ = folded_weight(layer)
+            d = q._buffers.get("weight_delta")
+            delta = nn.Parameter((d if d is not None else torch.zeros_like(w)).detach().float().clone())
+            q.set_rounding()  # D is the change while training
+            self.deltas.append(delta)
+            self._patch(q, self._weight_forward(q, delta, sq))
+        return self
+
+    @staticmethod
+    def _weight_forward(q, delta, statsq: bool):
+        orig = type(q).forward.__get__(q)
+
+        def forward(w):
+            if not q.active:
+                return w
+            x = w + delta
+            if statsq:
+                with torch.no_grad():
+                    q.fit_statsq(x)
+            return straight_through(q, x, orig)
+
+        return forward
+
+    def _patch(self, q, fn):
+        q.forward = fn  # an instance attribute: nn.Module.__call__ runs it
+        self._patched.append(q)
+
+    def __exit__(self, *exc):
+        for q in self._patched:
+            q.__dict__.pop("forward", None)
+        self._patched = []
+        for p, rg in self._grad:
+            p.requires_grad_(rg)
+        return False
+
+
+def _cga_masks(layers, deltas, br: float, statsq: list[bool]) -> list[torch.Tensor]:
+    """True where a weight is confident: its latent value ``(w + D) / step + f`` lies farther
+    than ``br`` from a rounding threshold (a half-integer)."""
+    masks = []
+    with torch.no_grad():
+        for (_, layer), d, sq in zip(layers, deltas, statsq):
+            q = layer.weight_quant
+            w, _ = folded_weight(layer)
+            x = w + d
+            if sq:
+                q.fit_statsq(x)
+            z = q.zero_point.reshape(q.step_like(x).shape) if q.zero_point.numel() > 1 else q.zero_point.reshape(())
+            _, f = split_zero_point(z)
+            u = x / q.step_like(x) + (f if f is not None else 0.0)
+            masks.append((u - torch.floor(u) - 0.5).abs() > br)
+    return masks
+
+
+def statsq_layers(layers, quant, statsq: bool) -> list[bool]:
+    """Which layers StatsQ quantizes: those at ``quant.w_bits``. Layers that ``edge_bits`` raised
+    (8-bit first layer and classifier) keep their calibrated grid: StatsQ's clip at
+    ``2 * mean|w|`` is made for 2-4 bits and costs far more than it gains at 8."""
+    return [statsq and layer.weight_quant.bits <= quant.w_bits for _, layer in layers]
+
+
+@torch.no_grad()
+def _fit_statsq(layers, statsq: list[bool], deltas=None) -> None:
+    for j, ((_, layer), sq) in enumerate(zip(layers, statsq)):
+        if sq:
+            w = folded_weight(layer)[0]
+            layer.weight_quant.fit_statsq(w if deltas is None else w + deltas[j])
+
+
+def _run_gptq_init(qmodel, x, opts, statsq: list[bool], layers) -> list[dict]:
+    """GPTQ over every block (no checkpoint: it is redone on a resume that has no epoch yet);
+    with StatsQ, on the StatsQ grid of the float weights."""
+    from . import _run_blocks  # the block loop of the gptq start (imported here: that package imports this one)
+
+    _fit_statsq(layers, statsq)
+    state = {"next": 0, "blocks": [], "seconds": 0.0}
+    todo = [i for i, b in enumerate(qmodel.blocks) if block_layers(qmodel, b)]
+
+    class _NoSave:
+        def save(self, state):
+            pass
+
+    _run_blocks(qmodel, x, "gptq", GPTQOptions(device=opts.device), todo, state, _NoSave(), time.perf_counter(),
+                False)
+    return state["blocks"]
+
+
+def run_ofq(qmodel, x: torch.Tensor, quant, opts, holdout: torch.Tensor | None = None, progress: bool = False,
+            checkpoint_dir=None, resume: bool = False) -> dict:
+    """The OFQ fine-tune of a calibrated ``qmodel`` on the fitness images ``x``; ``holdout``
+    (images that never reach calibration or training) is scored before, after and at every
+    epoch. Returns the start report (``qmodel.start_report``)."""
+    from ...data import resolve_device
+
+    n, bs = x.shape[0], opts.batch_size
+    if n < bs:
+        raise DataError(f"the ofq start's batch is {bs} images but the fitness set has {n}: give more calibration "
+                        f"data or lower start_options['batch_size']")
+    dev = resolve_device(opts.device)
+    home = x.device
+    t0 = time.perf_counter()
+    layers = [(name, layer) for b in qmodel.blocks for name, layer in block_layers(qmodel, b)]
+    if not layers:
+        raise DataError("the ofq start found no quantized Linear/Conv layer to fine-tune")
+    run_id = StartCheckpoint.run_id_of(qmodel, quant, x)
+    model = qmodel.model
+    flip = opts.augment == "flip" and x.ndim == 4
+    hold = holdout if holdout is not None and holdout.shape[0] else None
+    sq = statsq_layers(layers, quant, opts.statsq)
+    with StartCheckpoint(qmodel, checkpoint_dir, run_id, resume) as ckpt:
+        state = ckpt.restore()
+        model.to(dev)
+        try:
+            x = x.to(dev)
+            hold = hold.to(dev) if hold is not None else None
+            eval_bs = max(bs, 32)
+            if state is None:
+                init_blocks = _run_gptq_init(qmodel, x, opts, sq, layers) if opts.init == "gptq" else []
+                state = {"epoch": 0, "history": [], "init_blocks": init_blocks, "seconds": 0.0, "status": "ok"}
+                if opts.init == "rtn":
+                    _fit_statsq(layers, sq)
+                if hold is not None:
+                    state["holdout_kl_before"] = float(logits_kl(_logits(model, hold, eval_bs),
+                                                                 _float_logits(qmodel, hold, eval_bs)))
+                else:
+                    state["fitness_kl_before"] = float(logits_kl(_logits(model, x, eval_bs),
+                                                                 _float_logits(qmodel, x, eval_bs)))
+            t0 -= state["seconds"]
+            _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, progress and opts.progress)
+        finally:
+            model.to(home)
+    return _report(qmodel, x, hold, opts, state, flip, t0)
+
+
+def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, progress) -> None:
+    model = qmodel.model
+    n, bs = x.shape[0], opts.batch_size
+    steps = n // bs  # whole batches only: every step sees bs images
+    total = steps * opts.epochs
+    cga_from = max(1, opts.epochs - opts.cga_epochs) if opts.cga else opts.epochs  # never the first epoch
+    teacher = _float_logits(qmodel, x, eval_bs)
+    teacher_flip = _float_logits(qmodel, x.flip(-1), eval_bs) if flip else None
+    hold_ref = _float_logits(qmodel, hold, eval_bs) if hold is not None else None
+    with _Training(qmodel, layers, sq) as tr:
+        deltas = tr.deltas
+        extra = ckpt.extra
+        if state["epoch"] > 0:  # resumed: the changes, AdamW's moments and CGA's masks of the last epoch
+            with torch.no_grad():
+                for (name, _), d in zip(layers, deltas):
+                    d.copy_(extra[f"D/{name}"].to(d))
+        opt = torch.optim.AdamW(deltas, lr=opts.lr, weight_decay=opts.weight_decay)
+        masks = anchors = None
+        if state["epoch"] > 0:
+            for (name, _), d in zip(layers, deltas):
+                if f"m/{name}" in extra:
+                    opt.state[d] = {"step": extra[f"step/{name}"].clone(), "exp_avg": extra[f"m/{name}"].to(d),
+                                    "exp_avg_sq": extra[f"v/{name}"].to(d)}
+            if f"mask/{layers[0][0]}" in extra:
+                masks = [extra[f"mask/{name}"].to(d.device).bool() for (name, _), d in zip(layers, deltas)]
+                anchors = [extra[f"anchor/{name}"].to(d) for (name, _), d in zip(layers, deltas)]
+        good = [d.detach().clone() for d in deltas]  # the last good epoch's changes (NaN fallback)
+        bar = None
+        if progress and state["epoch"] < opts.epochs:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=(opts.epochs - state["epoch"]) * steps, desc="ofq fine-tune", leave=False)
+        for epoch in range(state["epoch"], opts.epochs):
+            if opts.cga and epoch == cga_from and masks is None:
+                masks = _cga_masks(layers, deltas, opts.cga_br, sq)
+                anchors = [d.detach().clone() for d in deltas]
+            gen = torch.Generator().manual_seed(epoch_seed(opts.seed, epoch))
+            perm = torch.randperm(n, generator=gen)
+            flips = torch.rand(n, generator=gen) < 0.5
+            t_e = time.perf_counter()
+            losses, bad = [], None
+            for i in range(steps):
+                g = epoch * steps + i
+                lr = opts.lr * (0.5 * (1 + math.cos(math.pi * g / total)) if opts.schedule == "cosine" else 1.0)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                idx = perm[i * bs:(i + 1) * bs].to(x.device)
+                xb, tb = x[idx], teacher[idx]
+                if flip:
+                    fb = flips[i * bs:(i + 1) * bs].to(x.device)
+                    xb = torch.where(fb[:, None, None, None], xb.flip(-1), xb)
+                    tb = torch.where(fb[:, None], teacher_flip[idx], tb)
+                with torch.enable_grad():
+                    loss = logits_kl(model(xb), tb)
+                    lv = float(loss.detach())
+                    if not math.isfinite(lv):
+                        bad = f"non-finite loss at epoch {epoch + 1}, step {i + 1}"
+                        break
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                if masks is not None:
+                    for d, m in zip(deltas, masks):
+                        if d.grad is not None:
+                            d.grad[m] = 0.0
+                opt.step()
+                with torch.no_grad():
+                    if masks is not None:
+                        for d, m, a in zip(deltas, masks, anchors):
+                            d[m] = a[m]
+                    if not all(bool(torch.isfinite(d).all()) for d in deltas):
+                        bad = f"non-finite weights after epoch {epoch + 1}, step {i + 1}"
+                        break
+                losses.append(lv)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{lv:.4f}")
+            if bad is not None:
+                with torch.no_grad():
+                    for d, gd in zip(deltas, good):
+                        d.copy_(gd)
+                kept = f"epoch {epoch}" if epoch else f"the {opts.init} init"
+                state["status"] = f"stopped: {bad}; kept the weights of {kept}"
+                break
+            rec = {"epoch": epoch + 1, "train_kl": float(np.mean(losses)), "lr_end": lr,
+                   "seconds": round(time.perf_counter() - t_e, 2)}
+            if masks is not None:
+                rec["cga_trained_share"] = float(sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks))
+            if hold is not None:
+                rec["holdout_kl"] = float(logits_kl(_logits(model, hold, eval_bs), hold_ref))
+            state["history"].append(rec)
+            state["epoch"] = epoch + 1
+            state["seconds"] = time.perf_counter() - t0
+            good = [d.detach().clone() for d in deltas]
+            ckpt.save(state, _extra(layers, deltas, opt, masks, anchors))
+        if bar is not None:
+            bar.close()
+        final = [d.detach().clone() for d in deltas]
+    # freeze: the change becomes the quantizer's weight_delta, the last StatsQ scale its scale
+    with torch.no_grad():
+        for (_, layer), d in zip(layers, final):
+            layer.weight_quant.set_rounding(delta=d)
+    _fit_statsq(layers, sq, [layer.weight_quant.weight_delta for _, layer in layers])
+
+
+def _extra(layers, deltas, opt, masks, anchors) -> dict:
+    out = {}
+    for j, ((name, _), d) in enumerate(zip(layers, deltas)):
+        out[f"D/{name}"] = d.detach()
+        st = opt.state.get(d)
+        if st:
+            out[f"m/{name}"], out[f"v/{name}"] = st["exp_avg"], st["exp_avg_sq"]
+            out[f"step/{name}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(())
+        if masks is not None:
+            out[f"mask/{name}"], out[f"anchor/{name}"] = masks[j].to(torch.uint8), anchors[j]
+    return out
+
+
+def _report(qmodel, x, hold, opts, state, flip, t0) -> dict:
+    eval_bs = max(opts.batch_size, 32)
+    rep = {"start": "ofq", "options": dict(vars(opts)), "augment_used": "flip" if flip else "none",
+           "fitness_images": int(x.shape[0]), "holdout_images": int(hold.shape[0]) if hold is not None else 0,
+           "epochs_run": state["epoch"], "history": state["history"], "status": state["status"],
+           "blocks": state["init_blocks"]}
+    warnings = []
+    model = qmodel.model
+    dev = next(iter(model.parameters())).device
+    if hold is not None:
+        hold = hold.to(dev)
+        after = float(logits_kl(_logits(model, hold, eval_bs), _float_logits(qmodel, hold, eval_bs)))
+        rep["holdout_kl"] = {"before": state["holdout_kl_before"], "after": after}
+        before, what = state["holdout_kl_before"], "hold-out"
+    else:
+        xs = x.to(dev)
+        after = float(logits_kl(_logits(model, xs, eval_bs), _float_logits(qmodel, xs, eval_bs)))
+        rep["fitness_kl"] = {"before": state["fitness_kl_before"], "after": after}
+        before, what = state["fitness_kl_before"], "fitness"
+    if not after <= before:
+        warnings.append(f"the fine-tune raised the {what} KL from {before:.4f} ({opts.init} init) to {after:.4f}: "
+                        f"fewer epochs or a lower lr")
+    fallbacks = [f"{r['layer']}: {r['reason']}" for b in state["init_blocks"] for r in b.get("layers", [])
+                 if isinstance(r, dict) and r.get("method") == "rtn"]
+    if state["status"] != "ok":
+        fallbacks.append(state["status"])
+    rep["warnings"], rep["fallbacks"] = warnings, fallbacks + warnings
+    rep["seconds"] = time.perf_counter() - t0
+    return rep

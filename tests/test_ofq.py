@@ -1,0 +1,322 @@
+"""OFQ: the StatsQ weight grid (any start, export), straight-through gradients, and the
+``ofq`` start (fine-tune, freeze, determinism, resume, NaN fallback, bad input, CLI).
+Tiny random models; behaviour, not accuracy."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+from tiny_models import tiny_swin, tiny_torchvision_vit  # noqa: E402  (tests/tiny_models.py)
+
+from evolq import EvolQConfig, QuantConfig, load_quantized, quantize_model, save_quantized  # noqa: E402
+from evolq.api import prepare_model  # noqa: E402
+from evolq.cli import _quant_config, build_parser  # noqa: E402
+from evolq.cli import main as cli_main  # noqa: E402
+from evolq.config import SearchConfig  # noqa: E402
+from evolq.errors import CheckpointError, ConfigError, DataError  # noqa: E402
+from evolq.qnn.reconstruct import block_layers  # noqa: E402
+from evolq.qnn.reconstruct import ofq as ofq_mod  # noqa: E402
+from evolq.qnn.reconstruct.common import folded_weight  # noqa: E402
+from evolq.quant import UniformQuantizer, statsq_qparams  # noqa: E402
+from evolq.quant.quantizers import straight_through  # noqa: E402
+
+VIT_KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=10)
+FAST = {"epochs": 2, "batch_size": 8, "lr": 1e-3, "progress": False}
+
+
+def tiny_vit(seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT_KW).eval()
+
+
+def imgs(n, seed=1):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def ofq(x=None, hold=None, model=None, ckpt=None, resume=False, **opts):
+    x = imgs(24) if x is None else x
+    q = QuantConfig(w_bits=3, start="ofq", start_options={**FAST, **opts})
+    return prepare_model(model or tiny_vit(), x, q, holdout=hold, checkpoint_dir=ckpt, resume=resume)
+
+
+def buffers(qm):
+    return {f"{n}.{b}": t.clone() for n, q in qm.quantizers().items() for b, t in q.named_buffers(recurse=False)}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- StatsQ
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_statsq_formula_and_levels(bits):
+    w = torch.randn(6, 40, generator=torch.Generator().manual_seed(bits)) * torch.linspace(0.1, 2, 6)[:, None]
+    q = UniformQuantizer(bits, per_channel=True, kind="weight", observer="statsq")
+    q.calibrate_from(w)
+    out = q(w)
+    n = 2 ** (bits - 1)
+    s = 2 * w.abs().mean(1, keepdim=True)
+    ref = s * (torch.clamp(torch.round(torch.clamp(w / s, -1, 1) * n - 0.5), -n, n - 1) + 0.5) / n
+    assert torch.allclose(out, ref, rtol=1e-6, atol=0)
+    for row, srow in zip(out, s):  # 2^b levels (k + 0.5) * s / n, k = -n..n-1, none at zero
+        codes = row / (srow / n) - 0.5
+        assert torch.allclose(codes, codes.round(), atol=1e-4)
+        assert set(codes.round().int().tolist()) <= set(range(-n, n)) and not bool((row == 0).any())
+    assert len(torch.unique(out[-1])) == 2 ** bits  # a wide row uses every level
+    assert torch.allclose(q.zero_point, torch.full((6,), n - 0.5))
+    # the scale is a plain buffer: a search can move it, the grid keeps its half-step offset
+    q.scale = q.scale * 1.1
+    codes = q(w) / q.scale[:, None] - 0.5
+    assert torch.allclose(codes, codes.round(), atol=1e-4)
+    with pytest.raises(ValueError, match="even number"):
+        statsq_qparams(w, -3, 3)
+
+
+@pytest.mark.parametrize("start", ["rtn", "gptq", "brecq"])
+def test_statsq_observer_under_every_start_saves_and_loads(tmp_path, start):
+    x = imgs(24)
+    opts = {"iters": 20, "batch_size": 8, "progress": False} if start == "brecq" else {}
+    qm = prepare_model(tiny_vit(), x, QuantConfig(w_bits=3, weight_observer="statsq", start=start,
+                                                  start_options=opts))
+    for b in qm.blocks:
+        for _, layer in block_layers(qm, b):
+            q = layer.weight_quant
+            assert torch.allclose(q.zero_point, torch.full_like(q.zero_point, 3.5))
+            w = q(folded_weight(layer)[0])
+            if not q.bias_correction:
+                codes = w / q.scale.reshape(-1, *[1] * (w.ndim - 1)) - 0.5
+                assert torch.allclose(codes, codes.round(), atol=1e-3)
+                assert int(codes.round().min()) >= -4 and int(codes.round().max()) <= 3
+    save_quantized(qm, tmp_path / "m", model_kwargs=VIT_KW)
+    back = load_quantized(tmp_path / "m")
+    assert torch.equal(back.model(x[:4]), qm.model(x[:4]))
+    with pytest.raises(ConfigError, match="activation observer"):
+        QuantConfig(act_observer="statsq")
+
+
+@pytest.mark.parametrize("start,observer", [("gptq", "statsq"), ("brecq", "minmax"), ("ofq", "statsq"),
+                                            ("rtn", "statsq")])
+def test_starts_and_statsq_grid_export_to_onnx(tmp_path, start, observer):
+    """The integers in the graph are the start's (GPTQ's/OFQ's weight_delta, AdaRound's offsets),
+    and a half-step StatsQ grid dequantizes to its levels (integer zero-point, then - f * s)."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from evolq.export import export_onnx
+
+    x = imgs(32)
+    opts = {"brecq": {"iters": 20, "batch_size": 8, "progress": False},
+            "ofq": {**FAST, "epochs": 1, "statsq": True}}.get(start, {})
+    qm = prepare_model(tiny_vit(), x[:16], QuantConfig(w_bits=4, weight_observer=observer, start=start,
+                                                       start_options=opts))
+    path = export_onnx(qm, tmp_path / "m.onnx", example=x[:1])
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {"input": x[16:].numpy()})[0])
+    with torch.no_grad():
+        ref = qm.model(x[16:])
+    assert torch.equal(got.argmax(1), ref.argmax(1))
+    assert (got - ref).abs().max() < 1e-3 * ref.abs().max()
+
+
+def test_straight_through_gradient_is_one_inside_zero_where_clipped():
+    q = UniformQuantizer(4, per_channel=False, kind="activation")
+    q.set_qparams(torch.tensor([0.1]), torch.tensor([0.0]))  # range [0, 1.5]
+    x = torch.tensor([-0.5, 0.04, 0.73, 1.2, 3.0], requires_grad=True)
+    out = straight_through(q, x)
+    assert torch.equal(out.detach(), q(x.detach()))
+    out.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+# --------------------------------------------------------------------------- the ofq start
+def test_ofq_lowers_kl_and_reports_holdout():
+    x, h = imgs(24), imgs(12, seed=9)
+    qm = ofq(x, h, epochs=3)
+    rep = qm.start_report
+    assert rep["start"] == "ofq" and rep["status"] == "ok" and rep["epochs_run"] == 3
+    assert rep["fitness_images"] == 24 and rep["holdout_images"] == 12
+    assert [e["epoch"] for e in rep["history"]] == [1, 2, 3] and all("holdout_kl" in e for e in rep["history"])
+    assert rep["history"][-1]["train_kl"] < rep["history"][0]["train_kl"]
+    assert rep["holdout_kl"]["after"] == rep["history"][-1]["holdout_kl"]
+    assert any(b["layers"] for b in rep["blocks"])  # the gptq init's records
+    # the trained change sits in the quantizers; the float model is untouched (the reference)
+    deltas = [layer.weight_quant.weight_delta for b in qm.blocks for _, layer in block_layers(qm, b)]
+    assert deltas and all(d.abs().sum() > 0 for d in deltas)
+    rtn = prepare_model(tiny_vit(), x, QuantConfig(w_bits=3))
+    qm.set_quant_enabled(False)
+    rtn.set_quant_enabled(False)
+    with torch.no_grad():
+        assert torch.equal(qm.model(x), rtn.model(x))
+
+
+def test_frozen_model_equals_the_trained_one(monkeypatch):
+    """After the last step, the training forwards (StatsQ refit, STE) and the frozen
+    quantizers (weight_delta + the last scale, half-step zero-point) compute the same."""
+    x = imgs(24)
+    seen = {}
+    orig_exit = ofq_mod._Training.__exit__
+
+    def exit_and_record(self, *exc):
+        with torch.no_grad():
+            seen["trained"] = self.qmodel.model(x).clone()
+        return orig_exit(self, *exc)
+
+    monkeypatch.setattr(ofq_mod._Training, "__exit__", exit_and_record)
+    for statsq in (True, False):
+        qm = ofq(x, statsq=statsq)
+        with torch.no_grad():
+            assert torch.equal(qm.model(x), seen["trained"]), statsq
+        zps = [layer.weight_quant.zero_point for b in qm.blocks for _, layer in block_layers(qm, b)]
+        assert all(bool((z - z.floor() == 0.5).all()) == statsq for z in zps)
+
+
+def test_statsq_only_on_the_w_bits_layers():
+    q = QuantConfig(w_bits=3, edge_bits=8, start="ofq", start_options={**FAST, "epochs": 1, "statsq": True})
+    qm = prepare_model(tiny_vit(), imgs(24), q)
+    half = {name: bool((layer.weight_quant.zero_point % 1 == 0.5).all())
+            for b in qm.blocks for name, layer in block_layers(qm, b)}
+    assert half.pop("patch_embed.proj") is False and half.pop("head") is False  # 8-bit edges: calibrated grid
+    assert half and all(half.values())
+
+
+def test_ofq_is_deterministic_for_a_seed():
+    a, b, c = buffers(ofq(seed=3)), buffers(ofq(seed=3)), buffers(ofq(seed=4))
+    assert same(a, b)
+    assert not same(a, c)
+
+
+@pytest.mark.parametrize("cga", [False, True])
+def test_ofq_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch, cga):
+    x = imgs(24)
+    opts = {"epochs": 3, "cga": cga, "cga_epochs": 2}
+    whole = buffers(ofq(x, **opts))
+    orig = ofq_mod.epoch_seed
+
+    def killed_in_epoch_3(seed, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return orig(seed, epoch)
+
+    monkeypatch.setattr(ofq_mod, "epoch_seed", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        ofq(x, ckpt=tmp_path, **opts)
+    monkeypatch.setattr(ofq_mod, "epoch_seed", orig)
+    assert (tmp_path / "start.safetensors").exists()
+    with pytest.raises(CheckpointError, match="start-point checkpoint"):
+        ofq(x, ckpt=tmp_path, **opts)
+    with pytest.raises(CheckpointError, match="another run"):  # a resume with other settings
+        ofq(x, ckpt=tmp_path, resume=True, **{**opts, "lr": 5e-4})
+    qm = ofq(x, ckpt=tmp_path, resume=True, **opts)
+    assert [e["epoch"] for e in qm.start_report["history"]] == [1, 2, 3]
+    assert same(whole, buffers(qm))
+    if cga:
+        share = qm.start_report["history"][-1]["cga_trained_share"]
+        assert 0 < share < 0.1  # most weights are confident and frozen
+
+
+def test_cga_freezes_confident_weights(monkeypatch):
+    x = imgs(24)
+    snaps = []
+    orig = ofq_mod._cga_masks
+
+    def record(layers, deltas, br, statsq):
+        masks = orig(layers, deltas, br, statsq)
+        snaps.append(([d.detach().clone() for d in deltas], masks))
+        return masks
+
+    monkeypatch.setattr(ofq_mod, "_cga_masks", record)
+    qm = ofq(x, epochs=2, cga=True, cga_epochs=1)
+    (before, masks), = snaps
+    layers = [layer for b in qm.blocks for _, layer in block_layers(qm, b)]
+    moved = 0
+    for layer, d0, m in zip(layers, before, masks):
+        d1 = layer.weight_quant.weight_delta
+        assert torch.equal(d1[m], d0[m])  # confident weights kept their value through the phase
+        moved += int((d1[~m] != d0[~m]).sum())
+    assert moved > 0
+
+
+def test_nan_keeps_the_last_good_epoch_and_says_so(tmp_path, monkeypatch):
+    x = imgs(24)
+    orig, calls = ofq_mod.logits_kl, {"n": 0}
+
+    def nan_in_epoch_2(out, ref):
+        loss = orig(out, ref)
+        if out.requires_grad:
+            calls["n"] += 1
+            if calls["n"] > 3:  # 24 images / batch 8: epoch 2 starts at the 4th step
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(ofq_mod, "logits_kl", nan_in_epoch_2)
+    qm = ofq(x, ckpt=tmp_path, epochs=3)
+    rep = qm.start_report
+    assert rep["status"] == "stopped: non-finite loss at epoch 2, step 1; kept the weights of epoch 1"
+    assert rep["epochs_run"] == 1 and rep["status"] in rep["fallbacks"]
+    from evolq.checkpoint import load_checkpoint
+
+    tensors, _ = load_checkpoint(tmp_path / "start.safetensors")  # written after epoch 1
+    for b in qm.blocks:
+        for name, layer in block_layers(qm, b):
+            assert torch.equal(layer.weight_quant.weight_delta, tensors[f"extra/D/{name}"])
+    assert all(torch.isfinite(t).all() for t in buffers(qm).values())
+
+
+def test_worse_after_fine_tune_is_reported(monkeypatch):
+    qm = ofq(imgs(24), imgs(8, seed=5), lr=1.0, epochs=1, init="rtn")  # a step that ruins the weights
+    rep = qm.start_report
+    assert rep["holdout_kl"]["after"] > rep["holdout_kl"]["before"]
+    assert any("raised the hold-out KL" in w for w in rep["warnings"])
+
+
+def tiny_cnn(seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10).eval()
+
+
+@pytest.mark.parametrize("make", [tiny_swin, tiny_torchvision_vit, tiny_cnn], ids=["swin", "torchvision_vit", "cnn"])
+def test_ofq_on_other_families(make):
+    qm = ofq(imgs(16), model=make(), epochs=1, init="rtn")
+    assert qm.start_report["status"] == "ok"
+    assert "cga_trained_share" not in qm.start_report["history"][0]  # one epoch: no CGA phase (cga is on)
+    assert any("weight_delta" in q._buffers for q in qm.quantizers().values())
+
+
+def test_ofq_then_evolq_and_save_load_round_trip(tmp_path):
+    x = imgs(40)
+    quant = QuantConfig(w_bits=3, start="ofq", start_options={**FAST, "epochs": 1})
+    cfg = EvolQConfig(quant, SearchConfig(passes=1, cycles=2, infonce_batch=8, progress=False))
+    qm, rep = quantize_model(tiny_vit(), x, cfg, arch="vit_tiny_patch16_224")
+    start = rep["start"]
+    assert start["start"] == "ofq" and start["holdout_images"] == 4 and start["fitness_images"] == 36
+    assert set(start["holdout_kl"]) == {"before", "after"}
+    save_quantized(qm, tmp_path / "m", model_kwargs=VIT_KW)
+    back = load_quantized(tmp_path / "m")
+    assert torch.equal(back.model(x[:4]), qm.model(x[:4]))
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_ofq_inputs_are_one_line_errors():
+    for opts, needle in (({"epochs": 0}, "epochs must be an integer in 1..1000"),
+                         ({"lr": 0}, "lr must be a number in \\(0, 1\\]"), ({"lr": 3.0}, "lr must be"),
+                         ({"qkr": True}, "not implemented"), ({"init": "brecq"}, "init must be one of"),
+                         ({"cga": True, "epochs": 2, "cga_epochs": 3}, "cannot exceed"),
+                         ({"cga_br": 0.7}, "cga_br"), ({"epoch": 2}, "unknown ofq option")):
+        with pytest.raises(ConfigError, match=needle) as e:
+            QuantConfig(start="ofq", start_options=opts)
+        assert "\n" not in str(e.value)
+    with pytest.raises(DataError, match="batch is 8 images but the fitness set has 6"):
+        ofq(imgs(6))
+
+
+def test_cli_start_ofq_args(capsys):
+    args = build_parser().parse_args(["eval", "--model", "vit_tiny_patch16_224", "--start", "ofq",
+                                      "--start-arg", "epochs=2", "--start-arg", "statsq=false"])
+    q = _quant_config(args)
+    assert q.start == "ofq" and q.start_options == {"epochs": 2, "statsq": False}
+    rc = cli_main(["eval", "--model", "vit_tiny_patch16_224", "--start", "ofq", "--start-arg", "epochs=0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ofq epochs must be an integer" in err and err.count("\n") == 1
+    rc = cli_main(["eval", "--model", "vit_tiny_patch16_224", "--start", "ofq", "--start-arg", "qkr=true"])
+    assert rc == 2 and "qkr" in capsys.readouterr().err
