@@ -287,6 +287,8 @@ class _Exporter:
         exporter = self
 
         def forward(mod, x):
+            if mod.input_scale is not None:  # deploy regime: SmoothQuant factors on a GELU output, a float Mul
+                x = x * mod.input_scale
             if act is not None:
                 exporter.plan.acts.append(act)
                 v = _Placeholder.apply(x, _dq_value(x, act), "QDQ", len(exporter.plan.acts) - 1)

@@ -45,7 +45,7 @@ def _setup():
 class _CompiledRunner(Runner):
     def __init__(self, module: torch.nn.Module, threads: int):
         _setup()
-        self.module, self.threads = module.eval(), threads
+        self.module, self.threads = module, threads
         self.compiled: dict = {}
         self.codes: list[str] = []
 
