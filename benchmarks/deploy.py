@@ -137,6 +137,16 @@ def run(args) -> int:
                "start_seconds": secs, "cpu": cpu_info(), "torch_version": torch.__version__}
         print(f"{name}: PyTorch top-1 {m['top1']:.1f} (FP32 {row['fp32_top1']:.1f}), agreement {m['agreement']:.1f}%,"
               f" KL {m['kl']:.4f}, {secs:.0f} s", flush=True)
+        with tempfile.TemporaryDirectory() as d:  # file sizes: FP32 ONNX, the ONNX export (4-bit weights packed), pt2
+            from evolq.export import export_float_onnx
+            from evolq.export.pt2 import float_module
+
+            sizes = {"fp32_onnx": export_float_onnx(float_module(q), Path(d) / "fp32.onnx").stat().st_size,
+                     "onnx": export_onnx(q, Path(d) / "q.onnx").stat().st_size,
+                     "pt2": export_pt2(q, Path(d) / "q.pt2").stat().st_size}
+            row["bytes"] = {**sizes, "onnx_vs_fp32": sizes["onnx"] / sizes["fp32_onnx"]}
+            print(f"  sizes: FP32 ONNX {sizes['fp32_onnx'] / 1e6:.1f} MB, ONNX {sizes['onnx'] / 1e6:.1f} MB "
+                  f"({100 * row['bytes']['onnx_vs_fp32']:.0f}%), pt2 {sizes['pt2'] / 1e6:.1f} MB", flush=True)
         if not args.no_export:
             with tempfile.TemporaryDirectory() as d:
                 forms = [("pt2", "inductor", export_pt2)]

@@ -537,6 +537,73 @@ def section_ofq(lines):
                          "start s"], rows), ""]
 
 
+def _peer_speed(lat, key):
+    r = (lat or {}).get(key)
+    if not r:
+        return ""
+    s = r["speedup"]["int8"]
+    return f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})"
+
+
+def _evolq_speed(bench, batch, threads):
+    for r in (bench or {}).get("runs", []):
+        if r["batch"] == batch and r["threads"] == threads:
+            s = r["speedup"]
+            return f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})"
+    return ""
+
+
+def section_deploy(lines):
+    ours = load("deploy")
+    peers = {a: load(f"deploy_peers_{a}") for a in ("vit_tiny", "efficientnet_lite0")}
+    if not ours and not any(peers.values()):
+        return
+    lines += ["## Deployed int8: evolq's deploy regime and peer tools (`benchmarks/deploy.py`, "
+              "`benchmarks/deploy_peers.py`)", "",
+              "500 calibration-pool images (evolq: the 450 left after its 10% hold-out), 500 evaluation images. "
+              "*top-1* is the runtime's, *agreement* and *KL* are to the FP32 PyTorch model; *speedup* is the median "
+              "ratio (min-max) of alternating timed pairs against the same model's FP32 in the same runtime with the "
+              "same settings (pt2: both compiled by inductor with freezing); *int / float* counts the integer and "
+              "float matmul/convolution kernels the runtime executes (attention matmuls included where the runtime "
+              "reports them). Peers ran with their own recommended recipes (`recipe` and `doc` in their JSON); "
+              "the cores were shared with other jobs during parts of these runs: the load averages are in the "
+              "JSON files.", ""]
+    rows = []
+    for name, r in ((ours or {}).get("configs") or {}).items():
+        t = r["torch"]
+        for fmt in ("pt2", "onnx"):
+            e = r.get(fmt)
+            if not e:
+                continue
+            ck = e["check"]
+            rows.append([r["arch"], f"evolq {name} ({fmt}, {ck['runtime']})", f2(ck["top1_runtime"]),
+                         f2(t["top1"]), f"{ck['agreement']:.1f} (floor {ck['floor']:.1f})", f"{t['kl']:.4f}",
+                         _evolq_speed(e["bench"], 32, 2), _evolq_speed(e["bench"], 1, 2),
+                         f"{sum(ck['integer_kernels'].values())} / {sum(ck['float_kernels'].values())}",
+                         f"{r['start_seconds']:.0f}"])
+        if not any(r.get(fmt) for fmt in ("pt2", "onnx")):
+            rows.append([r["arch"], f"evolq {name} (PyTorch only)", "", f2(t["top1"]), f2(t["agreement"]),
+                         f"{t['kl']:.4f}", "", "", "", f"{r['start_seconds']:.0f}"])
+    for d in peers.values():
+        if not d:
+            continue
+        for name, p in d["peers"].items():
+            if "int8" not in p:
+                rows.append([d["model"], name, "failed: " + str(p.get("error", ""))[:80]] + [""] * 7)
+                continue
+            k = p["kernels"]["int8"]
+            rows.append([d["model"], name, f2(p["int8"]["top1"]), "", f2(p["int8"]["agreement"]),
+                         f"{p['int8']['kl']:.4f}", _peer_speed(p.get("latency"), "b32_t2"),
+                         _peer_speed(p.get("latency"), "b1_t2"),
+                         f"{k.get('integer_compute_total', k.get('integer_total', ''))} / {k.get('float_total', '')}",
+                         f"{p['quant_seconds']:.0f}"])
+    cpu = (ours or {}).get("configs", {})
+    cpu = next(iter(cpu.values()))["cpu"] if cpu else next(d for d in peers.values() if d)["cpu"]
+    lines += [f"CPU: {cpu['model']}, {cpu['cores']} cores, int8 flags: {', '.join(cpu['flags'])}.", "",
+              table(["model", "tool", "top-1 (runtime)", "top-1 (PyTorch)", "agreement", "KL", "speedup b32 2t",
+                     "speedup b1 2t", "int / float kernels", "quantize s"], rows), ""]
+
+
 def section_holdout(lines):
     d = load("holdout")
     if not d:
@@ -734,7 +801,8 @@ def main():
              "100/N points: treat differences of a point or two as noise. Which JSON files were produced with "
              "earlier code and not re-run (search, efficientnet*, searchers, scaling, landscapes) is "
              "listed in `benchmarks/README.md`.", ""]
-    for sec in (section_paper_budget, section_holdout, section_start_points, section_start_choices, section_ofq,
+    for sec in (section_deploy, section_paper_budget, section_holdout, section_start_points, section_start_choices,
+                section_ofq,
                 section_peers,
                 section_export,
                 section_accuracy,

@@ -16,7 +16,7 @@ from .errors import (
                      UnsupportedModelError,
                      WeightsError,
 )
-from .export import check_onnx, export_onnx
+from .export import check_onnx, export_onnx, export_pt2
 from .losses import list_losses, register_loss
 from .qnn.calibrate import calibrate
 from .qnn.qmodel import Block, QModel
@@ -29,7 +29,7 @@ __all__ = [
     "quantize_model", "prepare_model", "save_quantized", "load_quantized", "calibrate",
     "EvolQConfig", "QuantConfig", "SearchConfig", "Block", "QModel", "ScaleSpace",
     "EvolQError", "ConfigError", "DataError", "UnknownModelError", "UnsupportedModelError",
-    "WeightsError", "CheckpointError", "ExportError", "export_onnx", "check_onnx",
+    "WeightsError", "CheckpointError", "ExportError", "export_onnx", "check_onnx", "export_pt2",
     "list_adapters", "register_adapter", "list_searchers",
     "register_searcher", "list_losses", "register_loss", "__version__",
 ]

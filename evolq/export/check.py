@@ -82,7 +82,7 @@ def check_export(qmodel, path, fmt: str, runtime: str, images: torch.Tensor, lab
 
 
 def bench_export(qmodel, path, fmt: str, runtime: str, image: torch.Tensor, batches=(32, 1), threads=(2, 1),
-                 pairs: int = 5, warmup: int = 2) -> dict:
+                 pairs: int = 5, warmup: int = 3) -> dict:
     """Time ``path`` against the same model's FP32 in ``runtime`` (see the module docstring).
     ``image``: one input (C, H, W) or a batch, repeated to each batch size. The result's
     ``speedup`` is the median ratio at the first batch size and thread count."""
@@ -100,6 +100,7 @@ def bench_export(qmodel, path, fmt: str, runtime: str, image: torch.Tensor, batc
                                      pairs=pairs, warmup=warmup)
                 runs.append({"batch": b, "threads": t, "fp32_ms": r["times"]["fp32"]["median_s"] * 1e3,
                              "int8_ms": r["times"]["int8"]["median_s"] * 1e3, "speedup": r["speedup"]["int8"],
+                             "rounds_s": {k: v["rounds_s"] for k, v in r["times"].items()},
                              "load_1m": [r["load_1m_before"], r["load_1m_after"]]})
     return {"runtime": runtime, "format": fmt, "pairs": pairs, "warmup": warmup, "cpu": cpu_info(), "runs": runs,
             "speedup": runs[0]["speedup"]["median"]}
