@@ -218,3 +218,17 @@ def test_deploy_model_saves_and_loads_with_its_smoothing(tmp_path):
         assert torch.allclose(q.model(x), back.model(x), atol=1e-6)
     assert sum(m.input_scale is not None for m in back.model.modules() if isinstance(m, QLinear)) == 2
     json.dumps(copy.deepcopy(back.config).__dict__, default=str)
+
+
+def test_gptq_sees_the_input_after_the_explicit_smoothing_multiply():
+    from evolq.qnn.reconstruct.gptq import layer_rows
+
+    x = _images()
+    q = _deploy(tiny_vit(), x, w_bits=4)
+    fc2 = q.model.blocks[0].mlp.fc2
+    h = torch.randn(5, 7, fc2.in_features)
+    rows = layer_rows(fc2, h)
+    want = fc2.input_quant(h * fc2.input_scale).reshape(-1, h.shape[-1])
+    assert torch.allclose(rows.reshape(-1, fc2.in_features), want)
+    g = _deploy(tiny_vit(), x, w_bits=4, start="gptq")
+    assert g.start_report is not None and g.config.deploy

@@ -43,6 +43,8 @@ def _conv_padding(layer):
 
 def layer_rows(layer, x: torch.Tensor) -> torch.Tensor:
     """The rows the layer's weight multiplies, grouped: (rows, groups, columns)."""
+    if getattr(layer, "input_scale", None) is not None:  # deploy regime: SmoothQuant's explicit input multiply
+        x = x * layer.input_scale
     xq = layer.input_quant(x).float()
     if isinstance(layer, QLinear):
         f = layer._factor()
