@@ -602,6 +602,32 @@ def section_deploy(lines):
     lines += [f"CPU: {cpu['model']}, {cpu['cores']} cores, int8 flags: {', '.join(cpu['flags'])}.", "",
               table(["model", "tool", "top-1 (runtime)", "top-1 (PyTorch)", "agreement", "KL", "speedup b32 2t",
                      "speedup b1 2t", "int / float kernels", "quantize s"], rows), ""]
+    sizes = [[n, r["bytes"]["fp32_onnx"] / 1e6, r["bytes"]["onnx"] / 1e6, f"{100 * r['bytes']['onnx_vs_fp32']:.0f}%",
+              r["bytes"]["pt2"] / 1e6] for n, r in ((ours or {}).get("configs") or {}).items() if "bytes" in r]
+    if sizes:
+        lines += ["File sizes (MB; the ONNX export packs weights of 4 bits or fewer as int4, the pt2 program holds "
+                  "int8 containers):", "",
+                  table(["config", "FP32 ONNX", "ONNX", "ONNX / FP32", "pt2"],
+                        [[s[0], f"{s[1]:.1f}", f"{s[2]:.1f}", s[3], f"{s[4]:.1f}"] for s in sizes]), ""]
+    strengths = [d for d in (load("deploy_strengths_vit_tiny_w8a8"), load("deploy_strengths_vit_tiny_w4a8")) if d]
+    if strengths:
+        lines += ["SmoothQuant strength of the deploy regime, calibration pool only (256 images calibrate, 244 "
+                  "score; `benchmarks/deploy.py --strengths`): dev KL (agreement %) per strength, rtn start.", "",
+                  table(["bits"] + [f"{r['strength']:g}" for r in strengths[0]["rows"]],
+                        [[f"W{d['w_bits']}A{d['a_bits']}"] + [f"{r['kl']:.4f} ({r['agreement']:.1f})"
+                                                             for r in d["rows"]] for d in strengths]), ""]
+    search = load("deploy_search_vit_tiny_w4a8")
+    if search:
+        rows = []
+        for k, r in search["runs"].items():
+            e = r.get("evolq") or {}
+            rows.append([k, f2(r["start"]["top1"]), f"{r['start']['kl']:.4f}", f2(e.get("top1", float("nan"))),
+                         f"{e.get('kl', float('nan')):.4f}", r.get("evaluations", ""),
+                         f"{r['start_seconds']:.0f} + {r.get('search_seconds', 0):.0f}"])
+        lines += ["Evol-Q in the deploy regime (ViT-Tiny W4A8, edge bits 8, `benchmarks/start_points.py --preset "
+                  "deploy`, short budget: 1 pass x 3 cycles over the last 4 blocks, hold-out 10%):", "",
+                  table(["start", "start top-1", "start KL", "+ Evol-Q top-1", "+ Evol-Q KL", "evaluations",
+                         "seconds (start + search)"], rows), ""]
 
 
 def section_holdout(lines):

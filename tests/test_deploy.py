@@ -232,3 +232,29 @@ def test_gptq_sees_the_input_after_the_explicit_smoothing_multiply():
     assert torch.allclose(rows.reshape(-1, fc2.in_features), want)
     g = _deploy(tiny_vit(), x, w_bits=4, start="gptq")
     assert g.start_report is not None and g.config.deploy
+
+
+def test_time_alternating_interleaves_and_takes_per_round_ratios():
+    import time as _time
+
+    from evolq.export.bench import cpu_info, time_alternating
+
+    calls = []
+
+    def slow():
+        calls.append("slow")
+        _time.sleep(0.004)
+
+    def fast():
+        calls.append("fast")
+        _time.sleep(0.001)
+
+    r = time_alternating({"slow": slow, "fast": fast}, "slow", pairs=3, warmup=2)
+    assert calls[:4] == ["slow", "fast", "slow", "fast"]  # warm-up interleaved
+    assert calls[4:] == ["slow", "fast", "fast", "slow", "slow", "fast"]  # the order alternates per round
+    s = r["speedup"]["fast"]
+    assert 2.0 < s["median"] < 6.0 and s["min"] <= s["median"] <= s["max"]
+    assert len(r["times"]["slow"]["rounds_s"]) == 3 and "slow" not in r["speedup"]
+    with pytest.raises(ValueError):
+        time_alternating({"a": fast}, "b")
+    assert set(cpu_info()) == {"model", "flags", "cores", "load_1m"}

@@ -48,7 +48,7 @@ def time_alternating(candidates: dict[str, Callable[[], object]], baseline: str,
                      warmup: int = 2, repeat: int = 1) -> dict:
     """Time each callable in ``candidates`` in alternating rounds.
 
-    Each callable runs ``warmup`` times untimed, then ``pairs`` rounds; in each round every
+    Each callable runs ``warmup`` times untimed (interleaved), then ``pairs`` rounds; in each round every
     callable runs ``repeat`` times back to back and the round's time is their mean. The order
     within a round alternates (forward, then reversed). Returns, per name, ``{"median_s",
     "min_s", "max_s", "rounds_s"}`` and for every name but ``baseline`` a ``"speedup"`` entry:
@@ -60,8 +60,8 @@ def time_alternating(candidates: dict[str, Callable[[], object]], baseline: str,
     if pairs < 1 or repeat < 1 or warmup < 0:
         raise ValueError("pairs and repeat must be positive, warmup non-negative")
     names = list(candidates)
-    for name in names:
-        for _ in range(warmup):
+    for _ in range(warmup):  # interleaved like the timed rounds: whatever a switch between candidates costs once
+        for name in names:   # (a recompile, a cache refill) is paid here
             candidates[name]()
     load_before = cpu_info()["load_1m"]
     rounds: dict[str, list[float]] = {n: [] for n in names}
