@@ -664,6 +664,14 @@ STALE = {n: EARLIER for n in ("search", "efficientnet", "efficientnet_seed1", "e
                               "searchers", "scaling", "landscape_vit_tiny_w4a8", "landscape_efficientnet_lite0_w4a8",
                               "accuracy", "accuracy_outlier-aware", "start_point", "preset_strength", "losses")}
 SCRIPTS = [  # script, what, command, result files
+    ("deploy.py", "the deploy regime: PyTorch and runtime top-1, kernels, speed vs the same runtime's FP32; "
+     "SmoothQuant strength sweep on the calibration pool",
+     "python benchmarks/deploy.py --configs vit-w8a8 effnet-w8a8 --onnx --threads 2 1 --batches 32 1",
+     ["deploy", "deploy_strengths_vit_tiny_w8a8", "deploy_strengths_vit_tiny_w4a8"]),
+    ("deploy_peers.py", "peer int8 tools (onnxruntime static/dynamic, NNCF+OpenVINO, PT2E X86Inductor, torchao) in "
+     "their own venv, same images", "/work/peer-venv/bin/python benchmarks/deploy_peers.py --model "
+     "vit_tiny_patch16_224 --peers ... (see its docstring)",
+     ["deploy_peers_vit_tiny", "deploy_peers_efficientnet_lite0"]),
     ("paper_budget.py", "honest vs test-selected Evol-Q at the paper's budget (10 passes x 3 cycles), searchers",
      "python benchmarks/paper_budget.py --device cuda --max-batch 4096", ["paper_budget"]),
     ("holdout.py", "how often the hold-out's keep/revert decision is right, calibration pool only",
