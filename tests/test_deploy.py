@@ -258,3 +258,18 @@ def test_time_alternating_interleaves_and_takes_per_round_ratios():
     with pytest.raises(ValueError):
         time_alternating({"a": fast}, "b")
     assert set(cpu_info()) == {"model", "flags", "cores", "load_1m"}
+
+
+def test_check_warns_when_the_runtime_leaves_deploy_layers_in_float(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from evolq.export import export_onnx
+    from evolq.export.check import DeployWarning, check_export
+
+    x = _images(8)
+    q = _deploy(tiny_vit(), x)
+    path = export_onnx(q, tmp_path / "m.onnx", example=x[:1])
+    with pytest.warns(DeployWarning, match="run in float"):
+        res = check_export(q, path, "onnx", "onnxruntime", x, threads=1, batch_size=8)
+    n_int = sum(res["integer_kernels"].values())
+    assert res["layers_in_float"] == res["quantized_layers"] - n_int > 0  # onnxruntime: the patch Conv, the head Gemm
+    assert "top1_runtime" not in res and res["floor"] >= 0
