@@ -66,6 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--pairs", type=int, default=5)
     p.add_argument("--onnx", action="store_true", help="also export ONNX and check/bench it in onnxruntime")
     p.add_argument("--no-export", action="store_true", help="PyTorch accuracy only")
+    p.add_argument("--gap", action="store_true", help="also the same model with float activations (weights "
+                                                      "quantized only) and with float weights: what the gap is made of")
     p.add_argument("--strengths", default=None, help="comma-separated SmoothQuant strengths to sweep (dev split)")
     p.add_argument("--model", default="vit_tiny_patch16_224")
     p.add_argument("--w-bits", type=int, default=8)
@@ -137,6 +139,18 @@ def run(args) -> int:
                "start_seconds": secs, "cpu": cpu_info(), "torch_version": torch.__version__}
         print(f"{name}: PyTorch top-1 {m['top1']:.1f} (FP32 {row['fp32_top1']:.1f}), agreement {m['agreement']:.1f}%,"
               f" KL {m['kl']:.4f}, {secs:.0f} s", flush=True)
+        if args.gap:
+            row["gap"] = {}
+            for part, keep in (("weights_only", "weight"), ("activations_only", "activation")):
+                qs = [qq for qq in q.quantizers().values() if getattr(qq, "kind", "activation") != keep]
+                for qq in qs:
+                    qq.enabled = False
+                with torch.no_grad():
+                    g = metrics(predict(q.model, xe), ye, fp)
+                for qq in qs:
+                    qq.enabled = True
+                row["gap"][part] = {"top1": g["top1"], "agreement": g["agreement"], "kl": g["kl"]}
+                print(f"  {part}: top-1 {g['top1']:.1f}, KL {g['kl']:.4f}", flush=True)
         with tempfile.TemporaryDirectory() as d:  # file sizes: FP32 ONNX, the ONNX export (4-bit weights packed), pt2
             from evolq.export import export_float_onnx
             from evolq.export.pt2 import float_module

@@ -616,6 +616,12 @@ def section_deploy(lines):
                   "int8 containers):", "",
                   table(["config", "FP32 ONNX", "ONNX", "ONNX / FP32", "pt2"],
                         [[s[0], f"{s[1]:.1f}", f"{s[2]:.1f}", s[3], f"{s[4]:.1f}"] for s in sizes]), ""]
+    gaps = [[n, f2(r["torch"]["top1"]), f2(r["gap"]["weights_only"]["top1"]), f2(r["gap"]["activations_only"]["top1"])]
+            for n, r in ((ours or {}).get("configs") or {}).items() if "gap" in r]
+    if gaps:
+        lines += ["What the gap is made of (PyTorch, evaluation split): the same model with only its weights "
+                  "quantized (activations float), and with only its activations quantized (weights float).", "",
+                  table(["config", "both", "weights only", "activations only"], gaps), ""]
     strengths = [d for d in (load("deploy_strengths_vit_tiny_w8a8"), load("deploy_strengths_vit_tiny_w4a8")) if d]
     if strengths:
         lines += ["SmoothQuant strength of the deploy regime, calibration pool only (256 images calibrate, 244 "

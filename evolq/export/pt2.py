@@ -163,7 +163,7 @@ def _weight(layer, names) -> _QWeight:
     if wq.bias_correction:
         raise ExportError(f"weight quantizer {name} applies bias correction, which moves weights off the integer "
                           f"grid; the deploy regime has none")
-    if layer._factor() if isinstance(layer, QLinear) else False:
+    if isinstance(layer, QLinear) and layer._factor() is not None:
         raise ExportError(f"layer {_name(names, layer)} folds per-channel input factors (outlier-aware preset); "
                           f"the pt2 format takes the deploy regime")
     if wq.ch_axis % layer.weight.ndim != 0:
