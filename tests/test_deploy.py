@@ -273,3 +273,18 @@ def test_check_warns_when_the_runtime_leaves_deploy_layers_in_float(tmp_path):
     n_int = sum(res["integer_kernels"].values())
     assert res["layers_in_float"] == res["quantized_layers"] - n_int > 0  # onnxruntime: the patch Conv, the head Gemm
     assert "top1_runtime" not in res and res["floor"] >= 0
+
+
+def test_bench_times_the_export_against_the_same_runtimes_fp32(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from evolq.export import export_onnx
+    from evolq.export.check import bench_export
+
+    x = _images(8)
+    q = _deploy(tiny_vit(), x)
+    path = export_onnx(q, tmp_path / "m.onnx", example=x[:1])
+    r = bench_export(q, path, "onnx", "onnxruntime", x[0], batches=(4, 1), threads=(1,), pairs=2, warmup=1)
+    assert [(b["batch"], b["threads"]) for b in r["runs"]] == [(4, 1), (1, 1)]
+    assert r["speedup"] == r["runs"][0]["speedup"]["median"] > 0
+    assert all(len(b["rounds_s"]["fp32"]) == 2 and b["fp32_ms"] > 0 for b in r["runs"])
+    assert isinstance(r["cpu"]["flags"], list) and r["cpu"]["model"]

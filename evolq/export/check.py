@@ -93,7 +93,7 @@ def bench_export(qmodel, path, fmt: str, runtime: str, image: torch.Tensor, batc
     runs = []
     with tempfile.TemporaryDirectory() as folder:
         for t in threads:
-            quant, flt = rt.load(path, t), rt.load_float(qmodel, t, folder)
+            quant, flt = rt.load(path, t), rt.load_float(qmodel, t, folder, example=x1[:1])
             for b in batches:
                 xb = x1[:1].expand(b, *x1.shape[1:]).contiguous() if x1.shape[0] < b else x1[:b]
                 r = time_alternating({"fp32": lambda xb=xb, f=flt: f(xb), "int8": lambda xb=xb, q=quant: q(xb)}, "fp32",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import torch
 
@@ -23,7 +24,7 @@ class Runner:
 
 class Runtime:
     """A runtime: ``name``, the export ``format`` it reads, the package it needs (``package``,
-    installed by the ``extra``), ``load(path, threads)`` and ``load_float(qmodel, threads, folder)``."""
+    installed by the ``extra``), ``load(path, threads)`` and ``load_float(qmodel, threads, folder, example)``."""
 
     name = ""
     format = ""
@@ -40,5 +41,11 @@ class Runtime:
     def load(self, path, threads: int) -> Runner:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def load_float(self, qmodel, threads: int, folder) -> Runner:  # pragma: no cover - interface
-        raise NotImplementedError
+    def load_float(self, qmodel, threads: int, folder, example=None) -> Runner:
+        """The same model in float in this runtime (``example``: an input to trace with); by default
+        its float ONNX file (ONNX runtimes)."""
+        from ..onnx import export_float_onnx
+        from ..pt2 import float_module
+
+        path = export_float_onnx(float_module(qmodel), Path(folder) / "fp32.onnx", example=example)
+        return self.load(path, threads)

@@ -78,7 +78,7 @@ class InductorRuntime(Runtime):
 
         return _CompiledRunner(load_pt2(path).module(), threads)
 
-    def load_float(self, qmodel, threads: int, folder) -> Runner:
+    def load_float(self, qmodel, threads: int, folder, example=None) -> Runner:
         from ..pt2 import float_program
 
-        return _CompiledRunner(float_program(qmodel).module(), threads)
+        return _CompiledRunner(float_program(qmodel, example).module(), threads)

@@ -53,10 +53,3 @@ class OnnxRuntime(Runtime):
 
     def load(self, path, threads: int) -> Runner:
         return _OrtRunner(path, threads)
-
-    def load_float(self, qmodel, threads: int, folder) -> Runner:
-        from ..onnx import export_float_onnx
-        from ..pt2 import float_module
-
-        path = export_float_onnx(float_module(qmodel), Path(folder) / "fp32.onnx")
-        return _OrtRunner(path, threads)

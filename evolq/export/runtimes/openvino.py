@@ -3,7 +3,6 @@ runtime precisions of the compiled model's execution graph. Needs ``pip install 
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,9 +47,3 @@ class OpenVINORuntime(Runtime):
 
     def load(self, path, threads: int) -> Runner:
         return _OVRunner(path, threads)
-
-    def load_float(self, qmodel, threads: int, folder) -> Runner:
-        from ..onnx import export_float_onnx
-        from ..pt2 import float_module
-
-        return _OVRunner(export_float_onnx(float_module(qmodel), Path(folder) / "fp32.onnx"), threads)
