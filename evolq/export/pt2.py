@@ -14,7 +14,7 @@ re-calibration, no re-rounding):
 
 which is the graph ``convert_pt2e`` produces for ``X86InductorQuantizer``. ``torch.compile``
 with ``torch._inductor.config.freezing = True`` matches these patterns and runs the layers
-in oneDNN's ``qlinear_pointwise`` / ``qconv2d_pointwise`` int8 kernels; everything else
+in oneDNN's ``qlinear_pointwise`` / ``qconv_pointwise`` int8 kernels; everything else
 (LayerNorm, GELU, softmax, the attention matmuls, residual adds) stays float.
 
 The file is an ``ExportedProgram`` saved by ``torch.export.save``: it loads with

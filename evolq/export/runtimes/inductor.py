@@ -1,6 +1,6 @@
 """PyTorch's x86 path: a ``torch.export`` program (``--format pt2``) compiled by inductor
 with freezing on, which lowers the PT2E quantize/dequantize patterns to oneDNN int8 kernels
-(``qlinear_pointwise``, ``qconv2d_pointwise``; the patterns are registered by torchao, where
+(``qlinear_pointwise``, ``qconv_pointwise``; the patterns are registered by torchao, where
 PT2E lives since torch 2.14). One compile per batch shape and thread count: inductor fixes
 the OpenMP thread count of its kernels when it compiles."""
 from __future__ import annotations
