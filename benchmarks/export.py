@@ -55,6 +55,7 @@ if str(ROOT) not in sys.path:
 from evolq import QuantConfig, check_onnx, export_onnx, prepare_model  # noqa: E402
 from evolq.data import assets_dir, load_images  # noqa: E402
 from evolq.export import export_float_onnx, onnx_session  # noqa: E402
+from evolq.export.runtimes.onnxruntime import FLOAT_OPS, INTEGER_OPS  # noqa: E402
 from evolq.io import write_json  # noqa: E402
 from evolq.models import load_model, model_transform  # noqa: E402
 
@@ -67,12 +68,6 @@ CONFIGS = {  # name -> (architecture, preset, w_bits, a_bits, other QuantConfig 
     # without weight bias correction nothing sits between the weights' DequantizeLinear and the Conv
     "effnet-w8a8-no-bias-correction": ("tf_efficientnet_lite0", "fq-vit", 8, 8, {"bias_correction": False}),
 }
-
-INTEGER_OPS = {"QLinearMatMul", "QGemm", "QLinearConv", "MatMulInteger", "MatMulIntegerToFloat", "MatMulNBits",
-               "DynamicQuantizeMatMul", "ConvInteger", "QLinearAdd", "QLinearMul", "QLinearSigmoid",
-               "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearLeakyRelu",
-               "QLinearSoftmax", "QAttention", "QLinearWhere", "QLinearReduceMean"}
-FLOAT_OPS = {"MatMul", "Gemm", "Conv", "FusedConv", "FusedMatMul", "FusedGemm", "NchwcConv", "ConvTranspose"}
 
 
 def parse_args(argv=None):
