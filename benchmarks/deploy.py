@@ -69,6 +69,10 @@ def parse_args(argv=None):
     p.add_argument("--gap", action="store_true", help="also the same model with float activations (weights "
                                                       "quantized only) and with float weights: what the gap is made of")
     p.add_argument("--strengths", default=None, help="comma-separated SmoothQuant strengths to sweep (dev split)")
+    p.add_argument("--start", default="rtn", help="--strengths: the start point (rtn, gptq)")
+    p.add_argument("--edge-bits", type=int, default=None, help="--strengths: QuantConfig.edge_bits")
+    p.add_argument("--deploy-weights", default="symmetric", choices=("symmetric", "asymmetric"),
+                   help="QuantConfig.deploy_weights (weights below 8 bits)")
     p.add_argument("--model", default="vit_tiny_patch16_224")
     p.add_argument("--w-bits", type=int, default=8)
     p.add_argument("--a-bits", type=int, default=8)
@@ -91,17 +95,21 @@ def sweep(args) -> int:
     rows = []
     for s in (float(v) for v in args.strengths.split(",")):
         t0 = time.perf_counter()
-        q = prepare_model(copy.deepcopy(base), cal, QuantConfig.preset("deploy", w_bits=args.w_bits,
-                                                                       a_bits=args.a_bits, smooth_strength=s))
+        q = prepare_model(copy.deepcopy(base), cal, QuantConfig.preset(
+            "deploy", w_bits=args.w_bits, a_bits=args.a_bits, smooth_strength=s, start=args.start,
+            edge_bits=args.edge_bits, deploy_weights=args.deploy_weights), progress=False)
         with torch.no_grad():
             r = {"strength": s, **_kl_agree(predict(q.model, dev), ref), "seconds": time.perf_counter() - t0}
         rows.append(r)
         print(f"strength {s:.2f}: dev KL {r['kl']:.4f}, agreement {r['agreement']:.1f}%", flush=True)
     best = min(rows, key=lambda r: r["kl"])
-    out = {"model": args.model, "w_bits": args.w_bits, "a_bits": args.a_bits, "calibrate": 256, "dev": 244,
+    out = {"model": args.model, "w_bits": args.w_bits, "a_bits": args.a_bits, "start": args.start,
+           "edge_bits": args.edge_bits, "deploy_weights": args.deploy_weights, "calibrate": 256, "dev": 244,
            "split": "calibration pool only", "rows": rows, "chosen": best["strength"], "cpu": cpu_info(),
            "torch": torch.__version__}
-    write_json(args.out or f"deploy_strengths_{args.model.split('_patch')[0]}_w{args.w_bits}a{args.a_bits}.json", out)
+    tag = "" if (args.start, args.deploy_weights) == ("rtn", "symmetric") else f"_{args.start}_{args.deploy_weights}"
+    write_json(args.out or f"deploy_strengths_{args.model.split('_patch')[0]}_w{args.w_bits}a{args.a_bits}{tag}.json",
+               out)
     print(f"lowest dev KL at strength {best['strength']}")
     return 0
 

@@ -75,6 +75,9 @@ def _add_model_args(p, quantize: bool):
     p.add_argument("--smooth-strength", type=float, default=None,
                    help="deploy: SmoothQuant migration strength, 0..1 (0 = off; default by weight bits, "
                         "QuantConfig.deploy_strength)")
+    p.add_argument("--deploy-weights", default=None, choices=("symmetric", "asymmetric"),
+                   help="deploy, weights below 8 bits: symmetric (default) or asymmetric (a per-channel "
+                        "zero-point; the integers q - z are still stored as s8 with zero-point 0)")
     p.add_argument("--linear-input-strength", type=float, default=None,
                    help="outlier-aware: share of each Linear input channel's range moved into the weights "
                         "(0..1; default by weight bits and start: 0.75 at 8; at 4 and below 0.25 with rtn, "
@@ -204,6 +207,8 @@ def _quant_config(args):
     extra = {} if args.linear_input_strength is None else {"linear_input_strength": args.linear_input_strength}
     if args.smooth_strength is not None:
         extra["smooth_strength"] = args.smooth_strength
+    if args.deploy_weights is not None:
+        extra["deploy_weights"] = args.deploy_weights
     return QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, act_observer=args.act_observer,
                               attn_probs=args.attn_probs, ptf=not args.no_ptf,
                               bias_correction=not args.no_bias_correction and args.preset != "deploy", start=args.start,

@@ -101,6 +101,38 @@ def test_bad_deploy_settings_are_config_errors():
         QuantConfig.preset("deploy", smooth_strength=1.5)
     with pytest.raises(ConfigError, match="regime"):
         QuantConfig(regime="int8")
+    with pytest.raises(ConfigError, match="deploy_weights"):
+        QuantConfig.preset("deploy", deploy_weights="offset")
+    with pytest.raises(ConfigError, match="deploy regime"):
+        QuantConfig(deploy_weights="asymmetric")
+
+
+def test_asymmetric_4bit_weights_run_as_int8_codes_with_zero_point_0(tmp_path):
+    x = _images()
+    q = _deploy(tiny_vit(), x, w_bits=4, edge_bits=8, deploy_weights="asymmetric")
+    layers = [m for m in q.model.modules() if isinstance(m, QLinear)]
+    four = [m for m in layers if m.weight_quant.bits == 4]
+    assert len(four) == 8 and all(not m.weight_quant.symmetric for m in four)
+    assert any(bool((m.weight_quant.zero_point != 0).any()) for m in four)  # the grid follows each row's range
+    assert all(m.weight_quant.symmetric for m in layers if m.weight_quant.bits == 8)  # edge layers: s8 as before
+    sym = _deploy(tiny_vit(), x, w_bits=4, edge_bits=8)
+    errs = {}
+    with torch.no_grad():
+        for name, model in (("asymmetric", q), ("symmetric", sym)):
+            errs[name] = sum(float((m.weight_quant(m.weight) - m.weight).pow(2).sum())
+                             for m in model.model.modules() if isinstance(m, QLinear) and m.weight_quant.bits == 4)
+    assert errs["asymmetric"] < errs["symmetric"]  # 16 levels on each row's range against 15 centred on 0
+    ep = load_pt2(export_pt2(q, tmp_path / "m.pt2", example=x[:2]))
+    with torch.no_grad():
+        assert torch.allclose(q.model(x), ep.module()(x), atol=1e-5)
+    lowered = [m for m in deploy_module(q).modules() if type(m).__name__ == "DeployLinear"]
+    for m, d in zip(layers, lowered):
+        wq = m.weight_quant
+        assert bool((d.weight.zero_point == 0).all())
+        with torch.no_grad():
+            codes = torch.round(wq(m.weight) / wq.scale.reshape(-1, 1))  # q - z
+        assert torch.equal(d.weight.qweight.to(torch.float32), codes)
+        assert int(codes.abs().max()) <= 2 ** wq.bits - 1
 
 
 def test_pt2_program_holds_the_models_integers_and_computes_its_logits(tmp_path):

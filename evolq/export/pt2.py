@@ -157,9 +157,14 @@ def _weight(layer, names) -> _QWeight:
     if not isinstance(wq, UniformQuantizer):
         raise ExportError(f"weight quantizer {name} ({type(wq).__name__}) has no PT2E form")
     _common(wq, names)
-    if not (wq.signed and wq.symmetric) or bool((wq.zero_point != 0).any()):
-        raise ExportError(f"weight quantizer {name} is asymmetric (zero-points): the int8 kernels take signed "
-                          f"symmetric weights; quantize with the deploy regime (QuantConfig.preset('deploy'))")
+    zp = wq.zero_point.float()
+    if bool((zp != zp.round()).any()):
+        raise ExportError(f"weight quantizer {name} has a half-step grid (StatsQ: no zero level); the int8 "
+                          f"kernels take integer weights with zero-point 0")
+    if not wq.signed or (not wq.symmetric and (wq.qmax - wq.qmin) > 127):
+        raise ExportError(f"weight quantizer {name} is asymmetric ({wq.bits} bits, zero-points): the int8 kernels "
+                          f"take signed weights with zero-point 0; quantize with the deploy regime "
+                          f"(QuantConfig.preset('deploy'))")
     if wq.bias_correction:
         raise ExportError(f"weight quantizer {name} applies bias correction, which moves weights off the integer "
                           f"grid; the deploy regime has none")
@@ -174,7 +179,8 @@ def _weight(layer, names) -> _QWeight:
     with torch.no_grad():
         w_q = wq(layer.weight.detach().float())  # the quantizer's own rounding (GPTQ / AdaRound state included)
         shape = [-1] + [1] * (w_q.ndim - 1)
-        codes = quant_codes(w_q, scale.reshape(shape), torch.zeros(()), wq.qmin, wq.qmax)
+        # q - z: an asymmetric grid below 8 bits (deploy_weights="asymmetric") fits s8 with zero-point 0
+        codes = quant_codes(w_q, scale.reshape(shape), torch.zeros(()), -128, 127)
         if (codes * scale.reshape(shape) - w_q).abs().max().item() > 1e-5 * max(w_q.abs().max().item(), 1e-12):
             raise ExportError(f"layer {_name(names, layer)}: weights are not on the integer grid")  # pragma: no cover
     return _QWeight(codes, scale)

@@ -24,9 +24,9 @@ def _deploy(quant) -> bool:
 
 
 def weight_quant(quant, ch_axis=0) -> UniformQuantizer:
-    if _deploy(quant):  # what int8 kernels take: signed, symmetric, per output channel, zero-point 0
-        return UniformQuantizer(quant.w_bits, signed=True, symmetric=True, per_channel=True, ch_axis=ch_axis,
-                                observer=quant.weight_observer, kind="weight")
+    if _deploy(quant):  # what int8 kernels take: signed, per output channel, integers stored with zero-point 0
+        return UniformQuantizer(quant.w_bits, signed=True, symmetric=quant.deploy_symmetric(quant.w_bits),
+                                per_channel=True, ch_axis=ch_axis, observer=quant.weight_observer, kind="weight")
     return UniformQuantizer(quant.w_bits, signed=False, symmetric=False, per_channel=True, ch_axis=ch_axis,
                             observer=quant.weight_observer, kind="weight",
                             bias_correction=quant.bias_correction and getattr(quant, "start", "rtn") == "rtn")
@@ -128,6 +128,8 @@ def apply_edge_bits(model: nn.Module, quant) -> list[str]:
     for name, layer in edge_layers(model):
         for q in (layer.weight_quant, layer.input_quant):
             if isinstance(q, UniformQuantizer) and q.bits < bits:
+                if q is layer.weight_quant and _deploy(quant):
+                    q.symmetric = quant.deploy_symmetric(bits)
                 q.set_bits(bits)
         names.append(name)
     return names
