@@ -52,6 +52,9 @@ from evolq.models import load_model, model_transform  # noqa: E402
 CONFIGS = {  # name -> (architecture, w_bits, a_bits, start, other QuantConfig fields)
     "vit-w8a8": ("vit_tiny_patch16_224", 8, 8, "rtn", {}),
     "vit-w4a8-gptq": ("vit_tiny_patch16_224", 4, 8, "gptq", {"edge_bits": 8}),
+    "vit-w4a8-gptq-asym": ("vit_tiny_patch16_224", 4, 8, "gptq", {"edge_bits": 8, "deploy_weights": "asymmetric"}),
+    "vit-w4a8-ofq": ("vit_tiny_patch16_224", 4, 8, "ofq", {"edge_bits": 8}),
+    "vit-w4a8-ofq-asym": ("vit_tiny_patch16_224", 4, 8, "ofq", {"edge_bits": 8, "deploy_weights": "asymmetric"}),
     "vit-w4a4": ("vit_tiny_patch16_224", 4, 4, "rtn", {"edge_bits": 8}),
     "vit-w4a4-gptq": ("vit_tiny_patch16_224", 4, 4, "gptq", {"edge_bits": 8}),
     "effnet-w8a8": ("tf_efficientnet_lite0", 8, 8, "rtn", {}),
@@ -69,7 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--gap", action="store_true", help="also the same model with float activations (weights "
                                                       "quantized only) and with float weights: what the gap is made of")
     p.add_argument("--strengths", default=None, help="comma-separated SmoothQuant strengths to sweep (dev split)")
-    p.add_argument("--start", default="rtn", help="--strengths: the start point (rtn, gptq)")
+    p.add_argument("--start", default="rtn", help="--strengths: the start point (rtn, gptq, ofq)")
     p.add_argument("--edge-bits", type=int, default=None, help="--strengths: QuantConfig.edge_bits")
     p.add_argument("--deploy-weights", default="symmetric", choices=("symmetric", "asymmetric"),
                    help="QuantConfig.deploy_weights (weights below 8 bits)")
@@ -97,7 +100,8 @@ def sweep(args) -> int:
         t0 = time.perf_counter()
         q = prepare_model(copy.deepcopy(base), cal, QuantConfig.preset(
             "deploy", w_bits=args.w_bits, a_bits=args.a_bits, smooth_strength=s, start=args.start,
-            edge_bits=args.edge_bits, deploy_weights=args.deploy_weights), progress=False)
+            edge_bits=args.edge_bits, deploy_weights=args.deploy_weights,
+            start_options={"progress": False} if args.start == "ofq" else {}), progress=False)
         with torch.no_grad():
             r = {"strength": s, **_kl_agree(predict(q.model, dev), ref), "seconds": time.perf_counter() - t0}
         rows.append(r)
@@ -132,9 +136,10 @@ def run(args) -> int:
             cache[arch] = (base, xc, xe, ye, fp)
         base, xc, xe, ye, fp = cache[arch]
         fit, _hold = split_calibration(xc, 0.1, 0)
-        quant = QuantConfig.preset("deploy", w_bits=w, a_bits=a, start=start, **extra)
+        quant = QuantConfig.preset("deploy", w_bits=w, a_bits=a, start=start, **extra,
+                                   **({"start_options": {"progress": False}} if start == "ofq" else {}))
         t0 = time.perf_counter()
-        q = prepare_model(copy.deepcopy(base), fit, quant, arch=arch)
+        q = prepare_model(copy.deepcopy(base), fit, quant, arch=arch, holdout=_hold)  # ofq: hold-out KL
         secs = time.perf_counter() - t0
         with torch.no_grad():
             lq = predict(q.model, xe)
@@ -145,6 +150,9 @@ def run(args) -> int:
                "fp32_top1": metrics(fp, ye)["top1"], "torch": {"top1": m["top1"], "agreement": m["agreement"],
                                                                "kl": m["kl"]},
                "start_seconds": secs, "cpu": cpu_info(), "torch_version": torch.__version__}
+        if start == "ofq":
+            row["start_report"] = {k: q.start_report.get(k) for k in ("holdout_kl", "fitness_kl", "epochs_run",
+                                                                       "status", "fallbacks", "warnings")}
         print(f"{name}: PyTorch top-1 {m['top1']:.1f} (FP32 {row['fp32_top1']:.1f}), agreement {m['agreement']:.1f}%,"
               f" KL {m['kl']:.4f}, {secs:.0f} s", flush=True)
         if args.gap:

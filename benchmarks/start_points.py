@@ -1,4 +1,4 @@
-"""Start points (issue 11): rtn / gptq / brecq, each alone and with a short Evol-Q
+"""Start points (issue 11): rtn / gptq / brecq / ofq, each alone and with a short Evol-Q
 search on top, on a real model from the assets; top-1, agreement and KL against the
 float model on the evaluation split (odd labels), and wall time. With ``--curve``,
 brecq's start accuracy for several iteration counts.
@@ -54,7 +54,7 @@ def main(argv=None):
     ap.add_argument("--edge-bits", type=int, default=None, help="QuantConfig.edge_bits (first layer and classifier)")
     ap.add_argument("--holdout", type=float, default=0.1, help="SearchConfig.holdout (split off first)")
     ap.add_argument("--starts", default="rtn,gptq,brecq",
-                    help="comma-separated: rtn, gptq, brecq, brecq+gptq (brecq with init='gptq')")
+                    help="comma-separated: rtn, gptq, brecq, brecq+gptq (brecq with init='gptq'), ofq")
     ap.add_argument("--calib", type=int, default=128, help="calibration images (even labels)")
     ap.add_argument("--eval", type=int, default=500, help="evaluation images (odd labels)")
     ap.add_argument("--brecq-iters", type=int, default=None, help="default: the device's default (200 CPU)")
@@ -94,6 +94,8 @@ def main(argv=None):
     def start_opts(start, iters, seed):
         if start == "gptq":
             return {"device": dev}
+        if start == "ofq":  # the OFQOptions defaults (the recipe chosen on calibration-pool dev images)
+            return {"device": dev, "seed": seed, "progress": False}
         if start.startswith("brecq"):
             o = {"device": dev, "qdrop": args.qdrop, "seed": seed}
             if start == "brecq+gptq":
@@ -121,9 +123,9 @@ def main(argv=None):
         quant = QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, start=start.split("+")[0],
                                    start_options=start_opts(start, iters, seed), edge_bits=args.edge_bits)
         model = copy.deepcopy(base)
-        fit_x, _ = split_calibration(xc, args.holdout, seed)
+        fit_x, hold_x = split_calibration(xc, args.holdout, seed)
         t0 = time.perf_counter()
-        qm = prepare_model(model, fit_x, quant, arch=args.model, progress=False)
+        qm = prepare_model(model, fit_x, quant, arch=args.model, progress=False, holdout=hold_x)  # ofq: hold-out KL
         t_start = time.perf_counter() - t0
         qm.model.to(dev)
         if fp_logits is None:
@@ -138,8 +140,9 @@ def main(argv=None):
                "calib_images": int(fit_x.shape[0]), "linear_input_strength": quant.linear_input_strength,
                "start_report": {k: v for k, v in (qm.start_report or {}).items() if k != "blocks"}}
         if qm.start_report:
-            run["start_blocks"] = [{k: v for k, v in b.items() if k in ("block", "status", "error_start", "error_end",
-                                                                        "seconds")} for b in qm.start_report["blocks"]]
+            keep = ("block", "status", "error_start", "error_end", "seconds")
+            run["start_blocks"] = [{k: v for k, v in b.items() if k in keep}
+                                   for b in qm.start_report.get("blocks", [])]  # ofq reports epochs, not blocks
         print(f"{key}: start {run['start']} ({t_start:.0f} s)", flush=True)
         if search:
             s = SearchConfig(passes=args.passes, cycles=args.cycles, scope=args.scope, unit=args.unit,
