@@ -73,6 +73,9 @@ def main(argv=None):
     ap.add_argument("--infonce-batch", type=int, default=50)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quant-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="another QuantConfig field (value read as JSON where it parses), e.g. "
+                         "deploy_weights=asymmetric; repeatable")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds: hold-out split, search and brecq draws")
     ap.add_argument("--out", default=None,
                     help="JSON file (default benchmarks/results/start_points_<model>_w<w>a<a>.json)")
@@ -107,6 +110,13 @@ def main(argv=None):
             return o
         return {}
 
+    extra_quant = {}
+    for item in args.quant_arg:
+        key, _, value = item.partition("=")
+        try:
+            extra_quant[key] = json.loads(value)
+        except ValueError:
+            extra_quant[key] = value
     seeds = [int(v) for v in args.seeds.split(",") if v]
     jobs = []
     for seed in seeds:
@@ -121,7 +131,8 @@ def main(argv=None):
             print(f"{key}: done, skipped")
             continue
         quant = QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, start=start.split("+")[0],
-                                   start_options=start_opts(start, iters, seed), edge_bits=args.edge_bits)
+                                   start_options=start_opts(start, iters, seed), edge_bits=args.edge_bits,
+                                   **extra_quant)
         model = copy.deepcopy(base)
         fit_x, hold_x = split_calibration(xc, args.holdout, seed)
         t0 = time.perf_counter()
