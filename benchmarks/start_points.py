@@ -63,6 +63,9 @@ def main(argv=None):
     ap.add_argument("--qdrop", type=float, default=0.5)
     ap.add_argument("--curve", default="", help="brecq iteration counts for an accuracy-vs-iterations curve")
     ap.add_argument("--no-search", action="store_true", help="start points only")
+    ap.add_argument("--gap", action="store_true",
+                    help="also the start with float activations (weights only) and with float weights "
+                         "(activations only): what the remaining error is made of")
     ap.add_argument("--passes", type=int, default=1)
     ap.add_argument("--cycles", type=int, default=3)
     ap.add_argument("--population", type=int, default=15, help="tournament population K (paper 15)")
@@ -155,6 +158,17 @@ def main(argv=None):
             run["start_blocks"] = [{k: v for k, v in b.items() if k in keep}
                                    for b in qm.start_report.get("blocks", [])]  # ofq reports epochs, not blocks
         print(f"{key}: start {run['start']} ({t_start:.0f} s)", flush=True)
+        if args.gap:
+            run["gap"] = {}
+            for part, keep in (("weights_only", "weight"), ("activations_only", "activation")):
+                off = [q for q in qm.quantizers().values() if getattr(q, "kind", "activation") != keep]
+                for q in off:
+                    q.enabled = False
+                mg, _ = evaluate_qmodel(qm, xe.to(dev), ye.to(dev), fp_logits=fp_logits.to(dev), batch_size=50)
+                for q in off:
+                    q.enabled = True
+                run["gap"][part] = _short(mg["quantized"])
+                print(f"  {part}: {run['gap'][part]}", flush=True)
         if search:
             s = SearchConfig(passes=args.passes, cycles=args.cycles, scope=args.scope, unit=args.unit,
                              infonce_batch=args.infonce_batch, seed=seed, holdout=args.holdout, device=dev,
