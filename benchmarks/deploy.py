@@ -68,6 +68,10 @@ def parse_args(argv=None):
     p.add_argument("--batches", type=int, nargs="+", default=[32, 1])
     p.add_argument("--pairs", type=int, default=5)
     p.add_argument("--onnx", action="store_true", help="also export ONNX and check/bench it in onnxruntime")
+    p.add_argument("--openvino", action="store_true", help="also check/bench the ONNX export in OpenVINO "
+                                                            "(needs evolq[openvino])")
+    p.add_argument("--only-openvino", action="store_true", help="OpenVINO only (the other runtimes' results "
+                                                                 "already in the JSON are kept)")
     p.add_argument("--no-export", action="store_true", help="PyTorch accuracy only")
     p.add_argument("--gap", action="store_true", help="also the same model with float activations (weights "
                                                       "quantized only) and with float weights: what the gap is made of")
@@ -179,16 +183,18 @@ def run(args) -> int:
                   f"({100 * row['bytes']['onnx_vs_fp32']:.0f}%), pt2 {sizes['pt2'] / 1e6:.1f} MB", flush=True)
         if not args.no_export:
             with tempfile.TemporaryDirectory() as d:
-                forms = [("pt2", "inductor", export_pt2)]
-                if args.onnx:
-                    forms.append(("onnx", "onnxruntime", export_onnx))
-                for fmt, runtime, writer in forms:
+                forms = [] if args.only_openvino else [("pt2", "inductor", export_pt2, "pt2")]
+                if args.onnx and not args.only_openvino:
+                    forms.append(("onnx", "onnxruntime", export_onnx, "onnx"))
+                if args.openvino or args.only_openvino:
+                    forms.append(("onnx", "openvino", export_onnx, "openvino"))
+                for fmt, runtime, writer, key in forms:
                     path = writer(q, Path(d) / f"{name}.{fmt}")
                     r = {"bytes": path.stat().st_size}
                     r["check"] = check_export(q, path, fmt, runtime, xe, ye, threads=max(args.threads))
                     r["bench"] = bench_export(q, path, fmt, runtime, xe[0], batches=tuple(args.batches),
                                               threads=tuple(args.threads), pairs=args.pairs)
-                    row[fmt] = r
+                    row[key] = r
                     c, b = r["check"], r["bench"]
                     print(f"  {fmt}/{runtime}: top-1 {c['top1_runtime']:.1f} (torch {c['top1_torch']:.1f}), "
                           f"agreement {c['agreement']:.1f}% (floor {c['floor']:.1f}%), integer {c['integer_kernels']}, "
@@ -198,7 +204,7 @@ def run(args) -> int:
                         print(f"    batch {run_['batch']}, {run_['threads']} threads: {s['median']:.2f}x "
                               f"({s['min']:.2f}-{s['max']:.2f}); FP32 {run_['fp32_ms']:.1f} ms, "
                               f"int8 {run_['int8_ms']:.1f} ms", flush=True)
-        res["configs"][name] = row
+        res["configs"][name] = {**res["configs"].get(name, {}), **row}  # runtimes not run this time are kept
         write_json(target, res)
     return 0
 

@@ -320,3 +320,16 @@ def test_bench_times_the_export_against_the_same_runtimes_fp32(tmp_path):
     assert r["speedup"] == r["runs"][0]["speedup"]["median"] > 0
     assert all(len(b["rounds_s"]["fp32"]) == 2 and b["fp32_ms"] > 0 for b in r["runs"])
     assert isinstance(r["cpu"]["flags"], list) and r["cpu"]["model"]
+
+
+def test_openvino_runs_every_deploy_layer_in_int8(tmp_path):
+    pytest.importorskip("openvino")  # evolq[openvino]; not in the test extra
+    from evolq.export import export_onnx
+    from evolq.export.check import check_export
+
+    x = _images(8)
+    q = _deploy(tiny_vit(), x)
+    path = export_onnx(q, tmp_path / "m.onnx", example=x[:1])
+    res = check_export(q, path, "onnx", "openvino", x, threads=1, batch_size=8)
+    assert res["integer_kernels"] == {"Convolution": 1, "FullyConnected": 9}  # patch embedding; 8 block Linears + head
+    assert res["layers_in_float"] == 0 and res["agreement"] >= res["floor"] - 12.5

@@ -14,6 +14,15 @@ __all__ = ["OpenVINORuntime"]
 _COMPUTE = ("FullyConnected", "Convolution", "MatMul", "GroupConvolution", "Subgraph")
 
 
+def _text(info, key: str) -> str:
+    """An execution-graph attribute as text (rt_info values are ``OVAny``; ``str()`` of one
+    names the class, ``astype(str)`` gives the value)."""
+    if key not in info:
+        return ""
+    value = info[key]
+    return value.astype(str) if hasattr(value, "astype") else str(value)
+
+
 class _OVRunner(Runner):
     def __init__(self, path, threads: int):
         import openvino as ov
@@ -31,10 +40,10 @@ class _OVRunner(Runner):
         integer, flt = Counter(), Counter()
         for op in self.compiled.get_runtime_model().get_ordered_ops():
             info = op.get_rt_info()
-            kind = str(info["layerType"]) if "layerType" in info else op.get_type_name()
+            kind = _text(info, "layerType") or op.get_type_name()
             if kind not in _COMPUTE:
                 continue
-            prec = str(info["runtimePrecision"]) if "runtimePrecision" in info else ""
+            prec = _text(info, "runtimePrecision")
             (integer if prec in ("u8", "i8") else flt)[kind] += 1
         return {"integer": dict(integer), "float": dict(flt)}
 
