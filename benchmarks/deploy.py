@@ -51,12 +51,14 @@ from evolq.models import load_model, model_transform  # noqa: E402
 
 CONFIGS = {  # name -> (architecture, w_bits, a_bits, start, other QuantConfig fields)
     "vit-w8a8": ("vit_tiny_patch16_224", 8, 8, "rtn", {}),
-    "vit-w4a8-gptq": ("vit_tiny_patch16_224", 4, 8, "gptq", {"edge_bits": 8}),
+    "vit-w4a8-gptq": ("vit_tiny_patch16_224", 4, 8, "gptq", {"edge_bits": 8, "deploy_weights": "symmetric"}),
     "vit-w4a8-gptq-asym": ("vit_tiny_patch16_224", 4, 8, "gptq", {"edge_bits": 8, "deploy_weights": "asymmetric"}),
-    "vit-w4a8-ofq": ("vit_tiny_patch16_224", 4, 8, "ofq", {"edge_bits": 8}),
+    "vit-w4a8-ofq": ("vit_tiny_patch16_224", 4, 8, "ofq", {"edge_bits": 8, "deploy_weights": "symmetric"}),
     "vit-w4a8-ofq-asym": ("vit_tiny_patch16_224", 4, 8, "ofq", {"edge_bits": 8, "deploy_weights": "asymmetric"}),
-    "vit-w4a4": ("vit_tiny_patch16_224", 4, 4, "rtn", {"edge_bits": 8}),
-    "vit-w4a4-gptq": ("vit_tiny_patch16_224", 4, 4, "gptq", {"edge_bits": 8}),
+    "vit-w4a4": ("vit_tiny_patch16_224", 4, 4, "rtn", {"edge_bits": 8, "deploy_weights": "symmetric"}),
+    "vit-w4a4-gptq": ("vit_tiny_patch16_224", 4, 4, "gptq", {"edge_bits": 8, "deploy_weights": "symmetric"}),
+    "vit-w4a4-asym": ("vit_tiny_patch16_224", 4, 4, "rtn", {"edge_bits": 8, "deploy_weights": "asymmetric"}),
+    "vit-w4a4-gptq-asym": ("vit_tiny_patch16_224", 4, 4, "gptq", {"edge_bits": 8, "deploy_weights": "asymmetric"}),
     "effnet-w8a8": ("tf_efficientnet_lite0", 8, 8, "rtn", {}),
 }
 

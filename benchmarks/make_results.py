@@ -447,7 +447,7 @@ def section_start_points(lines):
                          _ms([r["start_seconds"] for r in rs], "{:.0f}"),
                          _ms([r.get("search_seconds") for r in ev], "{:.0f}")])
     st = sets[0][1]
-    lines += ["## Start points: rtn / gptq / brecq, with and without Evol-Q (`benchmarks/start_points.py`)", "",
+    lines += ["## Start points: rtn / gptq / brecq / ofq, with and without Evol-Q (`benchmarks/start_points.py`)", "",
               f"2 CPU cores. The hold-out ({st.get('holdout', 0.1):.0%}) is split off the {st['calib']} calibration "
               f"images first (by the seed); the start is calibrated (and GPTQ's Hessians collected) on the rest. "
               f"{st['eval']} evaluation images. Evol-Q on top: {st['passes']} pass x {st['cycles']} cycles over the "
@@ -459,7 +459,9 @@ def section_start_points(lines):
               f"`edge_bits=8` keeps the first layer and the classifier at 8 bits (both chosen on the calibration "
               f"pool, next section). brecq runs at its CPU default (200 Adam steps per block, batch 16, lr 1e-2, "
               f"QDrop 0.5); *brecq+gptq* is brecq with `init='gptq'` (AdaRound learns the rounding of GPTQ's "
-              f"compensated weights).", "",
+              f"compensated weights). *ofq* is the OFQ fine-tune at its defaults (`OFQOptions`: GPTQ init, 6 epochs "
+              f"at lr 2e-5 with flips, CGA in the last epoch, StatsQ off; chosen on calibration-pool dev KL, see "
+              f"*The ofq start* below), trained on the same fitness images; its hold-out KL is in the JSON.", "",
               table(["model", "bits", "regime", "start", "seeds", "start top-1", "agreement", "KL",
                      "+ Evol-Q top-1", "+ Evol-Q KL", "gain", "start s", "search s"], rows), "",
               "The brecq, brecq+gptq and W4A4 rows ran while another benchmark shared the same 2 cores, so their "
@@ -512,7 +514,8 @@ def section_ofq(lines):
               "ViT-Tiny W3A8, outlier-aware preset, edge bits 8, seed 0, 2 CPU cores. A variant is the start and "
               "its `start_options`; the dev variants ran with the defaults of that time for the options they do "
               "not name (3 epochs, batch 16, lr 1e-4, cosine, flips, init gptq, StatsQ on, CGA off, AdamW without "
-              "decay); the lowest dev KL became today's defaults (lr 2e-5, StatsQ off, CGA on). The recipe is "
+              "decay); the lowest dev KL became today's defaults (lr 2e-5, StatsQ off, CGA on, then 6 epochs). "
+              "The recipe is "
               "chosen on the *dev* table only (calibration pool: the first 300 images "
               "calibrate and train, the other 200 score; the evaluation split is not read); the evaluation "
               "table then reports the chosen recipe beside rtn and gptq (the calibration pool's 10% hold-out is "

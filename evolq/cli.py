@@ -75,9 +75,9 @@ def _add_model_args(p, quantize: bool):
     p.add_argument("--smooth-strength", type=float, default=None,
                    help="deploy: SmoothQuant migration strength, 0..1 (0 = off; default by weight bits, "
                         "QuantConfig.deploy_strength)")
-    p.add_argument("--deploy-weights", default=None, choices=("symmetric", "asymmetric"),
-                   help="deploy, weights below 8 bits: symmetric (default) or asymmetric (a per-channel "
-                        "zero-point; the integers q - z are still stored as s8 with zero-point 0)")
+    p.add_argument("--deploy-weights", default=None, choices=("auto", "symmetric", "asymmetric"),
+                   help="deploy, weights below 8 bits: asymmetric (a per-channel zero-point; the integers q - z "
+                        "are still stored as s8 with zero-point 0) or symmetric; auto (default): asymmetric")
     p.add_argument("--linear-input-strength", type=float, default=None,
                    help="outlier-aware: share of each Linear input channel's range moved into the weights "
                         "(0..1; default by weight bits and start: 0.75 at 8; at 4 and below 0.25 with rtn, "

@@ -12,7 +12,7 @@ __all__ = ["QuantConfig", "SearchConfig", "EvolQConfig", "SCOPES", "REGIMES", "S
 
 SCOPES = ("attn-weights", "weights", "block")
 REGIMES = ("fq-vit", "deploy")
-DEPLOY_WEIGHTS = ("symmetric", "asymmetric")
+DEPLOY_WEIGHTS = ("auto", "symmetric", "asymmetric")
 DEPLOY_STRENGTH = {8: 1.0, 4: 0.8}  # w_bits -> smooth_strength (others, not measured: 0.5); QuantConfig.deploy_strength
 STARTS = ("rtn", "gptq", "brecq", "ofq")
 UNITS = ("block", "layer")
@@ -105,7 +105,7 @@ class QuantConfig:
     edge_bits: int | None = None  # at least this many bits for the first and last layer (weights and inputs)
     regime: str = "fq-vit"  # "fq-vit" (the authors' fake-quantized regime) or "deploy" (what integer kernels run)
     smooth_strength: float | None = None  # deploy: SmoothQuant migration strength (0 = off; None: deploy_strength)
-    deploy_weights: str = "symmetric"  # deploy, weights below 8 bits: "symmetric" or "asymmetric" (see deploy_grid)
+    deploy_weights: str = "auto"  # deploy, weights below 8 bits: "asymmetric", "symmetric"; "auto": asymmetric
 
     PRESETS = {
         "fq-vit": {},
@@ -175,7 +175,7 @@ class QuantConfig:
         if ss is not None and (isinstance(ss, bool) or not isinstance(ss, (int, float)) or not 0.0 <= ss <= 1.0):
             raise ConfigError(f"smooth_strength must be a number in [0, 1] or None, got {ss!r}")
         _check_choice("deploy_weights", self.deploy_weights, DEPLOY_WEIGHTS)
-        if self.deploy_weights != "symmetric" and not self.deploy:
+        if self.deploy_weights == "asymmetric" and not self.deploy:
             raise ConfigError(f"deploy_weights={self.deploy_weights!r} applies to the deploy regime; the "
                               f"{self.regime!r} regime's weights are asymmetric already")
         if self.edge_bits is not None:
@@ -197,7 +197,9 @@ class QuantConfig:
         the integers q - z lie in [-2^b + 1, 2^b - 1], so they are stored as s8 with
         zero-point 0 and the int8 kernels run them unchanged (one more level than the
         symmetric grid's 2^b - 1, and the grid follows each row's range). 8-bit weights stay
-        symmetric: their q - z would not fit in s8."""
+        symmetric: their q - z would not fit in s8. ``"auto"`` (the default) is asymmetric:
+        at ViT-Tiny W4A8 under GPTQ its calibration-pool dev KL was 0.343 against the
+        symmetric grid's 0.479 (``benchmarks/deploy.py --strengths``)."""
         return bits >= 8 or self.deploy_weights == "symmetric"
 
     @property

@@ -115,7 +115,11 @@ def test_asymmetric_4bit_weights_run_as_int8_codes_with_zero_point_0(tmp_path):
     assert len(four) == 8 and all(not m.weight_quant.symmetric for m in four)
     assert any(bool((m.weight_quant.zero_point != 0).any()) for m in four)  # the grid follows each row's range
     assert all(m.weight_quant.symmetric for m in layers if m.weight_quant.bits == 8)  # edge layers: s8 as before
-    sym = _deploy(tiny_vit(), x, w_bits=4, edge_bits=8)
+    sym = _deploy(tiny_vit(), x, w_bits=4, edge_bits=8, deploy_weights="symmetric")
+    assert all(m.weight_quant.symmetric for m in sym.model.modules() if isinstance(m, QLinear))
+    auto = _deploy(tiny_vit(), x, w_bits=4, edge_bits=8)  # the default: asymmetric below 8 bits
+    assert [m.weight_quant.symmetric for m in auto.model.modules() if isinstance(m, QLinear)] == \
+        [m.weight_quant.symmetric for m in layers]
     errs = {}
     with torch.no_grad():
         for name, model in (("asymmetric", q), ("symmetric", sym)):
@@ -137,7 +141,7 @@ def test_asymmetric_4bit_weights_run_as_int8_codes_with_zero_point_0(tmp_path):
 
 def test_pt2_program_holds_the_models_integers_and_computes_its_logits(tmp_path):
     x = _images()
-    q = _deploy(tiny_vit(), x, w_bits=4, edge_bits=8)
+    q = _deploy(tiny_vit(), x, w_bits=4, edge_bits=8, deploy_weights="symmetric")
     path = export_pt2(q, tmp_path / "m.pt2", example=x[:2])
     ep = load_pt2(path)
     with torch.no_grad():
