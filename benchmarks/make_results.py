@@ -438,9 +438,12 @@ def section_start_points(lines):
                 if iters:
                     continue
             ev = [r for r in rs if r.get("evolq")]
+            budget = {(r.get("population", st["population"]), r.get("samples", st["samples"])) for r in ev}
+            other = [b for b in budget if b != (st["population"], st["samples"])]
+            label = start + "".join(f" (search population {p}, sample {s})" for p, s in other)
             rows.append([st["model"].split("_patch")[0], f"W{st['w_bits']}A{st['a_bits']}",
                          st.get("preset", "fq-vit") + (f", edge {st['edge_bits']}" if st.get("edge_bits") else ""),
-                         start, str(len(rs)), _ms([r["start"]["top1"] for r in rs]),
+                         label, str(len(rs)), _ms([r["start"]["top1"] for r in rs]),
                          _ms([r["start"]["agreement"] for r in rs]), _ms([r["start"]["kl"] for r in rs], "{:.3f}"),
                          _ms([r["evolq"]["top1"] for r in ev]), _ms([r["evolq"]["kl"] for r in ev], "{:.3f}"),
                          _ms([r["evolq"]["top1"] - r["start"]["top1"] for r in ev]),

@@ -151,6 +151,7 @@ def main(argv=None):
             res["fp32"] = _short(metrics(fp_logits, ye))
         m0, _ = evaluate_qmodel(qm, xe.to(dev), ye.to(dev), fp_logits=fp_logits.to(dev), batch_size=50)
         run = {"seed": seed, "start": _short(m0["quantized"]), "start_seconds": round(t_start, 1),
+               "population": args.population, "samples": min(args.samples, args.population),
                "calib_images": int(fit_x.shape[0]), "linear_input_strength": quant.linear_input_strength,
                "start_report": {k: v for k, v in (qm.start_report or {}).items() if k != "blocks"}}
         if qm.start_report:
