@@ -628,13 +628,18 @@ def section_deploy(lines):
         lines += ["What the gap is made of (PyTorch, evaluation split): the same model with only its weights "
                   "quantized (activations float), and with only its activations quantized (weights float).", "",
                   table(["config", "both", "weights only", "activations only"], gaps), ""]
-    strengths = [d for d in (load("deploy_strengths_vit_tiny_w8a8"), load("deploy_strengths_vit_tiny_w4a8")) if d]
+    strengths = [json.loads(f.read_text()) for f in sorted(RES.glob("deploy_strengths_*.json"))]
     if strengths:
-        lines += ["SmoothQuant strength of the deploy regime, calibration pool only (256 images calibrate, 244 "
-                  "score; `benchmarks/deploy.py --strengths`): dev KL (agreement %) per strength, rtn start.", "",
-                  table(["bits"] + [f"{r['strength']:g}" for r in strengths[0]["rows"]],
-                        [[f"W{d['w_bits']}A{d['a_bits']}"] + [f"{r['kl']:.4f} ({r['agreement']:.1f})"
-                                                             for r in d["rows"]] for d in strengths]), ""]
+        cols = sorted({r["strength"] for d in strengths for r in d["rows"]})
+        rows = []
+        for d in sorted(strengths, key=lambda d: (-d["w_bits"], d.get("start", "rtn"))):
+            by = {r["strength"]: r for r in d["rows"]}
+            rows.append([f"W{d['w_bits']}A{d['a_bits']}", d.get("start", "rtn"),
+                         d.get("deploy_weights", "symmetric"), str(d.get("edge_bits") or "")]
+                        + [f"{by[c]['kl']:.4f} ({by[c]['agreement']:.1f})" if c in by else "" for c in cols])
+        lines += ["SmoothQuant strength and weight grid of the deploy regime, calibration pool only (256 images "
+                  "calibrate, 244 score; `benchmarks/deploy.py --strengths`): dev KL (agreement %) per strength.",
+                  "", table(["bits", "start", "weight grid", "edge bits"] + [f"{c:g}" for c in cols], rows), ""]
     search = load("deploy_search_vit_tiny_w4a8")
     if search:
         rows = []
@@ -679,7 +684,9 @@ SCRIPTS = [  # script, what, command, result files
     ("deploy.py", "the deploy regime: PyTorch and runtime top-1, kernels, speed vs the same runtime's FP32; "
      "SmoothQuant strength sweep on the calibration pool",
      "python benchmarks/deploy.py --configs vit-w8a8 effnet-w8a8 --onnx --threads 2 1 --batches 32 1",
-     ["deploy", "deploy_strengths_vit_tiny_w8a8", "deploy_strengths_vit_tiny_w4a8"]),
+     ["deploy", "deploy_strengths_vit_tiny_w8a8", "deploy_strengths_vit_tiny_w4a8",
+      "deploy_strengths_vit_tiny_w4a8_gptq_symmetric", "deploy_strengths_vit_tiny_w4a8_gptq_asymmetric",
+      "deploy_search_vit_tiny_w4a8"]),
     ("deploy_peers.py", "peer int8 tools (onnxruntime static/dynamic, NNCF+OpenVINO, PT2E X86Inductor, torchao) in "
      "their own venv, same images", "/work/peer-venv/bin/python benchmarks/deploy_peers.py --model "
      "vit_tiny_patch16_224 --peers ... (see its docstring)",
