@@ -99,7 +99,8 @@ def _add_start_args(p):
     p.add_argument("--start-arg", type=_searcher_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="gptq/brecq/ofq setting, repeatable (e.g. iters=500, batch_size=32, qdrop=0, device=cuda, "
                         "act_order=false; init=gptq: brecq learns the rounding of GPTQ's weights; ofq: epochs=2, "
-                        "lr=1e-4, statsq=false, cga=true)")
+                        "lr=1e-4, statsq=false, cga=true, qkr=true: OFQ's query-key reparameterization, timm "
+                        "ViTs only)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -186,6 +186,10 @@ class QuantConfig:
             from .start_options import start_options
 
             start_options(self.start, self.start_options)  # raises ConfigError on unknown or bad values
+            if self.deploy and self.start == "ofq" and self.start_options.get("qkr") is True:
+                raise ConfigError("ofq qkr (query-key reparameterization) quantizes the attention's q.k product, "
+                                  "which the deploy regime keeps in float: use the fq-vit or outlier-aware regime, "
+                                  "or qkr=false")
 
     @property
     def deploy(self) -> bool:

@@ -160,7 +160,14 @@ class OFQOptions:
             near-threshold ones keep training.
         cga_epochs: length of the CGA phase (1..epochs).
         cga_br: CGA's confidence band, in units of the quantization step (OFQ: 0.005).
-        qkr: OFQ's query-key reparameterization (not implemented: ``True`` is refused).
+        qkr: OFQ's query-key reparameterization (timm ViT/DeiT, not the deploy regime): at the start
+            of the fine-tune every attention switches to one quantized ``W_q,h^T W_k,h`` per head
+            (from the float weights; its weight quantizer, StatsQ's with ``statsq``, and the quantizer
+            of ``u = x W_qk`` calibrated on the fitness images), trained as a change of that weight
+            like the others (GPTQ init, CGA); the q/k biases are dropped, which changes the function
+            (the report's ``qkr`` gives the fitness KL before and after the switch and after the
+            fine-tune). The float model stays the original. Other families are refused
+            (``ConfigError``), and the ONNX/pt2 exports refuse the form (``ExportError``).
         seed: order of the images and augmentation; same seed, same weights.
         device: where the fine-tune runs.
         progress: a tqdm bar with the loss.
@@ -205,8 +212,6 @@ class OFQOptions:
                 raise ConfigError(f"ofq {name} must be true or false, got {getattr(self, name)!r}")
         if self.cga and self.cga_epochs > self.epochs:
             raise ConfigError(f"ofq cga_epochs ({self.cga_epochs}) cannot exceed epochs ({self.epochs})")
-        if self.qkr:
-            raise ConfigError("ofq qkr (query-key reparameterization) is not implemented in evolq yet; use qkr=false")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"ofq seed must be a non-negative integer, got {self.seed!r}")
 

@@ -1,7 +1,10 @@
 """OFQ: the StatsQ weight grid (any start, export), straight-through gradients, and the
-``ofq`` start (fine-tune, freeze, determinism, resume, NaN fallback, bad input, CLI).
+``ofq`` start (fine-tune, freeze, determinism, resume, NaN fallback, bad input, CLI), and its
+query-key reparameterization (QKR: the form, the fine-tune, save/load, search, refusals).
 Tiny random models; behaviour, not accuracy."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -11,11 +14,13 @@ timm = pytest.importorskip("timm")
 from tiny_models import tiny_swin, tiny_torchvision_vit  # noqa: E402  (tests/tiny_models.py)
 
 from evolq import EvolQConfig, QuantConfig, load_quantized, quantize_model, save_quantized  # noqa: E402
+from evolq.adapters import wrap_model  # noqa: E402
 from evolq.api import prepare_model  # noqa: E402
 from evolq.cli import _quant_config, build_parser  # noqa: E402
 from evolq.cli import main as cli_main  # noqa: E402
 from evolq.config import SearchConfig  # noqa: E402
-from evolq.errors import CheckpointError, ConfigError, DataError  # noqa: E402
+from evolq.errors import CheckpointError, ConfigError, DataError, ExportError  # noqa: E402
+from evolq.qnn.qkr import merged_qk, qkr_active_names, qkr_float_form, switch_qkr  # noqa: E402
 from evolq.qnn.reconstruct import block_layers  # noqa: E402
 from evolq.qnn.reconstruct import ofq as ofq_mod  # noqa: E402
 from evolq.qnn.reconstruct.common import folded_weight  # noqa: E402
@@ -300,7 +305,7 @@ def test_ofq_then_evolq_and_save_load_round_trip(tmp_path):
 def test_bad_ofq_inputs_are_one_line_errors():
     for opts, needle in (({"epochs": 0}, "epochs must be an integer in 1..1000"),
                          ({"lr": 0}, "lr must be a number in \\(0, 1\\]"), ({"lr": 3.0}, "lr must be"),
-                         ({"qkr": True}, "not implemented"), ({"init": "brecq"}, "init must be one of"),
+                         ({"qkr": "yes"}, "qkr must be true or false"), ({"init": "brecq"}, "init must be one of"),
                          ({"cga": True, "epochs": 2, "cga_epochs": 3}, "cannot exceed"),
                          ({"cga_br": 0.7}, "cga_br"), ({"epoch": 2}, "unknown ofq option")):
         with pytest.raises(ConfigError, match=needle) as e:
@@ -318,5 +323,161 @@ def test_cli_start_ofq_args(capsys):
     rc = cli_main(["eval", "--model", "vit_tiny_patch16_224", "--start", "ofq", "--start-arg", "epochs=0"])
     err = capsys.readouterr().err
     assert rc == 2 and "ofq epochs must be an integer" in err and err.count("\n") == 1
-    rc = cli_main(["eval", "--model", "vit_tiny_patch16_224", "--start", "ofq", "--start-arg", "qkr=true"])
-    assert rc == 2 and "qkr" in capsys.readouterr().err
+    args = build_parser().parse_args(["eval", "--model", "vit_tiny_patch16_224", "--start", "ofq",
+                                      "--start-arg", "qkr=true"])
+    assert _quant_config(args).start_options == {"qkr": True}
+    rc = cli_main(["eval", "--model", "vit_tiny_patch16_224", "--preset", "deploy", "--start", "ofq",
+                   "--start-arg", "qkr=true"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "qkr" in err and "deploy regime" in err and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- QKR
+def qkr_config(**opts):
+    return QuantConfig(w_bits=3, start="ofq", start_options={**FAST, "qkr": True, **opts})
+
+
+def with_qk_biases(model, seed=5):
+    """timm initialises the qkv biases to zero; random ones make the dropped biases show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.bias.copy_(torch.randn(blk.attn.qkv.bias.shape, generator=g))
+    return model
+
+
+def zero_bias(model, part):  # part 0: q, 1: k
+    with torch.no_grad():
+        for blk in model.blocks:
+            a = blk.attn.attn_dim
+            blk.attn.qkv.bias[part * a:(part + 1) * a] = 0.0
+    return model
+
+
+def test_qkr_form_in_float_is_the_attention_without_q_bias():
+    m = with_qk_biases(tiny_vit())
+    ref = copy.deepcopy(m)
+    qm = wrap_model(m, qkr_config())
+    assert switch_qkr(qm, None) == 2 and qkr_active_names(qm.model) == ["blocks.0.attn", "blocks.1.attn"]
+    attn, ref_attn = m.blocks[0].attn, ref.blocks[0].attn
+    h, x = attn.num_heads, imgs(4)
+    w = attn.qkr.qk.weight
+    assert w.shape == (h * 48, 48)
+    assert torch.allclose(w, merged_qk(ref_attn.qkv.weight, h, attn.head_dim))
+    t = torch.randn(4, 17, 48, generator=torch.Generator().manual_seed(3))
+    qm.set_quant_enabled(False)
+    with torch.no_grad():
+        # quantization off: the original attention, biases and all (the float reference is untouched)
+        assert torch.allclose(attn(t), ref_attn(t), atol=1e-5)
+        assert torch.allclose(qm.model(x), ref(x), atol=1e-5)
+        with qkr_float_form(qm.model):
+            logits, out, full = attn.qkr.logits(t, attn.scale), attn(t), qm.model(x)
+        assert logits.shape == (4, h, 17, 17) and out.shape == t.shape and full.shape == (4, 10)
+        assert not torch.allclose(out, ref_attn(t), atol=1e-3)  # q's bias is dropped: another function
+        zero_bias(ref, 0)  # q's bias zero, k's kept: softmax ignores k's per-query constant
+        assert torch.allclose(out, ref_attn(t), atol=1e-5)
+        zero_bias(ref, 1)  # both zero: the same logits
+        q, k, _ = ref_attn.qkv(t).reshape(4, 17, 3, h, -1).permute(2, 0, 3, 1, 4)
+        assert torch.allclose(logits, (q @ k.transpose(-2, -1)) * attn.scale, atol=1e-5)
+        assert torch.allclose(out, ref_attn(t), atol=1e-5)
+        assert torch.allclose(full, ref(x), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def qkr_run():
+    """A QKR fine-tune with CGA in its second epoch; the layers CGA saw are recorded."""
+    seen = []
+    orig = ofq_mod._cga_masks
+
+    def record(layers, deltas, br, statsq):
+        seen.extend(name for name, _ in layers)
+        return orig(layers, deltas, br, statsq)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as conftest's per-test fixture, which a module fixture runs before: same sums
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(ofq_mod, "_cga_masks", record)
+            qm = ofq(imgs(24), model=with_qk_biases(tiny_vit()), seed=3, qkr=True, cga=True)
+    finally:
+        torch.set_num_threads(threads)
+    return qm, seen
+
+
+def test_qkr_fine_tune_trains_w_qk_reports_the_switch_and_is_deterministic(qkr_run):
+    qm, cga_layers = qkr_run
+    rep = qm.start_report
+    assert rep["status"] == "ok" and rep["epochs_run"] == 2
+    assert "blocks.1.attn.qkr.qk" in cga_layers and "cga_trained_share" in rep["history"][-1]
+    assert any(r["layer"] == "blocks.0.attn.qkr.qk" for b in rep["blocks"] for r in b["layers"])  # GPTQ init
+    costs = rep["qkr"]
+    assert costs["attentions"] == 2 and costs["float_kl"] > 0  # the q biases are random: dropping them costs
+    kl = costs["fitness_kl"]
+    assert set(kl) == {"before_switch", "after_switch", "after_fine_tune"} and kl["before_switch"] != kl["after_switch"]
+    assert kl["after_switch"] == rep["fitness_kl"]["before"] and kl["after_fine_tune"] == rep["fitness_kl"]["after"]
+    x = imgs(24)
+    for blk in qm.model.blocks:
+        qkr = blk.attn.qkr
+        assert qkr.active and bool(qkr.u_quant.calibrated) and qkr.qk.weight_quant.weight_delta.abs().sum() > 0
+        # the float W_qk stays the product of the float weights; the change is the quantizer's
+        assert torch.equal(qkr.qk.weight, merged_qk(blk.attn.qkv.weight, qkr.num_heads, qkr.head_dim))
+    with torch.no_grad():
+        out = qm.model(x)
+        scale = qm.model.blocks[1].attn.qkr.qk.weight_quant.scale
+        kept = scale.clone()
+        scale.mul_(1.5)  # W_qk's quantizer is in the computation
+        assert not torch.equal(qm.model(x), out)
+        scale.copy_(kept)
+        assert torch.equal(qm.model(x), out)
+        qm.set_quant_enabled(False)  # the float model is the original one
+        ref = with_qk_biases(tiny_vit())
+        assert torch.allclose(qm.model(x), ref(x), atol=1e-5)
+        qm.set_quant_enabled(True)
+    again = ofq(imgs(24), model=with_qk_biases(tiny_vit()), seed=3, qkr=True, cga=True)
+    assert same(buffers(qm), buffers(again)) and again.start_report["qkr"] == rep["qkr"]
+
+
+def test_qkr_then_evolq_search_and_save_load_round_trip(tmp_path):
+    x = imgs(40)
+    cfg = EvolQConfig(QuantConfig(w_bits=3, start="ofq", start_options={**FAST, "epochs": 1, "qkr": True}),
+                      SearchConfig(passes=1, cycles=2, infonce_batch=8, progress=False))
+    qm, rep = quantize_model(with_qk_biases(tiny_vit()), x, cfg, arch="vit_tiny_patch16_224")
+    assert rep["start"]["qkr"]["attentions"] == 2
+    block = qm.blocks[1]
+    assert "blocks.0.attn.qkr.qk.weight_quant" in block.scopes["attn-weights"]
+    assert "blocks.0.attn.qkr.u_quant" in block.scopes["block"] and "blocks.0.attn.q_quant" not in block.scopes["block"]
+    save_quantized(qm, tmp_path / "m", model_kwargs=VIT_KW)
+    back = load_quantized(tmp_path / "m")
+    assert qkr_active_names(back.model) == ["blocks.0.attn", "blocks.1.attn"]
+    with torch.no_grad():
+        assert torch.equal(back.model(x[:4]), qm.model(x[:4]))
+
+
+def test_qkr_refused_on_families_without_vit_attention(monkeypatch):
+    import evolq.api
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated before refusing")
+
+    monkeypatch.setattr(evolq.api, "calibrate", no_calibration)
+    for make, family in ((tiny_cnn, "efficientnet"), (tiny_swin, "swin"), (tiny_torchvision_vit, "torchvision_vit")):
+        with pytest.raises(ConfigError, match=f"qkr.*{family} models") as e:
+            prepare_model(make(), imgs(16), qkr_config())
+        assert "\n" not in str(e.value)
+    torch.manual_seed(0)
+    qk_norm = timm.create_model("vit_tiny_patch16_224", pretrained=False, qk_norm=True, **VIT_KW).eval()
+    with pytest.raises(ConfigError, match="qkr.*qk_norm"):
+        prepare_model(qk_norm, imgs(16), qkr_config())
+    with pytest.raises(ConfigError, match="qkr.*deploy regime"):
+        QuantConfig.preset("deploy", w_bits=4, start="ofq", start_options={"qkr": True})
+
+
+def test_qkr_model_export_is_refused(qkr_run, tmp_path):
+    pytest.importorskip("onnx")
+    from evolq.export import export_onnx, export_pt2
+
+    qm, _ = qkr_run
+    for export, fmt in ((export_onnx, "ONNX"), (export_pt2, "pt2")):
+        with pytest.raises(ExportError, match=f"attention blocks.0.attn .*QKR.*the {fmt} export") as e:
+            export(qm, tmp_path / f"m.{fmt}", example=imgs(1))
+        assert "\n" not in str(e.value) and not (tmp_path / f"m.{fmt}").exists()

@@ -22,14 +22,20 @@ __all__ = ["ADAPTERS", "IMAGES", "Adapter", "InputSpec", "adapter_for", "get_ada
 
 
 def wrap_model(model, quant, arch: str = ""):
-    """Wrap ``model``'s layers with (uncalibrated) quantizers; returns the ``QModel``."""
-    from ..errors import EvolQError
-    from ..qnn.builder import apply_edge_bits
+    """Wrap ``model``'s layers with (uncalibrated) quantizers; returns the ``QModel``.
+    ``ConfigError`` when ``quant`` asks for OFQ's QKR and the family has no attention it
+    can be built on (checked before anything is wrapped)."""
+    from ..errors import ConfigError, EvolQError
+    from ..qnn.builder import apply_edge_bits, qkr_requested
     from ..qnn.layers import quantizers_of
 
     if quantizers_of(model):
         raise EvolQError("this model is already quantized; pass a fresh float model")
-    qmodel = adapter_for(model).wrap(model, quant, arch=arch)
+    adapter = adapter_for(model)
+    if qkr_requested(quant) and not adapter.supports_qkr:
+        raise ConfigError(f"ofq qkr (query-key reparameterization) needs timm ViT/DeiT attention (q and k rows of one "
+                          f"qkv Linear); {adapter.name} models ({adapter.description}) have none: use qkr=false")
+    qmodel = adapter.wrap(model, quant, arch=arch)
     apply_edge_bits(qmodel.model, quant)
     return qmodel
 

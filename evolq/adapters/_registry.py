@@ -41,6 +41,7 @@ class Adapter:
     description = ""
     input_spec: InputSpec = InputSpec()
     scopes: tuple[str, ...] = ("attn-weights", "weights", "block")
+    supports_qkr = False  # builds OFQ's query-key reparameterized attention (evolq.qnn.qkr) when asked
 
     def matches(self, model: nn.Module) -> bool:
         raise NotImplementedError

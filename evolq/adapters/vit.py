@@ -5,6 +5,10 @@ inputs), q, k and v, the attention probabilities (uniform or log2), the GELU
 output, and the input of every LayerNorm (PTF). Residual additions and the
 LayerNorm/GELU/softmax arithmetic stay in float.
 
+With ``QuantConfig(start="ofq", start_options={"qkr": True})`` every attention also holds
+its QKR form (OFQ's query-key reparameterization, ``evolq.qnn.qkr``), which the ofq start
+switches on: a merged, quantized ``W_q^T W_k`` per head instead of quantized q and k.
+
 Blocks: ``stem`` (patch embedding, class token, position embedding), ``blocks.0``
 ... ``blocks.{n-1}`` (searched), ``head`` (final norm, pooling, classifier).
 """
@@ -13,9 +17,11 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..qnn.builder import (
     operand_quant,
     probs_quant,
+    qkr_requested,
     replace_module,
     wrap_conv,
     wrap_head,
@@ -24,6 +30,7 @@ from ..qnn.builder import (
     wrap_norm,
 )
 from ..qnn.layers import QLinear, quantizers_of
+from ..qnn.qkr import QKR
 from ..qnn.qmodel import Block, QModel
 from ..qnn.smooth import SmoothGroup
 from ._registry import IMAGES, Adapter, register_adapter
@@ -36,13 +43,18 @@ class QAttention(nn.Module):
 
     Wraps a timm ``Attention`` (its qkv/proj are already ``QLinear``), keeping its
     parameters; only the attention arithmetic is re-expressed so the matmul inputs
-    can be quantized.
+    can be quantized. ``qkr``: the attention also holds its QKR form (``self.qkr``, a
+    ``evolq.qnn.qkr.QKR``); once switched on, the logits are ``Q(Q(x) Q(W_qk,h)) Q(x)^T``
+    and only v is taken from qkv (q, k and their quantizers are unused).
     """
 
-    def __init__(self, attn: nn.Module, quant):
+    def __init__(self, attn: nn.Module, quant, qkr: bool = False):
         super().__init__()
         if getattr(attn, "gate", None) is not None:
             raise NotImplementedError("gated attention is not supported")
+        if qkr and not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+            raise ConfigError("ofq qkr (query-key reparameterization) cannot merge q and k across this ViT's q/k "
+                              "norms (qk_norm=True); use qkr=false")
         self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
         self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
         self.qkv = wrap_linear(attn.qkv, quant)
@@ -51,6 +63,7 @@ class QAttention(nn.Module):
         self.attn_drop, self.proj_drop = attn.attn_drop, attn.proj_drop
         self.q_quant, self.k_quant, self.v_quant = (operand_quant(quant) for _ in range(3))
         self.probs_quant = probs_quant(quant)
+        self.qkr = QKR(self.qkv, self.num_heads, self.head_dim, quant) if qkr else None
         # deploy regime: nothing quantized inside the attention, which then runs as one fused float kernel
         self.float_attention = all(isinstance(m, nn.Identity) for m in (self.q_quant, self.k_quant, self.v_quant,
                                                                          self.probs_quant))
@@ -62,7 +75,10 @@ class QAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self.float_attention:
+        if self.qkr is not None and self.qkr.active:
+            attn = self.probs_quant(self.qkr.logits(x, self.scale).softmax(dim=-1))
+            x = self.attn_drop(attn) @ self.v_quant(v)
+        elif self.float_attention:
             x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         else:
             q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
@@ -73,10 +89,11 @@ class QAttention(nn.Module):
         return self.proj_drop(self.proj(self.norm(x)))
 
 
-def quantize_vit_block_attention(block: nn.Module, quant) -> None:
-    """Quantize a pre-norm transformer block with ``norm1/attn/norm2/mlp`` in place."""
+def quantize_vit_block_attention(block: nn.Module, quant, qkr: bool = False) -> None:
+    """Quantize a pre-norm transformer block with ``norm1/attn/norm2/mlp`` in place
+    (``qkr``: its attention also holds the QKR form)."""
     block.norm1 = wrap_norm(block.norm1, quant)
-    block.attn = QAttention(block.attn, quant)
+    block.attn = QAttention(block.attn, quant, qkr=qkr)
     block.norm2 = wrap_norm(block.norm2, quant)
     mlp = block.mlp
     mlp.fc1 = wrap_linear(mlp.fc1, quant)
@@ -85,10 +102,17 @@ def quantize_vit_block_attention(block: nn.Module, quant) -> None:
 
 def attention_scopes(name: str, block: nn.Module, quantizers: dict) -> dict[str, list[str]]:
     """Search scopes of a transformer block: the authors' code (qkv and proj weight
-    scales) and the paper's text (every searchable scale of the block)."""
+    scales) and the paper's text (every searchable scale of the block). With the QKR form
+    (``block.attn.qkr``), W_qk's weight scales join both and u's scale the block scope;
+    q's and k's activation scales, which that form does not use, leave it."""
+    attn_w = [f"{name}.attn.qkv.weight_quant", f"{name}.attn.proj.weight_quant"]
+    unused = set()
+    if getattr(block.attn, "qkr", None) is not None:
+        attn_w.append(f"{name}.attn.qkr.qk.weight_quant")
+        unused = {f"{name}.attn.q_quant", f"{name}.attn.k_quant"}
     return {
-        "attn-weights": [f"{name}.attn.qkv.weight_quant", f"{name}.attn.proj.weight_quant"],
-        "block": [n for n, q in quantizers.items() if q.searchable],
+        "attn-weights": attn_w,
+        "block": [n for n, q in quantizers.items() if q.searchable and n not in unused],
     }
 
 
@@ -128,6 +152,7 @@ class ViTAdapter(Adapter):
     name = "vit"
     description = "timm VisionTransformer / DeiT"
     input_spec = IMAGES
+    supports_qkr = True
 
     def matches(self, model):
         return _is_timm_vit(model)
@@ -137,8 +162,9 @@ class ViTAdapter(Adapter):
             raise NotImplementedError("attention-pool heads are not supported")
         model.eval()
         model.patch_embed.proj = wrap_conv(model.patch_embed.proj, quant)
+        qkr = qkr_requested(quant)
         for blk in model.blocks:
-            quantize_vit_block_attention(blk, quant)
+            quantize_vit_block_attention(blk, quant, qkr=qkr)
         if not isinstance(model.norm, nn.Identity):
             model.norm = wrap_norm(model.norm, quant)
         if not isinstance(model.fc_norm, nn.Identity):

@@ -48,6 +48,7 @@ from torch import nn
 from ..errors import ExportError
 from ..fsio import atomic_write
 from ..qnn.layers import QConv2d, QLinear
+from ..qnn.qkr import qkr_export_refusal
 from ..qnn.qmodel import QModel
 from ..quant import ChannelFactorQuantizer, Log2Quantizer, PTFQuantizer, Quantizer, UniformQuantizer
 from ..quant.quantizers import bias_correct
@@ -570,12 +571,16 @@ def export_onnx(qmodel: QModel, path, *, opset: int = 21, example: torch.Tensor 
             (no cancellation between a large zero-point bias and the product).
 
     Returns the path. Raises ``ExportError`` (one line) for a model that was never
-    calibrated, a quantizer or layer with no ONNX form, a bad opset or path.
+    calibrated, a quantizer or layer with no ONNX form (OFQ's QKR attention among them), a
+    bad opset or path.
     """
     import onnx
 
     if not isinstance(qmodel, QModel):
         raise ExportError(f"export_onnx takes a QModel, got {type(qmodel).__name__}")
+    refusal = qkr_export_refusal(qmodel.model, "ONNX")
+    if refusal:
+        raise ExportError(refusal)
     _check_opset(opset)
     if bias_correction not in ("weights", "output"):
         raise ExportError(f"bias_correction must be 'weights' or 'output', got {bias_correction!r}")

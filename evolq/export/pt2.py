@@ -35,6 +35,7 @@ from torch import nn
 from ..errors import ExportError
 from ..fsio import atomic_write
 from ..qnn.layers import QAct, QConv2d, QLinear, QNorm
+from ..qnn.qkr import qkr_export_refusal
 from ..qnn.qmodel import QModel
 from ..quant import Quantizer, UniformQuantizer
 from ..quant.range import quant_codes
@@ -220,6 +221,9 @@ def lower_deploy(qmodel: QModel, quantized: bool = True) -> nn.Module:
     Raises ``ExportError`` naming the first quantizer the x86 int8 path cannot express."""
     if not isinstance(qmodel, QModel):
         raise ExportError(f"the pt2 export takes a QModel, got {type(qmodel).__name__}")
+    refusal = qkr_export_refusal(qmodel.model, "pt2")
+    if refusal:
+        raise ExportError(refusal)
     names = {m: n for n, m in qmodel.model.named_modules()}
     if quantized:
         for n, q in qmodel.quantizers().items():

@@ -16,11 +16,18 @@ from .layers import QAct, QConv2d, QLinear, QNorm
 __all__ = ["edge_layers", "apply_edge_bits", "weight_quant", "act_quant", "operand_quant", "probs_quant",
            "norm_input_quant",
            "wrap_linear", "linear_input_quant", "wrap_head", "wrap_conv", "wrap_act", "wrap_mlp_act", "wrap_norm",
-           "replace_module"]
+           "replace_module", "qkr_requested"]
 
 
 def _deploy(quant) -> bool:
     return getattr(quant, "regime", "fq-vit") == "deploy"
+
+
+def qkr_requested(quant) -> bool:
+    """Whether ``quant`` asks for OFQ's query-key reparameterization (``start="ofq"`` with
+    ``start_options["qkr"]`` true): adapters that support it build their attention's QKR form
+    (``evolq.qnn.qkr``), so a saved QKR model is rebuilt in that form from its config."""
+    return getattr(quant, "start", "rtn") == "ofq" and (getattr(quant, "start_options", None) or {}).get("qkr") is True
 
 
 def weight_quant(quant, ch_axis=0) -> UniformQuantizer:

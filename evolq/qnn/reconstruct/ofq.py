@@ -18,7 +18,15 @@ OFQ's parts as switches (``OFQOptions``):
 * ``cga``: for the last ``cga_epochs`` epochs (not the first), weights whose latent value is farther than
   ``cga_br`` steps from a rounding threshold are frozen (no gradient, restored after every
   step); only the near-threshold, oscillating ones keep training.
-* ``qkr`` is not implemented (refused by ``OFQOptions``).
+* ``qkr``: OFQ's query-key reparameterization (``evolq.qnn.qkr``; the adapter built the form
+  from the config, timm ViT/DeiT only). At the start of a fresh run every attention switches
+  to it: W_qk = W_q,h^T W_k,h per head from the float q/k weights, its weight quantizer and the
+  quantizer of ``u = x W_qk`` calibrated on the fitness images (float tensors, as calibration
+  does); the q/k biases are dropped. W_qk's layer is a ``QLinear``, so the GPTQ init, the
+  trained change ``D`` (its ``weight_delta``; the float W_qk stays the product of the float
+  weights), StatsQ and CGA treat it as any other layer. The report's ``qkr`` records the
+  fitness KL of the initialised weights in the original q/k form and in the QKR form, of the
+  QKR form in float (what dropping the biases alone costs), and after the fine-tune.
 
 At the end ``D`` becomes the quantizer's ``weight_delta`` (as GPTQ's compensation) and the
 last scale its ``scale``: fixed integers on a fixed scale, which the search then moves like
@@ -39,9 +47,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...errors import DataError
+from ...errors import ConfigError, DataError
 from ...quant.quantizers import straight_through
 from ...quant.range import split_zero_point
+from ..qkr import qkr_float_form, qkr_modules, switch_qkr
 from .common import GPTQOptions, StartCheckpoint, block_layers, folded_weight
 
 __all__ = ["run_ofq", "epoch_seed", "logits_kl", "statsq_layers"]
@@ -199,6 +208,10 @@ def run_ofq(qmodel, x: torch.Tensor, quant, opts, holdout: torch.Tensor | None =
         raise DataError("the ofq start found no quantized Linear/Conv layer to fine-tune")
     run_id = StartCheckpoint.run_id_of(qmodel, quant, x)
     model = qmodel.model
+    if opts.qkr and not qkr_modules(model):
+        raise ConfigError(f"ofq qkr (query-key reparameterization): this {qmodel.family} model was wrapped without "
+                          f"its QKR form; build it with prepare_model and a QuantConfig whose start_options have "
+                          f"qkr=true")
     flip = opts.augment == "flip" and x.ndim == 4
     hold = holdout if holdout is not None and holdout.shape[0] else None
     sq = statsq_layers(layers, quant, opts.statsq)
@@ -209,11 +222,15 @@ def run_ofq(qmodel, x: torch.Tensor, quant, opts, holdout: torch.Tensor | None =
             x = x.to(dev)
             hold = hold.to(dev) if hold is not None else None
             eval_bs = max(bs, 32)
+            if opts.qkr:  # fresh: W_qk and its quantizers from the fitness images; resumed: restored already
+                switch_qkr(qmodel, x if state is None else None, eval_bs)
             if state is None:
                 init_blocks = _run_gptq_init(qmodel, x, opts, sq, layers) if opts.init == "gptq" else []
                 state = {"epoch": 0, "history": [], "init_blocks": init_blocks, "seconds": 0.0, "status": "ok"}
                 if opts.init == "rtn":
                     _fit_statsq(layers, sq)
+                if opts.qkr:
+                    state["qkr"] = _qkr_costs(qmodel, x, eval_bs)
                 if hold is not None:
                     state["holdout_kl_before"] = float(logits_kl(_logits(model, hold, eval_bs),
                                                                  _float_logits(qmodel, hold, eval_bs)))
@@ -225,6 +242,32 @@ def run_ofq(qmodel, x: torch.Tensor, quant, opts, holdout: torch.Tensor | None =
         finally:
             model.to(home)
     return _report(qmodel, x, hold, opts, state, flip, t0)
+
+
+@torch.no_grad()
+def _qkr_costs(qmodel, x, eval_bs) -> dict:
+    """What the switch to QKR costs on the fitness images, with the initialised weights: the KL
+    to the float logits in the original q/k form (``before_switch``) and in the QKR form
+    (``after_switch``); ``float_kl``: the QKR form with quantization off (the dropped biases alone)."""
+    model = qmodel.model
+    mods = [m for _, m in qkr_modules(model)]
+    ref = _float_logits(qmodel, x, eval_bs)
+    qmodel.set_quant_enabled(False)
+    try:
+        with qkr_float_form(model):
+            float_kl = float(logits_kl(_logits(model, x, eval_bs), ref))
+    finally:
+        qmodel.set_quant_enabled(True)
+    for m in mods:
+        m.set_on(False)
+    try:
+        before = float(logits_kl(_logits(model, x, eval_bs), ref))
+    finally:
+        for m in mods:
+            m.set_on(True)
+    after = float(logits_kl(_logits(model, x, eval_bs), ref))
+    return {"attentions": len(mods), "float_kl": float_kl,
+            "fitness_kl": {"before_switch": before, "after_switch": after}}
 
 
 def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, progress) -> None:
@@ -358,11 +401,17 @@ def _report(qmodel, x, hold, opts, state, flip, t0) -> dict:
         after = float(logits_kl(_logits(model, hold, eval_bs), _float_logits(qmodel, hold, eval_bs)))
         rep["holdout_kl"] = {"before": state["holdout_kl_before"], "after": after}
         before, what = state["holdout_kl_before"], "hold-out"
+        if "qkr" in state:
+            xs = x.to(dev)
+            fit_after = float(logits_kl(_logits(model, xs, eval_bs), _float_logits(qmodel, xs, eval_bs)))
     else:
         xs = x.to(dev)
         after = float(logits_kl(_logits(model, xs, eval_bs), _float_logits(qmodel, xs, eval_bs)))
         rep["fitness_kl"] = {"before": state["fitness_kl_before"], "after": after}
         before, what = state["fitness_kl_before"], "fitness"
+        fit_after = after
+    if "qkr" in state:
+        rep["qkr"] = {**state["qkr"], "fitness_kl": {**state["qkr"]["fitness_kl"], "after_fine_tune": fit_after}}
     if not after <= before:
         warnings.append(f"the fine-tune raised the {what} KL from {before:.4f} ({opts.init} init) to {after:.4f}: "
                         f"fewer epochs or a lower lr")
