@@ -1,7 +1,9 @@
 """Shared helpers of the benchmark scripts: one thread, the ViT-Tiny assets, restricting
-the search to the last blocks, and the fitness-vs-evaluations curve of a report."""
+the search to the last blocks, the fitness-vs-evaluations curve of a report, and the
+weights-only / activations-only view of a model."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -73,3 +75,20 @@ def write_json(target: str | Path, obj) -> Path:
     from evolq.io import write_json as _write
 
     return _write(RESULTS / target if isinstance(target, str) else Path(target), obj, indent=1)
+
+
+GAP_PARTS = (("weights_only", "weight"), ("activations_only", "activation"))
+
+
+@contextmanager
+def only_kind(qmodel, kind: str):
+    """Inside: only ``qmodel``'s quantizers of ``kind`` ("weight" or "activation") are on, the
+    others pass through (what the remaining error is made of: weights vs activations)."""
+    off = [q for q in qmodel.quantizers().values() if getattr(q, "kind", "activation") != kind]
+    for q in off:
+        q.enabled = False
+    try:
+        yield qmodel
+    finally:
+        for q in off:
+            q.enabled = True

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import RESULTS, write_json  # noqa: E402
+from benchmarks._common import GAP_PARTS, RESULTS, only_kind, write_json  # noqa: E402
 from evolq import QuantConfig, prepare_model  # noqa: E402
 from evolq.data import assets_dir, load_images, split_calibration  # noqa: E402
 from evolq.evaluate import metrics, predict  # noqa: E402
@@ -163,14 +163,9 @@ def run(args) -> int:
               f" KL {m['kl']:.4f}, {secs:.0f} s", flush=True)
         if args.gap:
             row["gap"] = {}
-            for part, keep in (("weights_only", "weight"), ("activations_only", "activation")):
-                qs = [qq for qq in q.quantizers().values() if getattr(qq, "kind", "activation") != keep]
-                for qq in qs:
-                    qq.enabled = False
-                with torch.no_grad():
+            for part, kind in GAP_PARTS:
+                with only_kind(q, kind), torch.no_grad():
                     g = metrics(predict(q.model, xe), ye, fp)
-                for qq in qs:
-                    qq.enabled = True
                 row["gap"][part] = {"top1": g["top1"], "agreement": g["agreement"], "kl": g["kl"]}
                 print(f"  {part}: top-1 {g['top1']:.1f}, KL {g['kl']:.4f}", flush=True)
         with tempfile.TemporaryDirectory() as d:  # file sizes: FP32 ONNX, the ONNX export (4-bit weights packed), pt2

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # also runs as a script
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import RESULTS, load_data, search_last_blocks, setup  # noqa: E402
+from benchmarks._common import GAP_PARTS, RESULTS, load_data, only_kind, search_last_blocks, setup  # noqa: E402
 from evolq.api import prepare_model, quantize_model  # noqa: E402
 from evolq.config import EvolQConfig, QuantConfig, SearchConfig  # noqa: E402
 from evolq.data import split_calibration  # noqa: E402
@@ -161,13 +161,9 @@ def main(argv=None):
         print(f"{key}: start {run['start']} ({t_start:.0f} s)", flush=True)
         if args.gap:
             run["gap"] = {}
-            for part, keep in (("weights_only", "weight"), ("activations_only", "activation")):
-                off = [q for q in qm.quantizers().values() if getattr(q, "kind", "activation") != keep]
-                for q in off:
-                    q.enabled = False
-                mg, _ = evaluate_qmodel(qm, xe.to(dev), ye.to(dev), fp_logits=fp_logits.to(dev), batch_size=50)
-                for q in off:
-                    q.enabled = True
+            for part, kind in GAP_PARTS:
+                with only_kind(qm, kind):
+                    mg, _ = evaluate_qmodel(qm, xe.to(dev), ye.to(dev), fp_logits=fp_logits.to(dev), batch_size=50)
                 run["gap"][part] = _short(mg["quantized"])
                 print(f"  {part}: {run['gap'][part]}", flush=True)
         if search:
