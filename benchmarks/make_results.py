@@ -472,6 +472,21 @@ def section_start_points(lines):
               "at 4 bits, LayerNorm inputs (the residual stream), q/k/v and the softmax output included, and "
               "ViT-Tiny's start collapses whatever the weights' start. The published W4A4 ViT figures (APHQ-ViT, "
               "FIMA-Q) come from regimes that quantize fewer operations.", ""]
+    gaps = []
+    for f in sorted(RES.glob("start_gap_*.json")):
+        d = json.loads(f.read_text())
+        st = d["settings"]
+        for name, r in d["runs"].items():
+            if r.get("gap"):
+                gaps.append([st["model"].split("_patch")[0], f"W{st['w_bits']}A{st['a_bits']}", name,
+                             f2(r["start"]["top1"]), f2(r["gap"]["weights_only"]["top1"]),
+                             f"{r['gap']['weights_only']['kl']:.3f}", f2(r["gap"]["activations_only"]["top1"]),
+                             f"{r['gap']['activations_only']['kl']:.3f}"])
+    if gaps:
+        lines += ["What the remaining error is made of (`start_points.py --gap --no-search`, `start_gap_*.json`): the "
+                  "same start with float activations (*weights only*) and with float weights (*activations only*).",
+                  "", table(["model", "bits", "start", "both top-1", "weights only", "KL", "activations only", "KL"],
+                            gaps), ""]
     for name, s in sets:
         lines += [f"- `{name}`: calibration {s['calib']}, search last {s['last']} blocks, threads {s['threads']}, "
                   f"device {s['device']}"]
@@ -716,7 +731,7 @@ SCRIPTS = [  # script, what, command, result files
      "--threads 2 (and --starts rtn --seeds 0; W3A8 with --starts brecq, brecq+gptq --seeds 0,1,2 and --curve 50 "
      "--no-search; W4A4; EfficientNet-Lite0 W4A4 --preset fq-vit)",
      ["start_points_vit_tiny_w4a8", "start_points_vit_tiny_w3a8", "start_points_vit_tiny_w4a4",
-      "start_points_efficientnet_lite0_w4a4"]),
+      "start_points_efficientnet_lite0_w4a4", "start_gap_vit_tiny_w3a8"]),
     ("start_choices.py", "start-point choices (outlier-aware strength under gptq, edge bits, weight observer, brecq "
      "init), calibration pool only",
      "python benchmarks/start_choices.py --model vit_tiny_patch16_224 --w-bits 3 --a-bits 8 --variants ...",
