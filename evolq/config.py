@@ -117,7 +117,8 @@ class QuantConfig:
     def deploy_strength(w_bits: int) -> float:
         """The deploy regime's SmoothQuant strength for ``w_bits`` (``smooth_strength=None``),
         chosen by KL on calibration-pool images (``benchmarks/deploy.py --strengths``, ViT-Tiny,
-        rtn start): 1.0 at 8 bits, 0.8 at 4; other widths were not measured and take 0.5."""
+        rtn start): 1.0 at 8 bits, 0.8 at 4 (re-checked under GPTQ with the asymmetric 4-bit
+        grid: 0.8 again, against 0.5, 0.9 and 1.0); other widths were not measured and take 0.5."""
         return DEPLOY_STRENGTH.get(w_bits, 0.5)
 
     @staticmethod
