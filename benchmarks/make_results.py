@@ -592,18 +592,18 @@ def section_deploy(lines):
     rows = []
     for name, r in ((ours or {}).get("configs") or {}).items():
         t = r["torch"]
-        for fmt in ("pt2", "onnx"):
-            e = r.get(fmt)
+        for key in ("pt2", "onnx", "openvino"):  # deploy.py's row keys: pt2/inductor, onnx/onnxruntime, onnx/openvino
+            e = r.get(key)
             if not e:
                 continue
             ck = e["check"]
-            rows.append([r["arch"], f"evolq {name} ({fmt}, {ck['runtime']})", f2(ck["top1_runtime"]),
+            rows.append([r["arch"], f"evolq {name} ({ck.get('format', key)}, {ck['runtime']})", f2(ck["top1_runtime"]),
                          f2(t["top1"]), f2(t["agreement"]), f"{ck['agreement']:.1f} (floor {ck['floor']:.1f})",
                          f"{t['kl']:.4f}",
                          _evolq_speed(e["bench"], 32, 2), _evolq_speed(e["bench"], 1, 2),
                          f"{sum(ck['integer_kernels'].values())} / {sum(ck['float_kernels'].values())}",
                          f"{r['start_seconds']:.0f}"])
-        if not any(r.get(fmt) for fmt in ("pt2", "onnx")):
+        if not any(r.get(key) for key in ("pt2", "onnx", "openvino")):
             rows.append([r["arch"], f"evolq {name} (PyTorch only)", "", f2(t["top1"]), f2(t["agreement"]), "",
                          f"{t['kl']:.4f}", "", "", "", f"{r['start_seconds']:.0f}"])
     for d in peers.values():
