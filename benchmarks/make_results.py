@@ -731,7 +731,7 @@ SCRIPTS = [  # script, what, command, result files
      "--threads 2 (and --starts rtn --seeds 0; W3A8 with --starts brecq, brecq+gptq --seeds 0,1,2 and --curve 50 "
      "--no-search; W4A4; EfficientNet-Lite0 W4A4 --preset fq-vit)",
      ["start_points_vit_tiny_w4a8", "start_points_vit_tiny_w3a8", "start_points_vit_tiny_w4a4",
-      "start_points_efficientnet_lite0_w4a4", "start_gap_vit_tiny_w3a8"]),
+      "start_points_efficientnet_lite0_w4a4", "start_points_vit_tiny_w2a8", "start_gap_vit_tiny_w3a8"]),
     ("start_choices.py", "start-point choices (outlier-aware strength under gptq, edge bits, weight observer, brecq "
      "init), calibration pool only",
      "python benchmarks/start_choices.py --model vit_tiny_patch16_224 --w-bits 3 --a-bits 8 --variants ...",
