@@ -24,7 +24,8 @@ class Runner:
 
 class Runtime:
     """A runtime: ``name``, the export ``format`` it reads, the package it needs (``package``,
-    installed by the ``extra``), ``load(path, threads)`` and ``load_float(qmodel, threads, folder, example)``."""
+    installed by the ``extra``), the ``runner`` class that ``load(path, threads)`` builds (or an
+    overridden ``load``) and ``load_float(qmodel, threads, folder, example)``."""
 
     name = ""
     format = ""
@@ -38,8 +39,10 @@ class Runtime:
             raise ExportError(f"runtime {self.name} needs the package {self.package}, which is not installed: "
                               f"pip install 'evolq[{self.extra}]'") from None
 
-    def load(self, path, threads: int) -> Runner:  # pragma: no cover - interface
-        raise NotImplementedError
+    runner: type[Runner] | None = None  # called as runner(path, threads) by load()
+
+    def load(self, path, threads: int) -> Runner:
+        return self.runner(path, threads)
 
     def load_float(self, qmodel, threads: int, folder, example=None) -> Runner:
         """The same model in float in this runtime (``example``: an input to trace with); by default

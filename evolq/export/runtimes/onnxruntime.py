@@ -50,6 +50,4 @@ class OnnxRuntime(Runtime):
     format = "onnx"
     package = "onnxruntime"
     extra = "export"
-
-    def load(self, path, threads: int) -> Runner:
-        return _OrtRunner(path, threads)
+    runner = _OrtRunner

@@ -53,6 +53,4 @@ class OpenVINORuntime(Runtime):
     format = "onnx"
     package = "openvino"
     extra = "openvino"
-
-    def load(self, path, threads: int) -> Runner:
-        return _OVRunner(path, threads)
+    runner = _OVRunner
