@@ -148,7 +148,14 @@ class OFQOptions:
         weight_decay: AdamW decay of the changes, i.e. towards the start weights, not towards 0.
         schedule: ``"cosine"`` (to 0 over all steps, OFQ's) or ``"constant"``.
         augment: ``"flip"`` (random horizontal flips; the float model's logits of both views are
-            computed once) or ``"none"``.
+            computed once), ``"mix"`` (DeiT-style: a random resized crop per batch, flips, then
+            mixup or cutmix with another image of the batch; every step's teacher outputs are
+            computed from the mixed images, about a third more time per step) or ``"none"``.
+        block_weight: the loss is the KL to the float model's logits plus ``block_weight`` times
+            the mean over blocks of each block output's squared error to the float model's,
+            normalised per channel by the float output's variance (the blocks run one after
+            another: more signal per image than the logits alone; the teacher then runs on
+            every step). 0: the logits' KL alone.
         init: the start weights: ``"gptq"`` (GPTQ's compensated weights, default GPTQOptions)
             or ``"rtn"`` (the float weights).
         statsq: OFQ's StatsQ: every step, each weight row's scale is ``2 * mean|w| / 2^(b-1)`` of
@@ -179,6 +186,7 @@ class OFQOptions:
     weight_decay: float = 0.0
     schedule: str = "cosine"
     augment: str = "flip"
+    block_weight: float = 0.0
     init: str = "gptq"
     statsq: bool = False
     cga: bool = True
@@ -203,7 +211,10 @@ class OFQOptions:
         v = self.cga_br
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 0.5:
             raise ConfigError(f"ofq cga_br must be a number in (0, 0.5), got {v!r}")
-        for name, choices in (("schedule", ("cosine", "constant")), ("augment", ("flip", "none")),
+        v = self.block_weight
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1000:
+            raise ConfigError(f"ofq block_weight must be a number in [0, 1000], got {v!r}")
+        for name, choices in (("schedule", ("cosine", "constant")), ("augment", ("flip", "mix", "none")),
                               ("init", ("rtn", "gptq"))):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"ofq {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")

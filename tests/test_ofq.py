@@ -275,6 +275,48 @@ def test_worse_after_fine_tune_is_reported(monkeypatch):
     assert any("raised the hold-out KL" in w for w in rep["warnings"])
 
 
+def test_mix_views_are_seeded_crops_flips_and_mixes_of_the_batch():
+    import numpy as np
+
+    x = imgs(8)
+    a = ofq_mod.mix_views(x, np.random.default_rng(5))
+    b = ofq_mod.mix_views(x, np.random.default_rng(5))
+    c = ofq_mod.mix_views(x, np.random.default_rng(6))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a, x) and not torch.equal(a, x.flip(-1))
+    # crops, flips, mixup and cutmix never leave the batch's range of values
+    assert float(a.min()) >= float(x.min()) - 1e-5 and float(a.max()) <= float(x.max()) + 1e-5
+
+
+def test_block_term_is_zero_on_the_teacher_and_per_channel_normalised():
+    t = [torch.randn(4, 5, 6), torch.randn(4, 3, 2, 2), (torch.randn(2),)]
+    assert float(ofq_mod.block_term(t, t)) == 0.0
+    s = [t[0] + 0.1, t[1], t[2]]  # a shift of every channel
+    big = [t[0] * torch.tensor([1, 1, 1, 1, 1, 100.0]), t[1], t[2]]  # one channel 100x larger
+    shifted = float(ofq_mod.block_term(s, t))
+    assert shifted > 0
+    # an error in one large channel counts as much as the same relative error in a small one
+    assert float(ofq_mod.block_term([big[0] + 0.1 * torch.tensor([0, 0, 0, 0, 0, 100.0]), t[1], t[2]], big)) \
+        == pytest.approx(float(ofq_mod.block_term([t[0] + 0.1 * torch.tensor([0, 0, 0, 0, 0, 1.0]), t[1], t[2]], t)),
+                         rel=1e-4)
+
+
+@pytest.mark.parametrize("opts", [{"augment": "mix"}, {"block_weight": 1.0}, {"augment": "mix", "block_weight": 0.5}],
+                         ids=["mix", "block", "mix+block"])
+def test_mix_and_block_loss_train_deterministically(opts):
+    x, h = imgs(24), imgs(12, seed=9)
+    a = ofq(x, h, epochs=3, seed=2, **opts)
+    rep = a.start_report
+    assert rep["status"] == "ok" and rep["augment_used"] == opts.get("augment", "flip")
+    hist = rep["history"]
+    assert [e["epoch"] for e in hist] == [1, 2, 3] and all(e["holdout_kl"] >= 0 for e in hist)
+    assert ("train_loss" in hist[0]) == ("block_weight" in opts)
+    if "block_weight" in opts:  # the block term adds to the KL
+        assert all(e["train_loss"] > e["train_kl"] for e in hist)
+    assert same(buffers(a), buffers(ofq(x, h, epochs=3, seed=2, **opts)))
+    assert not same(buffers(a), buffers(ofq(x, h, epochs=3, seed=2)))
+
+
 def tiny_cnn(seed=0):
     torch.manual_seed(seed)
     return timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=10).eval()
@@ -307,7 +349,9 @@ def test_bad_ofq_inputs_are_one_line_errors():
                          ({"lr": 0}, "lr must be a number in \\(0, 1\\]"), ({"lr": 3.0}, "lr must be"),
                          ({"qkr": "yes"}, "qkr must be true or false"), ({"init": "brecq"}, "init must be one of"),
                          ({"cga": True, "epochs": 2, "cga_epochs": 3}, "cannot exceed"),
-                         ({"cga_br": 0.7}, "cga_br"), ({"epoch": 2}, "unknown ofq option")):
+                         ({"cga_br": 0.7}, "cga_br"), ({"epoch": 2}, "unknown ofq option"),
+                         ({"augment": "cutout"}, "augment must be one of flip, mix, none"),
+                         ({"block_weight": -1}, "block_weight must be a number in \\[0, 1000\\]")):
         with pytest.raises(ConfigError, match=needle) as e:
             QuantConfig(start="ofq", start_options=opts)
         assert "\n" not in str(e.value)

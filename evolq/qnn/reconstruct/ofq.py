@@ -45,6 +45,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError, DataError
@@ -212,7 +213,7 @@ def run_ofq(qmodel, x: torch.Tensor, quant, opts, holdout: torch.Tensor | None =
         raise ConfigError(f"ofq qkr (query-key reparameterization): this {qmodel.family} model was wrapped without "
                           f"its QKR form; build it with prepare_model and a QuantConfig whose start_options have "
                           f"qkr=true")
-    flip = opts.augment == "flip" and x.ndim == 4
+    flip = opts.augment in ("flip", "mix") and x.ndim == 4  # images: "mix" flips too
     hold = holdout if holdout is not None and holdout.shape[0] else None
     sq = statsq_layers(layers, quant, opts.statsq)
     with StartCheckpoint(qmodel, checkpoint_dir, run_id, resume) as ckpt:
@@ -270,14 +271,70 @@ def _qkr_costs(qmodel, x, eval_bs) -> dict:
             "fitness_kl": {"before_switch": before, "after_switch": after}}
 
 
+def mix_views(xb: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """DeiT-style views of an image batch (``augment="mix"``): one random resized crop for the
+    batch (35-100% of the area, aspect 3/4-4/3, resized back bilinearly), a random horizontal flip
+    per image, then with even odds mixup (Beta(0.8, 0.8)) or cutmix (Beta(1, 1)) with a permuted
+    partner image. All draws come from ``rng``."""
+    b, _, h, w = xb.shape
+    area, ratio = rng.uniform(0.35, 1.0), math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    ch = min(h, max(1, round(math.sqrt(area / ratio) * h)))
+    cw = min(w, max(1, round(math.sqrt(area * ratio) * w)))
+    top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    out = xb[..., top:top + ch, left:left + cw]
+    if (ch, cw) != (h, w):
+        out = F.interpolate(out, size=(h, w), mode="bilinear", align_corners=False)
+    flips = torch.from_numpy(rng.random(b) < 0.5).to(xb.device)
+    out = torch.where(flips[:, None, None, None], out.flip(-1), out)
+    partner = torch.from_numpy(rng.permutation(b)).to(xb.device)
+    if rng.random() < 0.5:
+        lam = float(rng.beta(0.8, 0.8))
+        return lam * out + (1 - lam) * out[partner]
+    cut = math.sqrt(1 - float(rng.beta(1.0, 1.0)))
+    bh, bw = int(h * cut), int(w * cut)
+    cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+    y0, y1, x0, x1 = max(cy - bh // 2, 0), min(cy + bh // 2, h), max(cx - bw // 2, 0), min(cx + bw // 2, w)
+    mixed = out.clone()
+    mixed[..., y0:y1, x0:x1] = out[partner][..., y0:y1, x0:x1]
+    return mixed
+
+
+def _run_blocks_out(qmodel, xb: torch.Tensor) -> list:
+    """Every block's output, running the blocks one after another (the last is the logits)."""
+    outs, h = [], xb
+    for b in qmodel.blocks:
+        h = b.run(h)
+        outs.append(h)
+    return outs
+
+
+def block_term(student: list, teacher: list) -> torch.Tensor:
+    """Mean over blocks of the squared error of each block output to the float model's,
+    normalised per channel by the float output's variance over the batch and positions (the
+    channel axis: 1 for NCHW maps, the last one otherwise); outputs that are not tensors of one
+    shape are skipped."""
+    terms = []
+    for s, t in zip(student, teacher):
+        if not (torch.is_tensor(s) and torch.is_tensor(t) and s.ndim >= 2 and s.shape == t.shape):
+            continue
+        ax = 1 if s.ndim == 4 else s.ndim - 1
+        dims = [d for d in range(s.ndim) if d != ax]
+        var = t.float().var(dim=dims, keepdim=True) + 1e-6
+        terms.append(((s.float() - t.float()) ** 2 / var).mean())
+    return torch.stack(terms).mean() if terms else torch.zeros(())
+
+
 def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, progress) -> None:
     model = qmodel.model
     n, bs = x.shape[0], opts.batch_size
     steps = n // bs  # whole batches only: every step sees bs images
     total = steps * opts.epochs
     cga_from = max(1, opts.epochs - opts.cga_epochs) if opts.cga else opts.epochs  # never the first epoch
-    teacher = _float_logits(qmodel, x, eval_bs)
-    teacher_flip = _float_logits(qmodel, x.flip(-1), eval_bs) if flip else None
+    mix = opts.augment == "mix" and x.ndim == 4
+    blockwise = opts.block_weight > 0
+    online = mix or blockwise  # the teacher runs on every step's images
+    teacher = None if online else _float_logits(qmodel, x, eval_bs)
+    teacher_flip = _float_logits(qmodel, x.flip(-1), eval_bs) if flip and not online else None
     hold_ref = _float_logits(qmodel, hold, eval_bs) if hold is not None else None
     with _Training(qmodel, layers, sq) as tr:
         deltas = tr.deltas
@@ -309,21 +366,41 @@ def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, pr
             gen = torch.Generator().manual_seed(epoch_seed(opts.seed, epoch))
             perm = torch.randperm(n, generator=gen)
             flips = torch.rand(n, generator=gen) < 0.5
+            rng = np.random.default_rng(epoch_seed(opts.seed, 1000 + epoch)) if mix else None
             t_e = time.perf_counter()
-            losses, bad = [], None
+            losses, kls, bad = [], [], None
             for i in range(steps):
                 g = epoch * steps + i
                 lr = opts.lr * (0.5 * (1 + math.cos(math.pi * g / total)) if opts.schedule == "cosine" else 1.0)
                 for group in opt.param_groups:
                     group["lr"] = lr
                 idx = perm[i * bs:(i + 1) * bs].to(x.device)
-                xb, tb = x[idx], teacher[idx]
-                if flip:
+                xb = x[idx]
+                if mix:
+                    xb = mix_views(xb, rng)
+                elif flip:
                     fb = flips[i * bs:(i + 1) * bs].to(x.device)
                     xb = torch.where(fb[:, None, None, None], xb.flip(-1), xb)
-                    tb = torch.where(fb[:, None], teacher_flip[idx], tb)
+                t_outs = None
+                if online:
+                    qmodel.set_quant_enabled(False)
+                    try:
+                        with torch.no_grad():
+                            t_outs = _run_blocks_out(qmodel, xb) if blockwise else [model(xb)]
+                    finally:
+                        qmodel.set_quant_enabled(True)
+                    tb = t_outs[-1].float()
+                else:
+                    tb = teacher[idx]
+                    if flip:
+                        tb = torch.where(fb[:, None], teacher_flip[idx], tb)
                 with torch.enable_grad():
-                    loss = logits_kl(model(xb), tb)
+                    if blockwise:
+                        s_outs = _run_blocks_out(qmodel, xb)
+                        kl = logits_kl(s_outs[-1], tb)
+                        loss = kl + opts.block_weight * block_term(s_outs[:-1], t_outs[:-1])
+                    else:
+                        loss = kl = logits_kl(model(xb), tb)
                     lv = float(loss.detach())
                     if not math.isfinite(lv):
                         bad = f"non-finite loss at epoch {epoch + 1}, step {i + 1}"
@@ -343,6 +420,7 @@ def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, pr
                         bad = f"non-finite weights after epoch {epoch + 1}, step {i + 1}"
                         break
                 losses.append(lv)
+                kls.append(float(kl.detach()))
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(epoch=epoch + 1, loss=f"{lv:.4f}")
@@ -353,8 +431,10 @@ def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, pr
                 kept = f"epoch {epoch}" if epoch else f"the {opts.init} init"
                 state["status"] = f"stopped: {bad}; kept the weights of {kept}"
                 break
-            rec = {"epoch": epoch + 1, "train_kl": float(np.mean(losses)), "lr_end": lr,
+            rec = {"epoch": epoch + 1, "train_kl": float(np.mean(kls)), "lr_end": lr,
                    "seconds": round(time.perf_counter() - t_e, 2)}
+            if blockwise:
+                rec["train_loss"] = float(np.mean(losses))
             if masks is not None:
                 rec["cga_trained_share"] = float(sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks))
             if hold is not None:
@@ -389,7 +469,8 @@ def _extra(layers, deltas, opt, masks, anchors) -> dict:
 
 def _report(qmodel, x, hold, opts, state, flip, t0) -> dict:
     eval_bs = max(opts.batch_size, 32)
-    rep = {"start": "ofq", "options": dict(vars(opts)), "augment_used": "flip" if flip else "none",
+    used = ("mix" if opts.augment == "mix" else "flip") if flip else "none"
+    rep = {"start": "ofq", "options": dict(vars(opts)), "augment_used": used,
            "fitness_images": int(x.shape[0]), "holdout_images": int(hold.shape[0]) if hold is not None else 0,
            "epochs_run": state["epoch"], "history": state["history"], "status": state["status"],
            "blocks": state["init_blocks"]}
