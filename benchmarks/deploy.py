@@ -55,6 +55,9 @@ CONFIGS = {  # name -> (architecture, w_bits, a_bits, start, other QuantConfig f
     "vit-w4a8-gptq-asym": ("vit_tiny_patch16_224", 4, 8, "gptq", {"edge_bits": 8, "deploy_weights": "asymmetric"}),
     "vit-w4a8-ofq": ("vit_tiny_patch16_224", 4, 8, "ofq", {"edge_bits": 8, "deploy_weights": "symmetric"}),
     "vit-w4a8-ofq-asym": ("vit_tiny_patch16_224", 4, 8, "ofq", {"edge_bits": 8, "deploy_weights": "asymmetric"}),
+    "vit-w4a8-ofq-mixblock-asym": ("vit_tiny_patch16_224", 4, 8, "ofq", {
+        "edge_bits": 8, "deploy_weights": "asymmetric",
+        "start_options": {"augment": "mix", "block_weight": 1.0, "epochs": 12}}),
     "vit-w4a4": ("vit_tiny_patch16_224", 4, 4, "rtn", {"edge_bits": 8, "deploy_weights": "symmetric"}),
     "vit-w4a4-gptq": ("vit_tiny_patch16_224", 4, 4, "gptq", {"edge_bits": 8, "deploy_weights": "symmetric"}),
     "vit-w4a4-asym": ("vit_tiny_patch16_224", 4, 4, "rtn", {"edge_bits": 8, "deploy_weights": "asymmetric"}),
@@ -142,8 +145,9 @@ def run(args) -> int:
             cache[arch] = (base, xc, xe, ye, fp)
         base, xc, xe, ye, fp = cache[arch]
         fit, _hold = split_calibration(xc, 0.1, 0)
-        quant = QuantConfig.preset("deploy", w_bits=w, a_bits=a, start=start, **extra,
-                                   **({"start_options": {"progress": False}} if start == "ofq" else {}))
+        if start == "ofq":
+            extra = {**extra, "start_options": {**extra.get("start_options", {}), "progress": False}}
+        quant = QuantConfig.preset("deploy", w_bits=w, a_bits=a, start=start, **extra)
         t0 = time.perf_counter()
         q = prepare_model(copy.deepcopy(base), fit, quant, arch=arch, holdout=_hold)  # ofq: hold-out KL
         secs = time.perf_counter() - t0

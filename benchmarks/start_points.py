@@ -54,7 +54,8 @@ def main(argv=None):
     ap.add_argument("--edge-bits", type=int, default=None, help="QuantConfig.edge_bits (first layer and classifier)")
     ap.add_argument("--holdout", type=float, default=0.1, help="SearchConfig.holdout (split off first)")
     ap.add_argument("--starts", default="rtn,gptq,brecq",
-                    help="comma-separated: rtn, gptq, brecq, brecq+gptq (brecq with init='gptq'), ofq")
+                    help="comma-separated: rtn, gptq, brecq, brecq+gptq (brecq with init='gptq'), ofq, "
+                         "ofq+KEY=VALUE+... (ofq with these start_options)")
     ap.add_argument("--calib", type=int, default=128, help="calibration images (even labels)")
     ap.add_argument("--eval", type=int, default=500, help="evaluation images (odd labels)")
     ap.add_argument("--brecq-iters", type=int, default=None, help="default: the device's default (200 CPU)")
@@ -100,8 +101,15 @@ def main(argv=None):
     def start_opts(start, iters, seed):
         if start == "gptq":
             return {"device": dev}
-        if start == "ofq":  # the OFQOptions defaults (the recipe chosen on calibration-pool dev images)
-            return {"device": dev, "seed": seed, "progress": False}
+        if start.startswith("ofq"):  # the OFQOptions defaults, or "ofq+key=value+..." (a recipe variant)
+            o = {"device": dev, "seed": seed, "progress": False}
+            for part in start.split("+")[1:]:
+                k, _, v = part.partition("=")
+                try:
+                    o[k] = json.loads(v)
+                except ValueError:
+                    o[k] = v
+            return o
         if start.startswith("brecq"):
             o = {"device": dev, "qdrop": args.qdrop, "seed": seed}
             if start == "brecq+gptq":
