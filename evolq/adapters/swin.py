@@ -15,6 +15,9 @@ searched only under the ``block`` scope, as it has no attention), then
 
 The window partition and the mask broadcast take the batch size from the tensor, so
 a population batch of P*B samples (population-major) runs through unchanged.
+
+In the deploy regime the adapter names where SmoothQuant factors fold exactly
+(``swin_smooth_groups``, set as ``QModel.smooth_groups``).
 """
 from __future__ import annotations
 
@@ -32,12 +35,13 @@ from ..qnn.builder import (
     wrap_mlp_act,
     wrap_norm,
 )
-from ..qnn.layers import quantizers_of
+from ..qnn.layers import QLinear, quantizers_of
 from ..qnn.qmodel import Block, QModel
+from ..qnn.smooth import SmoothGroup
 from ._registry import IMAGES, Adapter, register_adapter
 from .vit import attention_scopes
 
-__all__ = ["QWindowAttention", "SwinAdapter"]
+__all__ = ["QWindowAttention", "SwinAdapter", "swin_smooth_groups"]
 
 
 class QWindowAttention(nn.Module):
@@ -94,6 +98,50 @@ def _quantize_swin_block(block: nn.Module, quant) -> None:
         raise UnsupportedModelError("Swin MLPs with an inner norm are not supported")
     mlp.fc1 = wrap_linear(mlp.fc1, quant)
     mlp.act, mlp.fc2 = wrap_mlp_act(mlp.act, mlp.fc2, quant)  # GELU output quantized once
+
+
+def _affine_norm(m) -> bool:
+    return isinstance(m, nn.LayerNorm) and m.weight is not None
+
+
+def swin_smooth_groups(model: nn.Module) -> list[SmoothGroup]:
+    """Where SmoothQuant factors fold exactly in a (wrapped) timm Swin v1, in module order.
+
+    Per stage: its patch merging's LayerNorm -> ``reduction`` (the norm reads the 2x2
+    neighbourhood already concatenated into 4C channels; zero padding of odd sizes happens
+    before the norm). Per block: norm1 -> qkv (the cyclic shift, the window partition and
+    the zero padding to whole windows only move or add tokens: a padded token is 0 whatever
+    the factors, and qkv maps it to its bias either way); the v rows of qkv -> proj (window
+    attention mixes tokens, not channels: the relative position bias and the shift mask are
+    added to the q.k logits only, Swin v1 has no q/k norm, and ``(attn @ v)`` comes back in
+    proj's input order, head-major as the v rows); norm2 -> fc1; fc2's input is the GELU
+    output, which has no affine producer: an explicit multiply before its quantizer. Head:
+    the final LayerNorm -> ``head.fc`` when the pooling keeps channels apart and is
+    positively homogeneous per channel (avg, max, avgmax or none: ``max(x / f) =
+    max(x) / f`` for f > 0); catavgmax (2C features) gets no group.
+    """
+    from timm.models.swin_transformer import PatchMerging
+
+    groups = []
+    for stage in model.layers:
+        ds = stage.downsample
+        if isinstance(ds, PatchMerging) and isinstance(ds.reduction, QLinear) and _affine_norm(ds.norm):
+            groups.append(SmoothGroup(ds.norm, [ds.reduction]))
+        for blk in stage.blocks:
+            attn = blk.attn
+            if _affine_norm(blk.norm1):
+                groups.append(SmoothGroup(blk.norm1, [attn.qkv]))
+            dim = attn.proj.in_features
+            if attn.qkv.out_features == 3 * dim:
+                groups.append(SmoothGroup(attn.qkv, [attn.proj], rows=(2 * dim, 3 * dim)))
+            if _affine_norm(blk.norm2):
+                groups.append(SmoothGroup(blk.norm2, [blk.mlp.fc1]))
+            groups.append(SmoothGroup(None, [blk.mlp.fc2]))
+    fc, pool = getattr(model.head, "fc", None), getattr(model.head, "global_pool", None)
+    if isinstance(fc, QLinear) and _affine_norm(model.norm) and fc.in_features == model.norm.weight.numel() \
+            and not getattr(pool, "pool_type", "").lower().endswith("catavgmax"):
+        groups.append(SmoothGroup(model.norm, [fc]))
+    return groups
 
 
 def _is_timm_swin(model) -> bool:
@@ -157,4 +205,7 @@ class SwinAdapter(Adapter):
         head_q = quantizers_of(model.norm, "norm")
         head_q.update(quantizers_of(model.head, "head"))
         blocks.append(Block("head", head, head_q))
-        return QModel(model, blocks, self.name, arch, quant)
+        qmodel = QModel(model, blocks, self.name, arch, quant)
+        if quant.deploy:
+            qmodel.smooth_groups = swin_smooth_groups(model)
+        return qmodel

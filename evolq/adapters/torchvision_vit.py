@@ -13,6 +13,9 @@ Blocks: ``stem`` (patch embedding, class token, position embedding),
 ``encoder.layers.encoder_layer_{i}`` (searched: ``attn-weights`` = in_proj and
 out_proj weight scales, ``block`` = every searchable scale), ``head`` (final
 LayerNorm, class token, classifier).
+
+In the deploy regime the adapter names where SmoothQuant factors fold exactly
+(``torchvision_vit_smooth_groups``, set as ``QModel.smooth_groups``).
 """
 from __future__ import annotations
 
@@ -30,11 +33,12 @@ from ..qnn.builder import (
     wrap_mlp_act,
     wrap_norm,
 )
-from ..qnn.layers import quantizers_of
+from ..qnn.layers import QLinear, quantizers_of
 from ..qnn.qmodel import Block, QModel
+from ..qnn.smooth import SmoothGroup
 from ._registry import IMAGES, Adapter, register_adapter
 
-__all__ = ["QMultiheadAttention", "TorchvisionViTAdapter"]
+__all__ = ["QMultiheadAttention", "TorchvisionViTAdapter", "torchvision_vit_smooth_groups"]
 
 
 class QMultiheadAttention(nn.Module):
@@ -94,6 +98,46 @@ def _quantize_encoder_block(block: nn.Module, quant) -> None:
         raise UnsupportedModelError(f"unexpected torchvision ViT MLP layout: {[k.__name__ for k in kinds]}")
     mlp[0] = wrap_linear(mlp[0], quant)
     mlp[1], mlp[3] = wrap_mlp_act(mlp[1], mlp[3], quant)  # GELU output quantized once
+
+
+def _affine_norm(m) -> bool:
+    return isinstance(m, nn.LayerNorm) and m.weight is not None
+
+
+def torchvision_vit_smooth_groups(model: nn.Module) -> list[SmoothGroup]:
+    """Where SmoothQuant factors fold exactly in a (wrapped) torchvision ViT, in module order.
+
+    Per encoder block: ln_1 -> the packed q/k/v input projection (``self_attention.in_proj``,
+    whose weight is ``nn.MultiheadAttention``'s ``in_proj_weight``: q, k and v all read ln_1's
+    channels, so one group holds the whole packed matrix); the v rows ``[2E, 3E)`` of
+    in_proj -> ``out_proj`` (attention mixes tokens, not channels; torchvision has no q/k
+    norm, no bias_k/bias_v and no zero attention, which the adapter refuses, and
+    ``(attn @ v)`` comes back in out_proj's input order, head-major as the v rows); ln_2 ->
+    ``mlp[0]``; ``mlp[3]``'s input is the GELU output, which has no affine producer: an
+    explicit multiply before its quantizer. Head: the encoder's final LayerNorm ->
+    ``heads[0]`` (the classifier, or ``pre_logits`` with a representation layer): the
+    class token is taken after the norm, a row selection that keeps channels apart.
+
+    Skipped: with a representation layer, the classifier after ``Tanh`` has no group. Tanh
+    is not positively homogeneous (dividing pre_logits' rows by f does not divide Tanh's
+    output by f), and an explicit multiply would land after the quantizer: in this adapter
+    that input is quantized by the Tanh's own output quantizer (``QAct``), not by the
+    classifier's input quantizer, which ``input_scale`` precedes.
+    """
+    groups = []
+    for blk in model.encoder.layers:
+        attn = blk.self_attention
+        e = attn.embed_dim
+        if _affine_norm(blk.ln_1):
+            groups.append(SmoothGroup(blk.ln_1, [attn.in_proj]))
+        groups.append(SmoothGroup(attn.in_proj, [attn.out_proj], rows=(2 * e, 3 * e)))
+        if _affine_norm(blk.ln_2):
+            groups.append(SmoothGroup(blk.ln_2, [blk.mlp[0]]))
+        groups.append(SmoothGroup(None, [blk.mlp[3]]))
+    first = model.heads[0]
+    if isinstance(first, QLinear) and _affine_norm(model.encoder.ln):
+        groups.append(SmoothGroup(model.encoder.ln, [first]))
+    return groups
 
 
 def _is_torchvision_vit(model) -> bool:
@@ -157,4 +201,7 @@ class TorchvisionViTAdapter(Adapter):
         head_q = quantizers_of(model.encoder.ln, "encoder.ln")
         head_q.update(quantizers_of(model.heads, "heads"))
         blocks.append(Block("head", head, head_q))
-        return QModel(model, blocks, self.name, arch, quant)
+        qmodel = QModel(model, blocks, self.name, arch, quant)
+        if quant.deploy:
+            qmodel.smooth_groups = torchvision_vit_smooth_groups(model)
+        return qmodel
