@@ -416,6 +416,20 @@ def _ms(xs, fmt="{:.1f}"):
     return fmt.format(s["mean"]) + (" +- " + fmt.format(s["std"]) if len(xs) > 1 else "")
 
 
+def _ofq_label(start: str, runs: list) -> str:
+    """An ofq row's name with the options in which its recorded recipe differs from today's defaults."""
+    if not start.startswith("ofq"):
+        return start
+    from evolq.start_options import OFQOptions
+
+    ref = vars(OFQOptions())
+    used = {"block_weight": 0, **runs[0].get("start_report", {}).get("options", {})}  # older runs: no block term
+    keys = ("epochs", "augment", "block_weight", "lr", "statsq", "cga", "init", "qkr")
+    diff = [f"{k} {used[k]:g}" if isinstance(used[k], float) else f"{k} {used[k]}"
+            for k in keys if k in used and used[k] != ref[k]]
+    return "ofq" + (f" ({', '.join(diff)})" if diff else "")
+
+
 def section_start_points(lines):
     files = sorted(RES.glob("start_points_*.json"))
     if not files:
@@ -440,7 +454,7 @@ def section_start_points(lines):
             ev = [r for r in rs if r.get("evolq")]
             budget = {(r.get("population", st["population"]), r.get("samples", st["samples"])) for r in ev}
             other = [b for b in budget if b != (st["population"], st["samples"])]
-            label = start + "".join(f" (search population {p}, sample {s})" for p, s in other)
+            label = _ofq_label(start, rs) + "".join(f" (search population {p}, sample {s})" for p, s in other)
             rows.append([st["model"].split("_patch")[0], f"W{st['w_bits']}A{st['a_bits']}",
                          st.get("preset", "fq-vit") + (f", edge {st['edge_bits']}" if st.get("edge_bits") else ""),
                          label, str(len(rs)), _ms([r["start"]["top1"] for r in rs]),
@@ -462,9 +476,11 @@ def section_start_points(lines):
               f"`edge_bits=8` keeps the first layer and the classifier at 8 bits (both chosen on the calibration "
               f"pool, next section). brecq runs at its CPU default (200 Adam steps per block, batch 16, lr 1e-2, "
               f"QDrop 0.5); *brecq+gptq* is brecq with `init='gptq'` (AdaRound learns the rounding of GPTQ's "
-              f"compensated weights). *ofq* is the OFQ fine-tune at its defaults (`OFQOptions`: GPTQ init, 6 epochs "
-              f"at lr 2e-5 with flips, CGA in the last epoch, StatsQ off; chosen on calibration-pool dev KL, see "
-              f"*The ofq start* below), trained on the same fitness images; its hold-out KL is in the JSON.", "",
+              f"compensated weights). *ofq* is the OFQ fine-tune (GPTQ init, lr 2e-5, CGA in the last epoch, StatsQ "
+              f"off; chosen on calibration-pool dev KL, see *The ofq start* below), trained on the same fitness "
+              f"images; its hold-out KL is in the JSON. A row names the options in which its recipe differs from "
+              f"today's defaults (`OFQOptions`: 12 epochs, mixed views, block term 1): *ofq (epochs 6, augment "
+              f"flip, block_weight 0)* is the first recipe.", "",
               table(["model", "bits", "regime", "start", "seeds", "start top-1", "agreement", "KL",
                      "+ Evol-Q top-1", "+ Evol-Q KL", "gain", "start s", "search s"], rows), "",
               "The brecq, brecq+gptq and W4A4 rows ran while another benchmark shared the same 2 cores, so their "
@@ -532,8 +548,11 @@ def section_ofq(lines):
               "ViT-Tiny W3A8, outlier-aware preset, edge bits 8, seed 0, 2 CPU cores. A variant is the start and "
               "its `start_options`; the dev variants ran with the defaults of that time for the options they do "
               "not name (3 epochs, batch 16, lr 1e-4, cosine, flips, init gptq, StatsQ on, CGA off, AdamW without "
-              "decay); the lowest dev KL became today's defaults (lr 2e-5, StatsQ off, CGA on, then 6 epochs). "
-              "The recipe is "
+              "decay); the lowest dev KL of that round became the first recipe (lr 2e-5, StatsQ off, CGA on, "
+              "then 6 epochs, flips). The second round's variants (`augment=mix`, `block_weight`, 12 epochs) "
+              "ran with that recipe for the options they do not name, so *ofq+augment=mix* is 6 epochs of mixed "
+              "views without the block term; its lowest dev KL (mixed views + block term, 12 epochs) became "
+              "today's defaults. The recipe is "
               "chosen on the *dev* table only (calibration pool: the first 300 images "
               "calibrate and train, the other 200 score; the evaluation split is not read); the evaluation "
               "table then reports the chosen recipe beside rtn and gptq (the calibration pool's 10% hold-out is "
