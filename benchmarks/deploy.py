@@ -55,6 +55,9 @@ CONFIGS = {  # name -> (architecture, w_bits, a_bits, start, other QuantConfig f
     "vit-w4a8-gptq-asym": ("vit_tiny_patch16_224", 4, 8, "gptq", {"edge_bits": 8, "deploy_weights": "asymmetric"}),
     "vit-w4a8-ofq": ("vit_tiny_patch16_224", 4, 8, "ofq", {"edge_bits": 8, "deploy_weights": "symmetric"}),
     "vit-w4a8-ofq-asym": ("vit_tiny_patch16_224", 4, 8, "ofq", {"edge_bits": 8, "deploy_weights": "asymmetric"}),
+    "vit-w4a8-ofq1-asym": ("vit_tiny_patch16_224", 4, 8, "ofq", {  # the first ofq recipe, explicitly
+        "edge_bits": 8, "deploy_weights": "asymmetric",
+        "start_options": {"augment": "flip", "block_weight": 0.0, "epochs": 6}}),
     "vit-w4a8-ofq-mixblock-asym": ("vit_tiny_patch16_224", 4, 8, "ofq", {
         "edge_bits": 8, "deploy_weights": "asymmetric",
         "start_options": {"augment": "mix", "block_weight": 1.0, "epochs": 12}}),
