@@ -79,7 +79,12 @@ class QuantConfig:
     (``smooth_strength`` a; 0 is off) divide a LayerNorm's affine (or the v rows of qkv) and
     multiply the next Linear's input columns, an exact float transform applied before
     calibration (``evolq.qnn.smooth``). ``smooth_strength=None`` takes
-    ``QuantConfig.deploy_strength(w_bits)``.
+    ``QuantConfig.deploy_strength(w_bits)``. ``deploy_weights`` (weights below 8 bits):
+    ``"auto"`` (default) and ``"asymmetric"`` give each row a grid of 2^b levels with an integer
+    zero-point z; the integers q - z lie in [-(2^b - 1), 2^b - 1], so they are stored as s8 with
+    zero-point 0 and the same int8 kernels run them (lower calibration-pool KL than the symmetric
+    grid at W4A8 under GPTQ: 0.343 against 0.479); ``"symmetric"`` keeps the 2^b - 1 levels centred
+    on zero. 8-bit weights stay symmetric (their q - z would not fit in s8).
 
     ``edge_bits`` (default None: every layer alike, the FQ-ViT regime) gives the first
     Linear/Conv (patch embedding, stem convolution) and the classifier at least that
