@@ -640,7 +640,10 @@ def section_deploy(lines):
                          f"{p['quant_seconds']:.0f}"])
     cpu = (ours or {}).get("configs", {})
     cpu = next(iter(cpu.values()))["cpu"] if cpu else next(d for d in peers.values() if d)["cpu"]
-    lines += [f"CPU: {cpu['model']}, {cpu['cores']} cores, int8 flags: {', '.join(cpu['flags'])}.", "",
+    other = [f"{n} ({r['cpu']['model']}, int8 flags {', '.join(r['cpu']['flags'])})"
+             for n, r in ((ours or {}).get("configs") or {}).items() if r.get("cpu", cpu)["model"] != cpu["model"]]
+    lines += [f"CPU: {cpu['model']}, {cpu['cores']} cores, int8 flags: {', '.join(cpu['flags'])}"
+              + (f"; except the evolq rows of {'; '.join(other)}" if other else "") + ".", "",
               table(["model", "tool", "top-1 (runtime)", "top-1 (PyTorch)", "agreement to FP32",
                      "runtime vs PyTorch (floor)", "KL to FP32", "speedup b32 2t", "speedup b1 2t",
                      "int / float kernels", "quantize s"], rows), "",
