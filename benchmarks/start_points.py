@@ -34,10 +34,12 @@ if str(ROOT) not in sys.path:  # also runs as a script
     sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import GAP_PARTS, RESULTS, load_data, only_kind, search_last_blocks, setup  # noqa: E402
+from benchmarks.ofq_start import parse_variant  # noqa: E402
 from evolq.api import prepare_model, quantize_model  # noqa: E402
 from evolq.config import EvolQConfig, QuantConfig, SearchConfig  # noqa: E402
 from evolq.data import split_calibration  # noqa: E402
 from evolq.evaluate import evaluate_qmodel, predict  # noqa: E402
+from evolq.export.bench import cpu_info  # noqa: E402
 from evolq.io import write_json  # noqa: E402
 
 
@@ -102,14 +104,7 @@ def main(argv=None):
         if start == "gptq":
             return {"device": dev}
         if start.startswith("ofq"):  # the OFQOptions defaults, or "ofq+key=value+..." (a recipe variant)
-            o = {"device": dev, "seed": seed, "progress": False}
-            for part in start.split("+")[1:]:
-                k, _, v = part.partition("=")
-                try:
-                    o[k] = json.loads(v)
-                except ValueError:
-                    o[k] = v
-            return o
+            return {"device": dev, "seed": seed, **parse_variant(start)[1]}
         if start.startswith("brecq"):
             o = {"device": dev, "qdrop": args.qdrop, "seed": seed}
             if start == "brecq+gptq":
@@ -158,7 +153,7 @@ def main(argv=None):
 
             res["fp32"] = _short(metrics(fp_logits, ye))
         m0, _ = evaluate_qmodel(qm, xe.to(dev), ye.to(dev), fp_logits=fp_logits.to(dev), batch_size=50)
-        run = {"seed": seed, "start": _short(m0["quantized"]), "start_seconds": round(t_start, 1),
+        run = {"seed": seed, "start": _short(m0["quantized"]), "start_seconds": round(t_start, 1), "cpu": cpu_info(),
                "population": args.population, "samples": min(args.samples, args.population),
                "calib_images": int(fit_x.shape[0]), "linear_input_strength": quant.linear_input_strength,
                "start_report": {k: v for k, v in (qm.start_report or {}).items() if k != "blocks"}}
