@@ -49,15 +49,17 @@ from evolq.export.bench import cpu_info  # noqa: E402
 from evolq.export.check import bench_export, check_export  # noqa: E402
 from evolq.models import load_model, model_transform  # noqa: E402
 
+FIRST_OFQ = {"augment": "flip", "block_weight": 0.0, "epochs": 6}
 CONFIGS = {  # name -> (architecture, w_bits, a_bits, start, other QuantConfig fields)
     "vit-w8a8": ("vit_tiny_patch16_224", 8, 8, "rtn", {}),
     "vit-w4a8-gptq": ("vit_tiny_patch16_224", 4, 8, "gptq", {"edge_bits": 8, "deploy_weights": "symmetric"}),
     "vit-w4a8-gptq-asym": ("vit_tiny_patch16_224", 4, 8, "gptq", {"edge_bits": 8, "deploy_weights": "asymmetric"}),
-    "vit-w4a8-ofq": ("vit_tiny_patch16_224", 4, 8, "ofq", {"edge_bits": 8, "deploy_weights": "symmetric"}),
-    "vit-w4a8-ofq-asym": ("vit_tiny_patch16_224", 4, 8, "ofq", {"edge_bits": 8, "deploy_weights": "asymmetric"}),
-    "vit-w4a8-ofq1-asym": ("vit_tiny_patch16_224", 4, 8, "ofq", {  # the first ofq recipe, explicitly
-        "edge_bits": 8, "deploy_weights": "asymmetric",
-        "start_options": {"augment": "flip", "block_weight": 0.0, "epochs": 6}}),
+    # ofq / ofq-asym: the first ofq recipe (6 epochs of flips, no block term; ofq-asym's rows were made with
+    # it); ofq-mixblock-asym: today's OFQOptions defaults
+    "vit-w4a8-ofq": ("vit_tiny_patch16_224", 4, 8, "ofq", {"edge_bits": 8, "deploy_weights": "symmetric",
+                                                           "start_options": FIRST_OFQ}),
+    "vit-w4a8-ofq-asym": ("vit_tiny_patch16_224", 4, 8, "ofq", {"edge_bits": 8, "deploy_weights": "asymmetric",
+                                                                "start_options": FIRST_OFQ}),
     "vit-w4a8-ofq-mixblock-asym": ("vit_tiny_patch16_224", 4, 8, "ofq", {
         "edge_bits": 8, "deploy_weights": "asymmetric",
         "start_options": {"augment": "mix", "block_weight": 1.0, "epochs": 12}}),

@@ -721,14 +721,15 @@ BENCH_README = ROOT / "benchmarks" / "README.md"
 EARLIER = "an earlier session's code"
 STALE = {n: EARLIER for n in ("search", "efficientnet", "efficientnet_seed1", "efficientnet_calib160_cycles4",
                               "searchers", "scaling", "landscape_vit_tiny_w4a8", "landscape_efficientnet_lite0_w4a8",
-                              "accuracy", "accuracy_outlier-aware", "start_point", "preset_strength", "losses")}
+                              "accuracy", "accuracy_outlier-aware", "start_point", "preset_strength", "losses",
+                              "deploy_w4a8_intel_xeon")}
 SCRIPTS = [  # script, what, command, result files
     ("deploy.py", "the deploy regime: PyTorch and runtime top-1, kernels, speed vs the same runtime's FP32; "
      "SmoothQuant strength sweep on the calibration pool",
      "python benchmarks/deploy.py --configs vit-w8a8 effnet-w8a8 --onnx --threads 2 1 --batches 32 1",
      ["deploy", "deploy_strengths_vit_tiny_w8a8", "deploy_strengths_vit_tiny_w4a8",
       "deploy_strengths_vit_tiny_w4a8_gptq_symmetric", "deploy_strengths_vit_tiny_w4a8_gptq_asymmetric",
-      "deploy_search_vit_tiny_w4a8"]),
+      "deploy_search_vit_tiny_w4a8", "deploy_w4a8_intel_xeon"]),
     ("deploy_peers.py", "peer int8 tools (onnxruntime static/dynamic, NNCF+OpenVINO, PT2E X86Inductor, torchao) in "
      "their own venv, same images", "/work/peer-venv/bin/python benchmarks/deploy_peers.py --model "
      "vit_tiny_patch16_224 --peers ... (see its docstring)",

@@ -154,7 +154,7 @@ class OFQOptions:
         augment: ``"flip"`` (random horizontal flips; the float model's logits of both views are
             computed once), ``"mix"`` (DeiT-style: a random resized crop per batch, flips, then
             mixup or cutmix with another image of the batch; every step's teacher outputs are
-            computed from the mixed images, about a third more time per step) or ``"none"``.
+            computed from the mixed images: one more forward per step) or ``"none"``.
         block_weight: the loss is the KL to the float model's logits plus ``block_weight`` times
             the mean over blocks of each block output's squared error to the float model's,
             normalised per channel by the float output's variance (the blocks run one after
