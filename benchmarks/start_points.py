@@ -40,11 +40,24 @@ from evolq.config import EvolQConfig, QuantConfig, SearchConfig  # noqa: E402
 from evolq.data import split_calibration  # noqa: E402
 from evolq.evaluate import evaluate_qmodel, predict  # noqa: E402
 from evolq.export.bench import cpu_info  # noqa: E402
-from evolq.io import write_json  # noqa: E402
+from evolq.io import load_quantized, save_quantized, write_json  # noqa: E402
 
 
 def _short(m):
     return {k: round(float(m[k]), 4) for k in ("top1", "agreement", "kl")}
+
+
+def _cache_dir(args, start, iters, seed, extra_quant) -> Path | None:
+    """The start cache's folder for one start (None: no cache). The name holds everything the
+    start depends on; the search settings are not part of it."""
+    if not args.start_cache:
+        return None
+    parts = [args.model, f"w{args.w_bits}a{args.a_bits}", args.preset, f"edge{args.edge_bits}",
+             f"calib{args.calib}", f"hold{args.holdout}", start + (f"@{iters}" if iters else ""),
+             f"qdrop{args.qdrop}" if start.startswith("brecq") else "", f"seed{seed}",
+             *(f"{k}={v}" for k, v in sorted(extra_quant.items()))]
+    name = "_".join(p for p in parts if p).replace("/", "-").replace("+", ",")
+    return Path(args.start_cache) / name
 
 
 def main(argv=None):
@@ -83,6 +96,11 @@ def main(argv=None):
                     help="another QuantConfig field (value read as JSON where it parses), e.g. "
                          "deploy_weights=asymmetric; repeatable")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds: hold-out split, search and brecq draws")
+    ap.add_argument("--start-cache", default="",
+                    help="folder: each start model is saved there (evolq.io.save_quantized) and loaded instead of "
+                         "recomputed when a later run asks for the same start, bits, preset and seed")
+    ap.add_argument("--tag", default="",
+                    help="suffix of the run's key, for the same start searched another way (e.g. @scope-block)")
     ap.add_argument("--out", default=None,
                     help="JSON file (default benchmarks/results/start_points_<model>_w<w>a<a>.json)")
     args = ap.parse_args(argv)
@@ -132,7 +150,7 @@ def main(argv=None):
     for it in [int(v) for v in args.curve.split(",") if v]:
         jobs.append((curve_start, it, False, seeds[0]))
     for start, iters, search, seed in jobs:
-        key = (start if iters is None else f"{start}@{iters}") + (f"/seed{seed}" if seed else "")
+        key = (start if iters is None else f"{start}@{iters}") + args.tag + (f"/seed{seed}" if seed else "")
         if key in res["runs"] and (not search or "evolq" in res["runs"][key]):
             print(f"{key}: done, skipped")
             continue
@@ -142,8 +160,19 @@ def main(argv=None):
         model = copy.deepcopy(base)
         fit_x, hold_x = split_calibration(xc, args.holdout, seed)
         t0 = time.perf_counter()
-        qm = prepare_model(model, fit_x, quant, arch=args.model, progress=False, holdout=hold_x)  # ofq: hold-out KL
-        t_start = time.perf_counter() - t0
+        cached = _cache_dir(args, start, iters, seed, extra_quant)
+        loaded = cached is not None and (cached / "run.json").is_file()
+        if loaded:
+            qm = load_quantized(cached, model)
+            meta = json.loads((cached / "run.json").read_text())
+            qm.start_report, t_start = meta["start_report"], meta["start_seconds"]
+            print(f"{key}: start loaded from {cached} (computed in {t_start:.0f} s)", flush=True)
+        else:
+            qm = prepare_model(model, fit_x, quant, arch=args.model, progress=False, holdout=hold_x)  # ofq: hold-out KL
+            t_start = time.perf_counter() - t0
+            if cached is not None:
+                save_quantized(qm, cached)
+                write_json(cached / "run.json", {"start_seconds": t_start, "start_report": qm.start_report})
         qm.model.to(dev)
         if fp_logits is None:
             qm.set_quant_enabled(False)
@@ -154,6 +183,8 @@ def main(argv=None):
             res["fp32"] = _short(metrics(fp_logits, ye))
         m0, _ = evaluate_qmodel(qm, xe.to(dev), ye.to(dev), fp_logits=fp_logits.to(dev), batch_size=50)
         run = {"seed": seed, "start": _short(m0["quantized"]), "start_seconds": round(t_start, 1), "cpu": cpu_info(),
+               "start_loaded": loaded,
+               "scope": args.scope, "last": args.last, "passes": args.passes, "cycles": args.cycles,
                "population": args.population, "samples": min(args.samples, args.population),
                "calib_images": int(fit_x.shape[0]), "linear_input_strength": quant.linear_input_strength,
                "start_report": {k: v for k, v in (qm.start_report or {}).items() if k != "blocks"}}
