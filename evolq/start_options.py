@@ -175,10 +175,13 @@ class OFQOptions:
             of the fine-tune every attention switches to one quantized ``W_q,h^T W_k,h`` per head
             (from the float weights; its weight quantizer, StatsQ's with ``statsq``, and the quantizer
             of ``u = x W_qk`` calibrated on the fitness images), trained as a change of that weight
-            like the others (GPTQ init, CGA); the q/k biases are dropped, which changes the function
-            (the report's ``qkr`` gives the fitness KL before and after the switch and after the
-            fine-tune). The float model stays the original. Other families are refused
+            like the others (GPTQ init, CGA). The report's ``qkr`` gives the fitness KL before and
+            after the switch and after the fine-tune. The float model stays the original. Other families are refused
             (``ConfigError``), and the ONNX/pt2 exports refuse the form (``ExportError``).
+        qkr_bias: ``"exact"`` (default): the q bias's term ``b_q,h^T W_k,h x_j`` is W_qk's bias, so
+            the QKR form equals the original attention in float (the terms of the query alone, from
+            the k bias, cancel in softmax); ``"drop"``: OFQ's form, without the q and k biases, which
+            changes the function (ViT-Tiny's float logits move by KL 5.9).
         seed: order of the images and augmentation; same seed, same weights.
         device: where the fine-tune runs.
         progress: a tqdm bar with the loss.
@@ -197,6 +200,7 @@ class OFQOptions:
     cga_epochs: int = 1
     cga_br: float = 0.005
     qkr: bool = False
+    qkr_bias: str = "exact"
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -219,7 +223,7 @@ class OFQOptions:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1000:
             raise ConfigError(f"ofq block_weight must be a number in [0, 1000], got {v!r}")
         for name, choices in (("schedule", ("cosine", "constant")), ("augment", ("flip", "mix", "none")),
-                              ("init", ("rtn", "gptq"))):
+                              ("init", ("rtn", "gptq")), ("qkr_bias", ("exact", "drop"))):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"ofq {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         for name in ("statsq", "cga", "qkr", "progress"):

@@ -351,6 +351,7 @@ def test_bad_ofq_inputs_are_one_line_errors():
                          ({"cga": True, "epochs": 2, "cga_epochs": 3}, "cannot exceed"),
                          ({"cga_br": 0.7}, "cga_br"), ({"epoch": 2}, "unknown ofq option"),
                          ({"augment": "cutout"}, "augment must be one of flip, mix, none"),
+                         ({"qkr_bias": "keep"}, "qkr_bias must be one of exact, drop"),
                          ({"block_weight": -1}, "block_weight must be a number in \\[0, 1000\\]")):
         with pytest.raises(ConfigError, match=needle) as e:
             QuantConfig(start="ofq", start_options=opts)
@@ -398,11 +399,47 @@ def zero_bias(model, part):  # part 0: q, 1: k
     return model
 
 
-def test_qkr_form_in_float_is_the_attention_without_q_bias():
+def test_qkr_exact_bias_form_in_float_is_the_original_attention():
     m = with_qk_biases(tiny_vit())
     ref = copy.deepcopy(m)
     qm = wrap_model(m, qkr_config())
-    assert switch_qkr(qm, None) == 2 and qkr_active_names(qm.model) == ["blocks.0.attn", "blocks.1.attn"]
+    assert switch_qkr(qm, None) == 2  # bias="exact" is the default
+    attn, ref_attn = m.blocks[0].attn, ref.blocks[0].attn
+    h, d = attn.num_heads, 48
+    wk = ref_attn.qkv.weight[h * attn.head_dim:2 * h * attn.head_dim].reshape(h, attn.head_dim, d)
+    bq = ref_attn.qkv.bias[:h * attn.head_dim].reshape(h, attn.head_dim)
+    r = attn.qkr.qk.bias.reshape(h, d)
+    assert torch.allclose(r[1], wk[1].T @ bq[1], atol=1e-6) and r.abs().sum() > 0
+    t = torch.randn(4, 17, 48, generator=torch.Generator().manual_seed(3))
+    x = imgs(4)
+    qm.set_quant_enabled(False)
+    with torch.no_grad(), qkr_float_form(qm.model):
+        # q and k biases random: the logits differ from q k^T by each query's constant only
+        logits = attn.qkr.logits(t, attn.scale)
+        q, k, _ = ref_attn.qkv(t).reshape(4, 17, 3, h, -1).permute(2, 0, 3, 1, 4)
+        diff = logits - (q @ k.transpose(-2, -1)) * attn.scale
+        assert diff.abs().max() > 1e-3 and torch.allclose(diff, diff[..., :1].expand_as(diff), atol=1e-4)
+        assert torch.allclose(attn(t), ref_attn(t), atol=1e-5)
+        assert torch.allclose(qm.model(x), ref(x), atol=1e-5)
+
+
+def test_qkr_saved_before_the_bias_loads_as_the_dropped_form():
+    qm = wrap_model(with_qk_biases(tiny_vit()), qkr_config())
+    switch_qkr(qm, None)
+    sd = {k: v for k, v in qm.model.state_dict().items() if not k.endswith("qkr.qk.bias")}
+    other = wrap_model(with_qk_biases(tiny_vit()), qkr_config())
+    other.model.load_state_dict(sd)
+    assert all(not blk.attn.qkr.qk.bias.detach().any() for blk in other.model.blocks)
+    with pytest.raises(ValueError, match="exact"):
+        other.model.blocks[0].attn.qkr.init_weight("both")
+
+
+def test_qkr_drop_form_in_float_is_the_attention_without_q_bias():
+    m = with_qk_biases(tiny_vit())
+    ref = copy.deepcopy(m)
+    qm = wrap_model(m, qkr_config(qkr_bias="drop"))
+    assert switch_qkr(qm, None, bias="drop") == 2
+    assert qkr_active_names(qm.model) == ["blocks.0.attn", "blocks.1.attn"]
     attn, ref_attn = m.blocks[0].attn, ref.blocks[0].attn
     h, x = attn.num_heads, imgs(4)
     w = attn.qkr.qk.weight
@@ -455,7 +492,7 @@ def test_qkr_fine_tune_trains_w_qk_reports_the_switch_and_is_deterministic(qkr_r
     assert "blocks.1.attn.qkr.qk" in cga_layers and "cga_trained_share" in rep["history"][-1]
     assert any(r["layer"] == "blocks.0.attn.qkr.qk" for b in rep["blocks"] for r in b["layers"])  # GPTQ init
     costs = rep["qkr"]
-    assert costs["attentions"] == 2 and costs["float_kl"] > 0  # the q biases are random: dropping them costs
+    assert costs["attentions"] == 2 and costs["float_kl"] < 1e-8  # exact q-bias term: the float form is the model
     kl = costs["fitness_kl"]
     assert set(kl) == {"before_switch", "after_switch", "after_fine_tune"} and kl["before_switch"] != kl["after_switch"]
     assert kl["after_switch"] == rep["fitness_kl"]["before"] and kl["after_fine_tune"] == rep["fitness_kl"]["after"]

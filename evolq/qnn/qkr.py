@@ -6,9 +6,15 @@ quantized as one, instead of ``W_q`` and ``W_k`` separately; the intermediate
 ``u_h = x W_qk,h`` (B, N, D) is quantized (a signed per-tensor activation quantizer at
 ``a_bits``), and ``logits_h = u_h x^T * scale``. ``x`` is the attention's input after qkv's
 input quantizer: W_qk's layer shares that quantizer, so it reads the same quantized input as
-qkv (per-channel input factors are folded into W_qk as into qkv). The q and k biases are
-dropped, which changes the function: k's bias only adds a constant to each query's logits
-(softmax ignores it), but q's bias adds ``b_q,h^T W_k,h x_j``, which is lost.
+qkv (per-channel input factors are folded into W_qk as into qkv).
+
+The biases: ``q_i . k_j = x_i W_qk,h x_j^T + b_q,h^T W_k,h x_j + (terms of i alone)``. The terms
+of the query alone (``x_i^T W_q,h^T b_k,h + b_q,h^T b_k,h``) add a constant to each query's
+logits, which softmax ignores. The q-bias term ``r_h . x_j`` with ``r_h = W_k,h^T b_q,h`` does
+not cancel: ``bias="exact"`` keeps it as the bias of W_qk's layer (``u_h = x W_qk,h + r_h``, so
+the form equals the original attention in float); ``bias="drop"`` is OFQ's form, which drops
+both biases and so changes the function (on ViT-Tiny, the float logits' KL to the original
+model is about 5.9).
 
 W_qk is stored as one Linear weight (H*D, D): rows ``h*D .. h*D + D - 1`` are
 ``M_h = W_k,h^T W_q,h``, so ``u = x @ weight^T`` and W_qk's layer is an ordinary ``QLinear``
@@ -34,8 +40,21 @@ from torch import nn
 from .builder import act_quant, weight_quant
 from .layers import QLinear
 
-__all__ = ["QKR", "merged_qk", "qkr_modules", "switch_qkr", "qkr_float_form", "qkr_active_names",
-           "qkr_export_refusal"]
+__all__ = ["QKR", "merged_qk", "merged_qk_bias", "qkr_modules", "switch_qkr", "qkr_float_form",
+           "qkr_active_names", "qkr_export_refusal"]
+
+
+def merged_qk_bias(qkv_weight: torch.Tensor, qkv_bias: torch.Tensor | None, num_heads: int,
+                   head_dim: int) -> torch.Tensor:
+    """The stacked ``r_h = W_k,h^T b_q,h`` (H*D): with it as W_qk's bias, ``(x M_h^T + r_h) . x'``
+    differs from ``q . k'`` by terms of the query alone, which softmax ignores. Zeros without
+    a bias."""
+    a = num_heads * head_dim
+    d = qkv_weight.shape[1]
+    if qkv_bias is None:
+        return qkv_weight.new_zeros(num_heads * d)
+    wk = qkv_weight[a:2 * a].reshape(num_heads, head_dim, d)
+    return torch.einsum("hcd,hc->hd", wk, qkv_bias[:a].reshape(num_heads, head_dim)).reshape(num_heads * d)
 
 
 def merged_qk(qkv_weight: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
@@ -58,10 +77,11 @@ class QKR(nn.Module):
         super().__init__()
         self.num_heads, self.head_dim, self.dim = num_heads, head_dim, qkv.in_features
         self._qkv = (qkv,)  # a tuple: not a second registration of qkv's parameters
-        lin = nn.utils.skip_init(nn.Linear, self.dim, num_heads * self.dim, bias=False,
+        lin = nn.utils.skip_init(nn.Linear, self.dim, num_heads * self.dim, bias=True,
                                  device=qkv.weight.device, dtype=qkv.weight.dtype)
         with torch.no_grad():
             lin.weight.copy_(merged_qk(qkv.weight.detach(), num_heads, head_dim))
+            lin.bias.zero_()
         self.qk = QLinear(lin, weight_quant(quant), qkv.input_quant)
         self.u_quant = act_quant(quant, signed=True)
         self.register_buffer("on", torch.tensor(False))
@@ -72,6 +92,8 @@ class QKR(nn.Module):
         return f"heads={self.num_heads}, dim={self.dim}, on={self._on}"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "qk.weight" in state_dict and prefix + "qk.bias" not in state_dict:
+            state_dict[prefix + "qk.bias"] = torch.zeros_like(self.qk.bias)  # saved before the bias: "drop"
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._on = bool(self.on)
 
@@ -86,10 +108,15 @@ class QKR(nn.Module):
         return self._on and (self.float_form or self.qk.weight_quant.enabled)
 
     @torch.no_grad()
-    def init_weight(self) -> None:
-        """W_qk from qkv's float q/k weights (the float weights, not their quantized copies)."""
+    def init_weight(self, bias: str = "exact") -> None:
+        """W_qk from qkv's float q/k weights (the float weights, not their quantized copies), and
+        its bias: ``"exact"`` the q-bias term ``r_h = W_k,h^T b_q,h``, ``"drop"`` zero (OFQ)."""
+        if bias not in ("exact", "drop"):
+            raise ValueError(f"bias must be 'exact' or 'drop', got {bias!r}")
         qkv = self._qkv[0]
         self.qk.weight.copy_(merged_qk(qkv.weight.detach(), self.num_heads, self.head_dim).to(self.qk.weight))
+        b = qkv.bias.detach() if bias == "exact" and qkv.bias is not None else None
+        self.qk.bias.copy_(merged_qk_bias(qkv.weight.detach(), b, self.num_heads, self.head_dim).to(self.qk.bias))
         self.qk._fold_cache = None
 
     def logits(self, x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -123,15 +150,16 @@ def qkr_float_form(model: nn.Module):
 
 
 @torch.no_grad()
-def switch_qkr(qmodel, x: torch.Tensor | None, batch_size: int = 32) -> int:
-    """Switch every QKR attention of ``qmodel`` on: W_qk from the float q/k weights and, with
+def switch_qkr(qmodel, x: torch.Tensor | None, batch_size: int = 32, bias: str = "exact") -> int:
+    """Switch every QKR attention of ``qmodel`` on: W_qk (and its ``bias``, see
+    ``QKR.init_weight``) from the float q/k weights and, with
     images ``x``, W_qk's quantizer and ``u``'s calibrated on them as ``calibrate`` does (every
     other quantizer off: the observers see the float model's tensors, W_qk's input factors
     folded). ``x=None`` (a resumed fine-tune) keeps the quantizers' restored state. Returns
     the number of attentions switched."""
     mods = [m for _, m in qkr_modules(qmodel.model)]
     for m in mods:
-        m.init_weight()
+        m.init_weight(bias)
         m.set_on(True)
     if x is None or not mods:
         return len(mods)

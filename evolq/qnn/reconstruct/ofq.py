@@ -224,7 +224,7 @@ def run_ofq(qmodel, x: torch.Tensor, quant, opts, holdout: torch.Tensor | None =
             hold = hold.to(dev) if hold is not None else None
             eval_bs = max(bs, 32)
             if opts.qkr:  # fresh: W_qk and its quantizers from the fitness images; resumed: restored already
-                switch_qkr(qmodel, x if state is None else None, eval_bs)
+                switch_qkr(qmodel, x if state is None else None, eval_bs, opts.qkr_bias)
             if state is None:
                 init_blocks = _run_gptq_init(qmodel, x, opts, sq, layers) if opts.init == "gptq" else []
                 state = {"epoch": 0, "history": [], "init_blocks": init_blocks, "seconds": 0.0, "status": "ok"}
