@@ -423,8 +423,10 @@ def _ofq_label(start: str, runs: list) -> str:
     from evolq.start_options import OFQOptions
 
     ref = vars(OFQOptions())
-    used = {"block_weight": 0, **runs[0].get("start_report", {}).get("options", {})}  # older runs: no block term
-    keys = ("epochs", "augment", "block_weight", "lr", "statsq", "cga", "init", "qkr")
+    # older runs: no block term, and QKR without the q-bias term
+    used = {"block_weight": 0, "qkr_bias": "drop", **runs[0].get("start_report", {}).get("options", {})}
+    keys = ("epochs", "augment", "block_weight", "lr", "statsq", "cga", "init", "qkr") + (
+        ("qkr_bias",) if used.get("qkr") else ())
     diff = [f"{k} {used[k]:g}" if isinstance(used[k], float) else f"{k} {used[k]}"
             for k in keys if k in used and used[k] != ref[k]]
     return "ofq" + (f" ({', '.join(diff)})" if diff else "")
@@ -677,22 +679,29 @@ def section_deploy(lines):
         lines += ["SmoothQuant strength and weight grid of the deploy regime, calibration pool only (256 images "
                   "calibrate, 244 score; `benchmarks/deploy.py --strengths`): dev KL (agreement %) per strength.",
                   "", table(["bits", "start", "weight grid", "edge bits"] + [f"{c:g}" for c in cols], rows), ""]
-    search = load("deploy_search_vit_tiny_w4a8")
-    if search:
-        rows = []
+    for f in sorted(RES.glob("deploy_search_*.json"), key=lambda f: f.name, reverse=True):  # w4a8 first
+        search = json.loads(f.read_text())
+        st = search["settings"]
+        grid = next((a.partition("=")[2] for a in st.get("quant_arg", []) if a.startswith("deploy_weights=")),
+                    "the default asymmetric")
+        rows, gains = [], {}
         for k, r in search["runs"].items():
             e = r.get("evolq") or {}
-            rows.append([k, f2(r["start"]["top1"]), f"{r['start']['kl']:.4f}", f2(e.get("top1", float("nan"))),
-                         f"{e.get('kl', float('nan')):.4f}", r.get("evaluations", ""),
+            scope = r.get("scope", st["scope"])
+            rows.append([k, scope, f2(r["start"]["top1"]), f"{r['start']['kl']:.4f}",
+                         f2(e.get("top1", float("nan"))), f"{e.get('kl', float('nan')):.4f}", r.get("evaluations", ""),
                          f"{r['start_seconds']:.0f} + {r.get('search_seconds', 0):.0f}"])
-        st = search["settings"]
-        gains = [r["evolq"]["top1"] - r["start"]["top1"] for r in search["runs"].values() if r.get("evolq")]
-        lines += ["Evol-Q in the deploy regime (ViT-Tiny W4A8, edge bits 8, the default asymmetric 4-bit grid, "
-                  "`benchmarks/start_points.py --preset deploy`, short budget: "
-                  f"{st['passes']} pass x {st['cycles']} cycles over the last {st['last']} blocks, population "
-                  f"{st['population']}, sample {st['samples']}, hold-out 10%; honest: the final model, no "
-                  f"selection on the evaluation split). Mean gain {_ms(gains)} top-1 over {len(gains)} seeds.", "",
-                  table(["start", "start top-1", "start KL", "+ Evol-Q top-1", "+ Evol-Q KL", "evaluations",
+            if e:
+                gains.setdefault(k.split("/")[0], []).append(e["top1"] - r["start"]["top1"])
+        mean = "; ".join(f"{g}: {_ms(v)} over {len(v)} seed{'s' if len(v) > 1 else ''}" for g, v in gains.items())
+        lines += [f"Evol-Q in the deploy regime (ViT-Tiny W{st['w_bits']}A{st['a_bits']}, edge bits "
+                  f"{st['edge_bits']}, {grid} {st['w_bits']}-bit grid, `benchmarks/start_points.py --preset deploy "
+                  f"--out {f.name}`, short budget: {st['passes']} pass x {st['cycles']} cycles over the last "
+                  f"{st['last']} blocks, population {st['population']}, sample {st['samples']}, hold-out 10%; honest: "
+                  f"the final model, no selection on the evaluation split; scope attn-weights: the attention's "
+                  f"weight scales, block: every scale of the block, activations included). Mean top-1 gain: "
+                  f"{mean}.", "",
+                  table(["run", "scope", "start top-1", "start KL", "+ Evol-Q top-1", "+ Evol-Q KL", "evaluations",
                          "seconds (start + search)"], rows), ""]
 
 
@@ -729,7 +738,7 @@ SCRIPTS = [  # script, what, command, result files
      "python benchmarks/deploy.py --configs vit-w8a8 effnet-w8a8 --onnx --threads 2 1 --batches 32 1",
      ["deploy", "deploy_strengths_vit_tiny_w8a8", "deploy_strengths_vit_tiny_w4a8",
       "deploy_strengths_vit_tiny_w4a8_gptq_symmetric", "deploy_strengths_vit_tiny_w4a8_gptq_asymmetric",
-      "deploy_search_vit_tiny_w4a8", "deploy_w4a8_intel_xeon"]),
+      "deploy_search_vit_tiny_w4a8", "deploy_search_vit_tiny_w4a4", "deploy_w4a8_intel_xeon"]),
     ("deploy_peers.py", "peer int8 tools (onnxruntime static/dynamic, NNCF+OpenVINO, PT2E X86Inductor, torchao) in "
      "their own venv, same images", "/work/peer-venv/bin/python benchmarks/deploy_peers.py --model "
      "vit_tiny_patch16_224 --peers ... (see its docstring)",
