@@ -416,17 +416,21 @@ def _ms(xs, fmt="{:.1f}"):
     return fmt.format(s["mean"]) + (" +- " + fmt.format(s["std"]) if len(xs) > 1 else "")
 
 
-def _ofq_label(start: str, runs: list) -> str:
-    """An ofq row's name with the options in which its recorded recipe differs from today's defaults."""
+def _ofq_label(start: str, runs: list, model: str) -> str:
+    """An ofq row's name with the options in which its recorded recipe differs from today's
+    defaults. QKR by what the run did (``qkr_used``; older runs: their ``qkr`` option) against
+    what the default ``qkr="auto"`` does on ``model`` (on for timm ViT/DeiT)."""
     if not start.startswith("ofq"):
         return start
     from evolq.start_options import OFQOptions
 
-    ref = vars(OFQOptions())
+    rep = runs[0].get("start_report", {})
     # older runs: no block term, and QKR without the q-bias term
-    used = {"block_weight": 0, "qkr_bias": "drop", **runs[0].get("start_report", {}).get("options", {})}
+    used = {"block_weight": 0, "qkr_bias": "drop", **rep.get("options", {})}
+    used["qkr"] = bool(rep.get("qkr_used", used.get("qkr") is True))
+    ref = {**vars(OFQOptions()), "qkr": model.startswith(("vit_", "deit"))}
     keys = ("epochs", "augment", "block_weight", "lr", "statsq", "cga", "init", "qkr") + (
-        ("qkr_bias",) if used.get("qkr") else ())
+        ("qkr_bias",) if used["qkr"] else ())
     diff = [f"{k} {used[k]:g}" if isinstance(used[k], float) else f"{k} {used[k]}"
             for k in keys if k in used and used[k] != ref[k]]
     return "ofq" + (f" ({', '.join(diff)})" if diff else "")
@@ -456,7 +460,9 @@ def section_start_points(lines):
             ev = [r for r in rs if r.get("evolq")]
             budget = {(r.get("population", st["population"]), r.get("samples", st["samples"])) for r in ev}
             other = [b for b in budget if b != (st["population"], st["samples"])]
-            label = _ofq_label(start, rs) + "".join(f" (search population {p}, sample {s})" for p, s in other)
+            name, tag = start.partition(" [")[::2]  # start_points --tag " [scope block]": another search of a start
+            label = (_ofq_label(name, rs, st["model"]) + (f" [{tag}" if tag else "")
+                     + "".join(f" (search population {p}, sample {s})" for p, s in other))
             rows.append([st["model"].split("_patch")[0], f"W{st['w_bits']}A{st['a_bits']}",
                          st.get("preset", "fq-vit") + (f", edge {st['edge_bits']}" if st.get("edge_bits") else ""),
                          label, str(len(rs)), _ms([r["start"]["top1"] for r in rs]),

@@ -99,8 +99,9 @@ def _add_start_args(p):
     p.add_argument("--start-arg", type=_searcher_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="gptq/brecq/ofq setting, repeatable (e.g. iters=500, batch_size=32, qdrop=0, device=cuda, "
                         "act_order=false; init=gptq: brecq learns the rounding of GPTQ's weights; ofq: epochs=2, "
-                        "lr=1e-4, statsq=false, cga=true, qkr=true: OFQ's query-key reparameterization, timm "
-                        "ViTs only)")
+                        "lr=1e-4, statsq=false, cga=true, qkr=false: no OFQ query-key reparameterization (default "
+                        "auto: on for timm ViTs outside the deploy regime), qkr_bias=drop: OFQ's form without the "
+                        "q/k biases)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -171,13 +171,15 @@ class OFQOptions:
             near-threshold ones keep training.
         cga_epochs: length of the CGA phase (1..epochs).
         cga_br: CGA's confidence band, in units of the quantization step (OFQ: 0.005).
-        qkr: OFQ's query-key reparameterization (timm ViT/DeiT, not the deploy regime): at the start
+        qkr: OFQ's query-key reparameterization. ``"auto"`` (default): on for timm ViT/DeiT attention
+            without q/k norms outside the deploy regime, off elsewhere; ``true``: on, and other
+            families (and the deploy regime) are refused; ``false``: off. When on, at the start
             of the fine-tune every attention switches to one quantized ``W_q,h^T W_k,h`` per head
             (from the float weights; its weight quantizer, StatsQ's with ``statsq``, and the quantizer
             of ``u = x W_qk`` calibrated on the fitness images), trained as a change of that weight
             like the others (GPTQ init, CGA). The report's ``qkr`` gives the fitness KL before and
-            after the switch and after the fine-tune. The float model stays the original. Other families are refused
-            (``ConfigError``), and the ONNX/pt2 exports refuse the form (``ExportError``).
+            after the switch and after the fine-tune. The float model stays the original. The ONNX and
+            pt2 exports refuse the form (``ExportError``): quantize with ``qkr=false`` to export.
         qkr_bias: ``"exact"`` (default): the q bias's term ``b_q,h^T W_k,h x_j`` is W_qk's bias, so
             the QKR form equals the original attention in float (the terms of the query alone, from
             the k bias, cancel in softmax); ``"drop"``: OFQ's form, without the q and k biases, which
@@ -199,7 +201,7 @@ class OFQOptions:
     cga: bool = True
     cga_epochs: int = 1
     cga_br: float = 0.005
-    qkr: bool = False
+    qkr: bool | str = "auto"
     qkr_bias: str = "exact"
     seed: int = 0
     device: str = "cpu"
@@ -226,7 +228,9 @@ class OFQOptions:
                               ("init", ("rtn", "gptq")), ("qkr_bias", ("exact", "drop"))):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"ofq {name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        for name in ("statsq", "cga", "qkr", "progress"):
+        if not (isinstance(self.qkr, bool) or self.qkr == "auto"):
+            raise ConfigError(f"ofq qkr must be true, false or auto, got {self.qkr!r}")
+        for name in ("statsq", "cga", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"ofq {name} must be true or false, got {getattr(self, name)!r}")
         if self.cga and self.cga_epochs > self.epochs:

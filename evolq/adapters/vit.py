@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..qnn.builder import (
     operand_quant,
     probs_quant,
-    qkr_requested,
+    qkr_mode,
     replace_module,
     wrap_conv,
     wrap_head,
@@ -48,11 +48,14 @@ class QAttention(nn.Module):
     and only v is taken from qkv (q, k and their quantizers are unused).
     """
 
-    def __init__(self, attn: nn.Module, quant, qkr: bool = False):
+    def __init__(self, attn: nn.Module, quant, qkr: bool | str = False):
         super().__init__()
         if getattr(attn, "gate", None) is not None:
             raise NotImplementedError("gated attention is not supported")
-        if qkr and not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+        plain_qk = isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
+        if qkr == "auto":  # the ofq default: where q and k can be merged
+            qkr = plain_qk
+        if qkr and not plain_qk:
             raise ConfigError("ofq qkr (query-key reparameterization) cannot merge q and k across this ViT's q/k "
                               "norms (qk_norm=True); use qkr=false")
         self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
@@ -89,9 +92,9 @@ class QAttention(nn.Module):
         return self.proj_drop(self.proj(self.norm(x)))
 
 
-def quantize_vit_block_attention(block: nn.Module, quant, qkr: bool = False) -> None:
+def quantize_vit_block_attention(block: nn.Module, quant, qkr: bool | str = False) -> None:
     """Quantize a pre-norm transformer block with ``norm1/attn/norm2/mlp`` in place
-    (``qkr``: its attention also holds the QKR form)."""
+    (``qkr``: its attention also holds the QKR form; ``"auto"``: where q and k can be merged)."""
     block.norm1 = wrap_norm(block.norm1, quant)
     block.attn = QAttention(block.attn, quant, qkr=qkr)
     block.norm2 = wrap_norm(block.norm2, quant)
@@ -162,7 +165,7 @@ class ViTAdapter(Adapter):
             raise NotImplementedError("attention-pool heads are not supported")
         model.eval()
         model.patch_embed.proj = wrap_conv(model.patch_embed.proj, quant)
-        qkr = qkr_requested(quant)
+        qkr = {"on": True, "auto": "auto", "off": False}[qkr_mode(quant)]
         for blk in model.blocks:
             quantize_vit_block_attention(blk, quant, qkr=qkr)
         if not isinstance(model.norm, nn.Identity):

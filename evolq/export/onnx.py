@@ -22,7 +22,12 @@ pairs at exactly the points where evolq fake-quantizes:
   ``bias_correction="output"`` the scale becomes ``s * r`` and the per-channel shift
   ``t = mu - mu_q * r`` (not an integer, so not a zero-point) an explicit float term
   ``t * sum(input)`` on the output (Linear: a ReduceSum; Conv: a box sum over the
-  receptive field), which leaves the DequantizeLinear -> MatMul/Conv pattern intact.
+  receptive field), which leaves the DequantizeLinear -> MatMul/Conv pattern intact;
+* an attention in OFQ's QKR form (``evolq.qnn.qkr``): W_qk is a quantized Linear like any
+  other (integer weights, DequantizeLinear -> MatMul, its bias the q bias's term) and u's
+  quantizer a per-tensor Q/DQ pair; the key-side operand ``Q(x)`` (qkv's input quantizer
+  applied once more, outside a Linear) is traced as the quantizer's own float operations
+  (Round, Clip), which compute the same values.
 
 The graph is traced with ``torch.onnx.export`` (TorchScript exporter) while every
 quantized layer runs an export forward that emits placeholder nodes; the placeholders
@@ -48,7 +53,6 @@ from torch import nn
 from ..errors import ExportError
 from ..fsio import atomic_write
 from ..qnn.layers import QConv2d, QLinear
-from ..qnn.qkr import qkr_export_refusal
 from ..qnn.qmodel import QModel
 from ..quant import ChannelFactorQuantizer, Log2Quantizer, PTFQuantizer, Quantizer, UniformQuantizer
 from ..quant.quantizers import bias_correct
@@ -578,9 +582,6 @@ def export_onnx(qmodel: QModel, path, *, opset: int = 21, example: torch.Tensor 
 
     if not isinstance(qmodel, QModel):
         raise ExportError(f"export_onnx takes a QModel, got {type(qmodel).__name__}")
-    refusal = qkr_export_refusal(qmodel.model, "ONNX")
-    if refusal:
-        raise ExportError(refusal)
     _check_opset(opset)
     if bias_correction not in ("weights", "output"):
         raise ExportError(f"bias_correction must be 'weights' or 'output', got {bias_correction!r}")

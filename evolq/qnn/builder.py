@@ -16,18 +16,29 @@ from .layers import QAct, QConv2d, QLinear, QNorm
 __all__ = ["edge_layers", "apply_edge_bits", "weight_quant", "act_quant", "operand_quant", "probs_quant",
            "norm_input_quant",
            "wrap_linear", "linear_input_quant", "wrap_head", "wrap_conv", "wrap_act", "wrap_mlp_act", "wrap_norm",
-           "replace_module", "qkr_requested"]
+           "replace_module", "qkr_requested", "qkr_mode"]
 
 
 def _deploy(quant) -> bool:
     return getattr(quant, "regime", "fq-vit") == "deploy"
 
 
+def qkr_mode(quant) -> str:
+    """OFQ's query-key reparameterization as ``quant`` asks for it: ``"on"`` (``start="ofq"`` with
+    ``start_options["qkr"]`` true: families that cannot build it are refused), ``"auto"`` (the
+    ofq start's default outside the deploy regime: built where the attention has q and k rows
+    of one qkv Linear and no q/k norms, skipped elsewhere) or ``"off"``. Adapters that support
+    it build their attention's QKR form (``evolq.qnn.qkr``) unless off, so a saved QKR model is
+    rebuilt in that form from its config."""
+    if getattr(quant, "start", "rtn") != "ofq" or _deploy(quant):
+        return "off"
+    v = (getattr(quant, "start_options", None) or {}).get("qkr", "auto")
+    return "on" if v is True else "auto" if v == "auto" else "off"
+
+
 def qkr_requested(quant) -> bool:
-    """Whether ``quant`` asks for OFQ's query-key reparameterization (``start="ofq"`` with
-    ``start_options["qkr"]`` true): adapters that support it build their attention's QKR form
-    (``evolq.qnn.qkr``), so a saved QKR model is rebuilt in that form from its config."""
-    return getattr(quant, "start", "rtn") == "ofq" and (getattr(quant, "start_options", None) or {}).get("qkr") is True
+    """Whether ``quant`` asks for OFQ's QKR explicitly (``qkr_mode`` ``"on"``)."""
+    return qkr_mode(quant) == "on"
 
 
 def weight_quant(quant, ch_axis=0) -> UniformQuantizer:

@@ -94,6 +94,9 @@ class QKR(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "qk.weight" in state_dict and prefix + "qk.bias" not in state_dict:
             state_dict[prefix + "qk.bias"] = torch.zeros_like(self.qk.bias)  # saved before the bias: "drop"
+        if prefix + "on" not in state_dict:  # an ofq model saved before qkr="auto" built the form: it stays off
+            for k, v in self.state_dict().items():
+                state_dict.setdefault(prefix + k, v)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._on = bool(self.on)
 
@@ -187,7 +190,8 @@ def switch_qkr(qmodel, x: torch.Tensor | None, batch_size: int = 32, bias: str =
 
 def qkr_export_refusal(model: nn.Module, fmt: str) -> str | None:
     """The one-line reason an export to ``fmt`` refuses a model with switched-on QKR attention
-    (None without): the exporters have no form for the merged W_qk and the u quantizer."""
+    (None without): the pt2 export (deploy regime, whose attention stays float) has no form for
+    the merged W_qk and the u quantizer. The ONNX export writes the form."""
     names = qkr_active_names(model)
     if not names:
         return None

@@ -19,14 +19,16 @@ OFQ's parts as switches (``OFQOptions``):
   ``cga_br`` steps from a rounding threshold are frozen (no gradient, restored after every
   step); only the near-threshold, oscillating ones keep training.
 * ``qkr``: OFQ's query-key reparameterization (``evolq.qnn.qkr``; the adapter built the form
-  from the config, timm ViT/DeiT only). At the start of a fresh run every attention switches
-  to it: W_qk = W_q,h^T W_k,h per head from the float q/k weights, its weight quantizer and the
-  quantizer of ``u = x W_qk`` calibrated on the fitness images (float tensors, as calibration
-  does); the q/k biases are dropped. W_qk's layer is a ``QLinear``, so the GPTQ init, the
-  trained change ``D`` (its ``weight_delta``; the float W_qk stays the product of the float
-  weights), StatsQ and CGA treat it as any other layer. The report's ``qkr`` records the
+  from the config: timm ViT/DeiT without q/k norms, by default wherever it can). At the start
+  of a fresh run every attention that has the form switches to it: W_qk = W_q,h^T W_k,h per
+  head from the float q/k weights (with ``qkr_bias="exact"`` the q bias's term as its bias; OFQ's
+  ``"drop"`` drops the q/k biases), its weight quantizer and the quantizer of ``u = x W_qk``
+  calibrated on the fitness images (float tensors, as calibration does). W_qk's layer is a
+  ``QLinear``, so the GPTQ init, the trained change ``D`` (its ``weight_delta``; the float W_qk
+  stays the product of the float weights), StatsQ and CGA treat it as any other layer. The report's ``qkr`` records the
   fitness KL of the initialised weights in the original q/k form and in the QKR form, of the
-  QKR form in float (what dropping the biases alone costs), and after the fine-tune.
+  QKR form in float (what dropping the biases costs; about 0 with the exact bias), and after
+  the fine-tune; ``qkr_used`` whether the form was used.
 
 At the end ``D`` becomes the quantizer's ``weight_delta`` (as GPTQ's compensation) and the
 last scale its ``scale``: fixed integers on a fixed scale, which the search then moves like
@@ -209,10 +211,11 @@ def run_ofq(qmodel, x: torch.Tensor, quant, opts, holdout: torch.Tensor | None =
         raise DataError("the ofq start found no quantized Linear/Conv layer to fine-tune")
     run_id = StartCheckpoint.run_id_of(qmodel, quant, x)
     model = qmodel.model
-    if opts.qkr and not qkr_modules(model):
+    if opts.qkr is True and not qkr_modules(model):
         raise ConfigError(f"ofq qkr (query-key reparameterization): this {qmodel.family} model was wrapped without "
                           f"its QKR form; build it with prepare_model and a QuantConfig whose start_options have "
                           f"qkr=true")
+    qkr = bool(qkr_modules(model))  # qkr=true (checked above) or "auto" where the adapter built the form
     flip = opts.augment in ("flip", "mix") and x.ndim == 4  # images: "mix" flips too
     hold = holdout if holdout is not None and holdout.shape[0] else None
     sq = statsq_layers(layers, quant, opts.statsq)
@@ -223,14 +226,14 @@ def run_ofq(qmodel, x: torch.Tensor, quant, opts, holdout: torch.Tensor | None =
             x = x.to(dev)
             hold = hold.to(dev) if hold is not None else None
             eval_bs = max(bs, 32)
-            if opts.qkr:  # fresh: W_qk and its quantizers from the fitness images; resumed: restored already
+            if qkr:  # fresh: W_qk and its quantizers from the fitness images; resumed: restored already
                 switch_qkr(qmodel, x if state is None else None, eval_bs, opts.qkr_bias)
             if state is None:
                 init_blocks = _run_gptq_init(qmodel, x, opts, sq, layers) if opts.init == "gptq" else []
                 state = {"epoch": 0, "history": [], "init_blocks": init_blocks, "seconds": 0.0, "status": "ok"}
                 if opts.init == "rtn":
                     _fit_statsq(layers, sq)
-                if opts.qkr:
+                if qkr:
                     state["qkr"] = _qkr_costs(qmodel, x, eval_bs)
                 if hold is not None:
                     state["holdout_kl_before"] = float(logits_kl(_logits(model, hold, eval_bs),
@@ -470,7 +473,7 @@ def _extra(layers, deltas, opt, masks, anchors) -> dict:
 def _report(qmodel, x, hold, opts, state, flip, t0) -> dict:
     eval_bs = max(opts.batch_size, 32)
     used = ("mix" if opts.augment == "mix" else "flip") if flip else "none"
-    rep = {"start": "ofq", "options": dict(vars(opts)), "augment_used": used,
+    rep = {"start": "ofq", "options": dict(vars(opts)), "augment_used": used, "qkr_used": "qkr" in state,
            "fitness_images": int(x.shape[0]), "holdout_images": int(hold.shape[0]) if hold is not None else 0,
            "epochs_run": state["epoch"], "history": state["history"], "status": state["status"],
            "blocks": state["init_blocks"]}
