@@ -560,7 +560,10 @@ def section_ofq(lines):
               "then 6 epochs, flips). The second round's variants (`augment=mix`, `block_weight`, 12 epochs) "
               "ran with that recipe for the options they do not name, so *ofq+augment=mix* is 6 epochs of mixed "
               "views without the block term; its lowest dev KL (mixed views + block term, 12 epochs) became "
-              "today's defaults. The recipe is "
+              "the second recipe. The third round's variants (`epochs=24`; `qkr=true+qkr_bias=exact`, QKR "
+              "with the q bias's exact term) ran with the second recipe; QKR had the lowest dev KL and is on "
+              "by default since (`qkr=auto`; *ofq+qkr=true* above it is OFQ's bias-dropping form with the "
+              "first round's defaults). The recipe is "
               "chosen on the *dev* table only (calibration pool: the first 300 images "
               "calibrate and train, the other 200 score; the evaluation split is not read); the evaluation "
               "table then reports the chosen recipe beside rtn and gptq (the calibration pool's 10% hold-out is "
@@ -778,6 +781,10 @@ SCRIPTS = [  # script, what, command, result files
      "recipe beside rtn and gptq on the evaluation split",
      "python benchmarks/ofq_start.py --mode dev --variants gptq,ofq+epochs=3+statsq=false,... ; then --mode eval "
      "--variants rtn,gptq,<lowest dev KL>", ["ofq_dev_vit_tiny_w3a8", "ofq_eval_vit_tiny_w3a8"]),
+    ("cli_eval.py", "an `evolq eval --json` command run as a user would, its last line kept with the wall time, "
+     "CPU and load", "python benchmarks/cli_eval.py --out cli_eval_ofq_vit_tiny_w3a8.json -- evolq eval --model "
+     "vit_tiny_patch16_224 --w-bits 3 --a-bits 8 --preset outlier-aware --edge-bits 8 --start ofq --json",
+     ["cli_eval_ofq_vit_tiny_w3a8"]),
     ("peers.py", "Brevitas and NVIDIA ModelOpt beside evolq on the same images (own venvs)",
      "python benchmarks/peers.py", ["peers"]),
     ("accuracy.py", "FP32 / start / Evol-Q for ViT-Tiny and EfficientNet-Lite0, seeds 0-2",
