@@ -575,7 +575,7 @@ def export_onnx(qmodel: QModel, path, *, opset: int = 21, example: torch.Tensor 
             (no cancellation between a large zero-point bias and the product).
 
     Returns the path. Raises ``ExportError`` (one line) for a model that was never
-    calibrated, a quantizer or layer with no ONNX form (OFQ's QKR attention among them), a
+    calibrated, a quantizer or layer with no ONNX form (log2 probabilities among them), a
     bad opset or path.
     """
     import onnx
