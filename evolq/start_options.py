@@ -130,12 +130,15 @@ class OFQOptions:
 
     OFQ trains 300 epochs on ImageNet; here the budget is the calibration images on 2 CPU
     cores. The defaults (12 epochs, lr 2e-5, DeiT-style mixed views, the block-output term at
-    weight 1, StatsQ off, CGA on for the last epoch, GPTQ init) had the lowest KL on
+    weight 1, StatsQ off, CGA on for the last epoch, GPTQ init, QKR with the q bias's exact term
+    where the model has q and k) had the lowest KL on
     calibration-pool dev images at ViT-Tiny W3A8 (``benchmarks/ofq_start.py --mode dev``;
     ``docs/concepts.md``): at lr 1e-4 the fine-tune overfits the few hundred images (dev KL
     above GPTQ's); with flips alone 6 epochs at 2e-5 beat 3 but the train KL falls to 0.15
     against a dev KL of 1.06; mixed views and the block-output term each lower the dev KL,
-    together more, and with them the train KL stays near the dev KL, so 12 epochs beat 6.
+    together more, and with them the train KL stays near the dev KL, so 12 epochs beat 6; 24
+    epochs lowered the dev KL less (0.954 to 0.913, twice the time) than QKR with the exact
+    q-bias term at 12 (0.788).
     StatsQ's start at 3 bits is far worse than the calibrated grid in the outlier-aware regime
     and three epochs do not recover it.
 
@@ -178,8 +181,9 @@ class OFQOptions:
             (from the float weights; its weight quantizer, StatsQ's with ``statsq``, and the quantizer
             of ``u = x W_qk`` calibrated on the fitness images), trained as a change of that weight
             like the others (GPTQ init, CGA). The report's ``qkr`` gives the fitness KL before and
-            after the switch and after the fine-tune. The float model stays the original. The ONNX and
-            pt2 exports refuse the form (``ExportError``): quantize with ``qkr=false`` to export.
+            after the switch and after the fine-tune, ``qkr_used`` whether it ran. The float model
+            stays the original. The ONNX export writes the form; the deploy regime (and so the pt2
+            export) never has it.
         qkr_bias: ``"exact"`` (default): the q bias's term ``b_q,h^T W_k,h x_j`` is W_qk's bias, so
             the QKR form equals the original attention in float (the terms of the query alone, from
             the k bias, cancel in softmax); ``"drop"``: OFQ's form, without the q and k biases, which
