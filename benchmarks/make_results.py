@@ -498,7 +498,8 @@ def section_start_points(lines):
               f"budget); *gain* is the honest one.", "",
               table(["model", "bits", "regime", "start", "seeds", "start top-1", "agreement", "KL",
                      "+ Evol-Q top-1", "+ Evol-Q KL", "gain", "test-selected gain", "start s", "search s"], rows), "",
-              "The brecq, brecq+gptq and W4A4 rows ran while another benchmark shared the same 2 cores, so their "
+              "The brecq, brecq+gptq and W4A4 rows, and seed 0 of the W4A8 *ofq* row (1104 s; a test run shared "
+              "the cores), ran while another job shared the same 2 cores, so their "
               "times are longer than on an idle machine. At W4A4 the regime puts every activation the FQ-ViT way "
               "at 4 bits, LayerNorm inputs (the residual stream), q/k/v and the softmax output included, and "
               "ViT-Tiny's start collapses whatever the weights' start. The published W4A4 ViT figures (APHQ-ViT, "
