@@ -33,7 +33,7 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="file name under benchmarks/results/")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="the evolq command (after --)")
     args = ap.parse_args(argv)
-    cmd = [c for c in args.command if c != "--"] if args.command[:1] == ["--"] else args.command
+    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not cmd or "--json" not in cmd:
         ap.error("give an evolq command with --json after --")
     exe = Path(sys.executable).parent / cmd[0]

@@ -55,7 +55,8 @@ CONFIGS = {  # name -> (architecture, w_bits, a_bits, start, other QuantConfig f
     "vit-w4a8-gptq": ("vit_tiny_patch16_224", 4, 8, "gptq", {"edge_bits": 8, "deploy_weights": "symmetric"}),
     "vit-w4a8-gptq-asym": ("vit_tiny_patch16_224", 4, 8, "gptq", {"edge_bits": 8, "deploy_weights": "asymmetric"}),
     # ofq / ofq-asym: the first ofq recipe (6 epochs of flips, no block term; ofq-asym's rows were made with
-    # it); ofq-mixblock-asym: today's OFQOptions defaults
+    # it); ofq-mixblock-asym: the second recipe, which is what today's defaults run in the deploy regime
+    # (QKR is never built there)
     "vit-w4a8-ofq": ("vit_tiny_patch16_224", 4, 8, "ofq", {"edge_bits": 8, "deploy_weights": "symmetric",
                                                            "start_options": FIRST_OFQ}),
     "vit-w4a8-ofq-asym": ("vit_tiny_patch16_224", 4, 8, "ofq", {"edge_bits": 8, "deploy_weights": "asymmetric",

@@ -450,6 +450,8 @@ def section_start_points(lines):
             groups.setdefault(name.split("/")[0], []).append(r)
         for start, rs in groups.items():
             base, _, iters = start.partition("@")
+            if iters and not iters.isdigit():  # not a brecq iteration count: part of the name
+                base, iters = start, ""
             if iters or (base.startswith("brecq") and any(k.startswith(base + "@") for k in groups)):
                 it = int(iters) if iters else (rs[0].get("start_report", {}).get("options", {}).get("iters") or 200)
                 curve.append([st["model"].split("_patch")[0], f"W{st['w_bits']}A{st['a_bits']}", base, str(it),

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -47,17 +49,16 @@ def _short(m):
     return {k: round(float(m[k]), 4) for k in ("top1", "agreement", "kl")}
 
 
-def _cache_dir(args, start, iters, seed, extra_quant) -> Path | None:
-    """The start cache's folder for one start (None: no cache). The name holds everything the
-    start depends on; the search settings are not part of it."""
+def _cache_dir(args, quant, seed) -> Path | None:
+    """The start cache's folder for one start (None: no cache): named by the model, the
+    calibration split (images, hold-out, seed) and a hash of the whole QuantConfig (start and
+    start options included), so any setting the start depends on gives another folder. The
+    search settings are not part of it. Entries are not invalidated when evolq's code changes."""
     if not args.start_cache:
         return None
-    parts = [args.model, f"w{args.w_bits}a{args.a_bits}", args.preset, f"edge{args.edge_bits}",
-             f"calib{args.calib}", f"hold{args.holdout}", start + (f"@{iters}" if iters else ""),
-             f"qdrop{args.qdrop}" if start.startswith("brecq") else "", f"seed{seed}",
-             *(f"{k}={v}" for k, v in sorted(extra_quant.items()))]
-    name = "_".join(p for p in parts if p).replace("/", "-").replace("+", ",")
-    return Path(args.start_cache) / name
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(quant), sort_keys=True, default=str).encode()).hexdigest()
+    return Path(args.start_cache) / (f"{args.model}_w{args.w_bits}a{args.a_bits}_{quant.start}_calib{args.calib}_"
+                                     f"hold{args.holdout}_seed{seed}_{digest[:16]}")
 
 
 def main(argv=None):
@@ -100,7 +101,8 @@ def main(argv=None):
                     help="folder: each start model is saved there (evolq.io.save_quantized) and loaded instead of "
                          "recomputed when a later run asks for the same start, bits, preset and seed")
     ap.add_argument("--tag", default="",
-                    help="suffix of the run's key, for the same start searched another way (e.g. @scope-block)")
+                    help="suffix of the run's key, for the same start searched another way "
+                         "(e.g. ' [scope block]'; not '@', which marks brecq iteration counts)")
     ap.add_argument("--out", default=None,
                     help="JSON file (default benchmarks/results/start_points_<model>_w<w>a<a>.json)")
     args = ap.parse_args(argv)
@@ -160,7 +162,7 @@ def main(argv=None):
         model = copy.deepcopy(base)
         fit_x, hold_x = split_calibration(xc, args.holdout, seed)
         t0 = time.perf_counter()
-        cached = _cache_dir(args, start, iters, seed, extra_quant)
+        cached = _cache_dir(args, quant, seed)
         loaded = cached is not None and (cached / "run.json").is_file()
         if loaded:
             qm = load_quantized(cached, model)

@@ -165,7 +165,7 @@ class ViTAdapter(Adapter):
             raise NotImplementedError("attention-pool heads are not supported")
         model.eval()
         model.patch_embed.proj = wrap_conv(model.patch_embed.proj, quant)
-        qkr = {"on": True, "auto": "auto", "off": False}[qkr_mode(quant)]
+        qkr = qkr_mode(quant)
         for blk in model.blocks:
             quantize_vit_block_attention(blk, quant, qkr=qkr)
         if not isinstance(model.norm, nn.Identity):

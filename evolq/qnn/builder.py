@@ -23,22 +23,22 @@ def _deploy(quant) -> bool:
     return getattr(quant, "regime", "fq-vit") == "deploy"
 
 
-def qkr_mode(quant) -> str:
-    """OFQ's query-key reparameterization as ``quant`` asks for it: ``"on"`` (``start="ofq"`` with
+def qkr_mode(quant) -> bool | str:
+    """OFQ's query-key reparameterization as ``quant`` asks for it: ``True`` (``start="ofq"`` with
     ``start_options["qkr"]`` true: families that cannot build it are refused), ``"auto"`` (the
     ofq start's default outside the deploy regime: built where the attention has q and k rows
-    of one qkv Linear and no q/k norms, skipped elsewhere) or ``"off"``. Adapters that support
+    of one qkv Linear and no q/k norms, skipped elsewhere) or ``False``. Adapters that support
     it build their attention's QKR form (``evolq.qnn.qkr``) unless off, so a saved QKR model is
     rebuilt in that form from its config."""
     if getattr(quant, "start", "rtn") != "ofq" or _deploy(quant):
-        return "off"
+        return False
     v = (getattr(quant, "start_options", None) or {}).get("qkr", "auto")
-    return "on" if v is True else "auto" if v == "auto" else "off"
+    return v if v is True or v == "auto" else False
 
 
 def qkr_requested(quant) -> bool:
-    """Whether ``quant`` asks for OFQ's QKR explicitly (``qkr_mode`` ``"on"``)."""
-    return qkr_mode(quant) == "on"
+    """Whether ``quant`` asks for OFQ's QKR explicitly (``qkr_mode`` ``True``)."""
+    return qkr_mode(quant) is True
 
 
 def weight_quant(quant, ch_axis=0) -> UniformQuantizer:
