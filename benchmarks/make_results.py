@@ -320,7 +320,8 @@ def section_paper_budget(lines):
               f"reverted by the hold-out only). *Test-selected*: the block checkpoint (start included) with the best "
               f"evaluation top-1, which is what the authors' code returns (it picks on ImageNet val); the "
               f"difference is the inflation that selection on test data adds. Run on {', '.join(dev)} with "
-              f"max_batch {runs[0]['max_batch']}; seconds per run in the JSON.", ""]
+              f"max_batch {', '.join(sorted({str(r['max_batch']) for r in runs}))}; the CPU rows on 2 cores (the "
+              f"evaluation after every block is part of their seconds).", ""]
     groups = {}
     for r in runs:
         if r["searcher"] == "tournament":
@@ -331,12 +332,19 @@ def section_paper_budget(lines):
             d = 3 if sub == "kl" else 1
             return ms(_stats([r[key][sub] for r in rs]), d) if len(rs) > 1 else f"{rs[0][key][sub]:.{d}f}"
         infl = [r["inflation_top1"] for r in rs]
-        rows.append([model.split("_patch")[0], f"W{w}A{a}", preset, len(rs), col("start"), col("honest"),
+        q = rs[0].get("quant") or {}  # runs with a start other than the preset's, or edge bits
+        regime = ", ".join([preset] + ([f"edge {q['edge_bits']}"] if q.get("edge_bits") else [])
+                           + ([f"{q['start']} start"] if q.get("start") else []))
+        where = rs[0]["cpu"]["model"] if rs[0].get("cpu") else rs[0]["device"]
+        secs = " / ".join(f"{r['start_seconds']:.0f} + {r['search_seconds']:.0f}" if "start_seconds" in r
+                          else f"{r['seconds']:.0f}" for r in rs)
+        rows.append([model.split("_patch")[0], f"W{w}A{a}", regime, len(rs), col("start"), col("honest"),
                      col("test_selected"), ms(_stats(infl)) if len(rs) > 1 else f"{infl[0]:+.1f}",
                      " ".join(f"{sum(r['kept'])}/{len(r['kept'])}" for r in rs),
-                     col("honest", "kl") if len(rs) > 1 else f"{rs[0]['honest']['kl']:.3f}"])
-    lines += [table(["model", "bits", "start point", "seeds", "start top-1", "honest top-1", "test-selected top-1",
-                     "inflation (points)", "passes kept", "honest KL"], rows), ""]
+                     col("honest", "kl") if len(rs) > 1 else f"{rs[0]['honest']['kl']:.3f}", where, secs])
+    lines += [table(["model", "bits", "regime and start", "seeds", "start top-1", "honest top-1",
+                     "test-selected top-1", "inflation (points)", "passes kept", "honest KL", "device",
+                     "seconds (start + search, or the whole run)"], rows), ""]
     base = [r for r in runs if r["run"] == "vit3-oa" and r["seed"] == 0]
     sr = base + [r for r in runs if r["run"] == "searchers"]
     rows = [[r["searcher"], r["popsize"] or "-", r["evaluations"], f"{r['start']['top1']:.1f}",

@@ -10,7 +10,11 @@ Runs (``--runs``, default all):
 * ``eff44``: EfficientNet-Lite0 W4A4, seed 0;
 * ``searchers``: ViT-Tiny W3A8 outlier-aware seed 0 with CMA-ES, SNES, PGPE and the batched
   tournament at (about) the tournament's 3 evaluations per block and pass: one generation
-  of 3 (PGPE: 4, it needs an even population), the batched tournament 3 children at once.
+  of 3 (PGPE: 4, it needs an even population), the batched tournament 3 children at once;
+* ``vit3-ofq``: ViT-Tiny W3A8 outlier-aware, edge bits 8, the ``ofq`` start (today's
+  ``OFQOptions`` defaults, seeded by the run's seed), seed 0;
+* ``vit4-deploy``: ViT-Tiny W4A8 in the deploy regime, edge bits 8, GPTQ start on the
+  default (asymmetric) 4-bit grid, seed 0.
 
 After every block the evaluation split is scored (top-1, agreement, KL) and after every
 pass the calibration loss and the hold-out score are recorded. Reported per run: the
@@ -43,12 +47,14 @@ from evolq.data import fitness_part
 from evolq.evaluate import evaluate_qmodel
 
 VIT, EFF = "vit_tiny_patch16_224", "tf_efficientnet_lite0"
-RUNS = {  # name -> (model, w_bits, a_bits, preset, seeds, searchers)
+RUNS = {  # name -> (model, w_bits, a_bits, preset, seeds, searchers[, other QuantConfig fields])
     "vit3-fq": (VIT, 3, 8, "fq-vit", (0, 1, 2), ("tournament",)),
     "vit3-oa": (VIT, 3, 8, "outlier-aware", (0, 1, 2), ("tournament",)),
     "vit4-oa": (VIT, 4, 8, "outlier-aware", (0,), ("tournament",)),
     "eff44": (EFF, 4, 4, "fq-vit", (0,), ("tournament",)),
     "searchers": (VIT, 3, 8, "outlier-aware", (0,), ("cmaes", "snes", "pgpe", "batched-tournament")),
+    "vit3-ofq": (VIT, 3, 8, "outlier-aware", (0,), ("tournament",), {"edge_bits": 8, "start": "ofq"}),
+    "vit4-deploy": (VIT, 4, 8, "deploy", (0,), ("tournament",), {"edge_bits": 8, "start": "gptq"}),
 }
 POPSIZE = {"cmaes": 3, "snes": 3, "pgpe": 4, "batched-tournament": 3}
 
@@ -84,21 +90,28 @@ class Tracker:
                             **{k: q[k] for k in ("top1", "agreement", "kl")}})
 
 
-def run_one(name, model_name, bits, a_bits, preset, seed, searcher, data, args):
+def run_one(name, model_name, bits, a_bits, preset, seed, searcher, data, args, quant=None):
     base, xc, xe, ye, fp = data
     kw = dict(popsize=POPSIZE[searcher]) if searcher in POPSIZE else {}
+    quant = dict(quant or {})
+    if quant.get("start") == "ofq":
+        quant["start_options"] = {"seed": seed, "device": args.device}
+    elif quant.get("start") == "gptq":
+        quant["start_options"] = {"device": args.device}
     config = EvolQConfig.make(preset=preset, w_bits=bits, a_bits=a_bits, passes=args.passes, cycles=args.cycles,
                               seed=seed, searcher=searcher, holdout=0.1, max_batch=args.max_batch,
                               infonce_batch=min(100, xc.shape[0] - round(0.1 * xc.shape[0])),
-                              device=args.device, progress=False, **kw)
+                              device=args.device, progress=False, **kw, **quant)
     t0 = time.perf_counter()
     qmodel = prepare_model(copy.deepcopy(base), fitness_part(xc, config.search), config.quant, arch=model_name)
+    start_seconds = time.perf_counter() - t0
     qmodel.model.to(args.device)
     tracker = Tracker(xe, ye, fp)
     qmodel, rep = quantize_model(qmodel, xc, config, subscribers=[tracker])
     final = evaluate_qmodel(qmodel, xe, ye, fp_logits=fp)[0]["quantized"]
     best = max(tracker.blocks, key=lambda p: (p["top1"], -p["evaluations"]))
     return {"run": name, "model": model_name, "w_bits": bits, "a_bits": a_bits, "preset": preset, "seed": seed,
+            "quant": {k: v for k, v in quant.items() if k != "start_options"}, "start_seconds": start_seconds,
             "searcher": searcher, "popsize": kw.get("popsize"), "start": {k: tracker.blocks[0][k] for k in
                                                                           ("top1", "agreement", "kl")},
             "honest": {k: final[k] for k in ("top1", "agreement", "kl")},
@@ -129,7 +142,7 @@ def main():
     t_all, cache = time.perf_counter(), {}
     device = (torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor() or "cpu")
     for name in args.runs:
-        model_name, bits, a_bits, preset, seeds, searchers = RUNS[name]
+        model_name, bits, a_bits, preset, seeds, searchers, *quant = RUNS[name]
         for seed in (s for s in seeds if args.seeds is None or s in args.seeds):
             for searcher in searchers:
                 if (name, seed, searcher) in done:
@@ -143,8 +156,13 @@ def main():
                     with torch.no_grad():
                         fp = torch.cat([base.to(args.device)(xe[i:i + 100]).float() for i in range(0, len(xe), 100)])
                     cache[model_name] = (base.cpu(), xc, xe, ye, fp)
-                r = run_one(name, model_name, bits, a_bits, preset, seed, searcher, cache[model_name], args)
+                r = run_one(name, model_name, bits, a_bits, preset, seed, searcher, cache[model_name], args,
+                            quant[0] if quant else None)
                 r["device"], r["max_batch"] = device, args.max_batch
+                if not args.device.startswith("cuda"):
+                    from evolq.export.bench import cpu_info
+
+                    r["cpu"] = cpu_info()
                 doc["runs"] = [x for x in doc["runs"] if (x["run"], x["seed"], x["searcher"]) != (name, seed, searcher)]
                 doc["runs"].append(r)
                 doc["settings"] = {"passes": args.passes, "cycles": args.cycles, "calib": args.calib,
