@@ -146,7 +146,8 @@ class OFQOptions:
     weight quantizer's input space (the float layer keeps its weights, so the
     float model stays the reference of the search, the hold-out and the evaluation); it ends
     up as the quantizer's ``weight_delta``, as GPTQ's compensation does. LayerNorm affines,
-    biases and activation scales are not trained (the search owns the activation scales).
+    biases are not trained; activation scales only with ``act_lr`` (by default the search owns
+    them).
 
     Args:
         epochs: passes over the fitness images (1..1000).
@@ -188,6 +189,12 @@ class OFQOptions:
             the QKR form equals the original attention in float (the terms of the query alone, from
             the k bias, cancel in softmax); ``"drop"``: OFQ's form, without the q and k biases, which
             changes the function (ViT-Tiny's float logits move by KL 5.9).
+        act_lr: 0 (default): activation scales stay as calibrated. Above 0: the scales of the
+            calibrated uniform activation quantizers train too (LSQ, Esser et al. 2020, on
+            ``log s``, AdamW at this learning rate on the same schedule, no decay); PTF /
+            channel-factor and log2 quantizers keep their calibration. The report's
+            ``act_scales`` says how many trained and how far they moved. The search then starts
+            from the trained scales.
         seed: order of the images and augmentation; same seed, same weights.
         device: where the fine-tune runs.
         progress: a tqdm bar with the loss.
@@ -207,6 +214,7 @@ class OFQOptions:
     cga_br: float = 0.005
     qkr: bool | str = "auto"
     qkr_bias: str = "exact"
+    act_lr: float = 0.0
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -222,6 +230,9 @@ class OFQOptions:
         v = self.weight_decay
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ConfigError(f"ofq weight_decay must be a non-negative number, got {v!r}")
+        v = self.act_lr
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 1:
+            raise ConfigError(f"ofq act_lr must be a number in [0, 1], got {v!r}")
         v = self.cga_br
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 0.5:
             raise ConfigError(f"ofq cga_br must be a number in (0, 0.5), got {v!r}")

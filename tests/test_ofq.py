@@ -268,6 +268,74 @@ def test_nan_keeps_the_last_good_epoch_and_says_so(tmp_path, monkeypatch):
     assert all(torch.isfinite(t).all() for t in buffers(qm).values())
 
 
+# --------------------------------------------------------------------------- trained activation scales
+def test_lsq_forward_value_and_gradients():
+    """The training forward of an activation quantizer (act_lr): the frozen quantizer's value
+    at ``scale = exp(log_s)``, gradient 1 inside the range and 0 where it clips for ``x``, and a
+    gradient for the log-scale (LSQ)."""
+    q = UniformQuantizer(bits=4, kind="activation")
+    q.set_qparams(torch.tensor([0.1]), torch.tensor([3.0]))
+    q.calibrated.fill_(True)
+    log_s = torch.nn.Parameter(torch.tensor([0.1]).log())
+    q.set_qparams(log_s.detach().exp(), torch.tensor([3.0]))
+    fwd = ofq_mod._Training._act_forward(q, log_s)
+    x = torch.linspace(-1.0, 2.0, 301, requires_grad=True)
+    out = fwd(x)
+    assert torch.equal(out.detach(), q(x.detach()))
+    out.sum().backward()
+    step, xd = float(q.scale), x.detach()
+    lo, hi = (q.qmin - 3) * step, (q.qmax - 3) * step  # the range
+    inside, outside = (xd > lo + 1e-4) & (xd < hi - 1e-4), (xd < lo - 1e-4) | (xd > hi + 1e-4)
+    assert inside.sum() > 100 and outside.sum() > 100
+    assert torch.allclose(x.grad[inside], torch.ones(()), atol=1e-6) and bool((x.grad[outside] == 0).all())
+    assert log_s.grad is not None and float(log_s.grad.abs()) > 0
+
+
+def test_act_lr_trains_activation_scales_frozen_equals_trained_and_resumes(tmp_path, monkeypatch):
+    x = imgs(24)
+    base = ofq(x, epochs=2)
+    qm = ofq(x, epochs=2, act_lr=0.05)
+    acts = ofq_mod.act_scale_quantizers(qm, [(n, layer) for b in qm.blocks for n, layer in block_layers(qm, b)])
+    assert acts and qm.start_report["act_scales"]["trained"] == len(acts)
+    assert qm.start_report["act_scales"]["mean_abs_log_change"] > 0
+    assert "act_scales" not in base.start_report
+    bq, aq = base.quantizers(), qm.quantizers()
+    moved = [n for n, _ in acts if not torch.equal(bq[n].scale, aq[n].scale)]
+    assert len(moved) == len(acts)
+    untrained = [n for n, q in aq.items() if getattr(q, "kind", "activation") == "activation"
+                 and n not in dict(acts) and hasattr(q, "scale")]
+    assert untrained and all(torch.equal(bq[n].scale, aq[n].scale) for n in untrained)  # PTF: calibrated
+    # the frozen model computes what the last training forward computed
+    seen = {}
+    orig_exit = ofq_mod._Training.__exit__
+
+    def exit_and_record(self, *exc):
+        with torch.no_grad():
+            seen["trained"] = self.qmodel.model(x).clone()
+        return orig_exit(self, *exc)
+
+    monkeypatch.setattr(ofq_mod._Training, "__exit__", exit_and_record)
+    again = ofq(x, epochs=2, act_lr=0.05)
+    monkeypatch.undo()
+    assert same(buffers(again), buffers(qm))  # deterministic
+    with torch.no_grad():
+        assert torch.equal(again.model(x), seen["trained"])
+    # killed in epoch 2 and resumed: the same scales and weights as the uninterrupted run
+    orig = ofq_mod.epoch_seed
+
+    def killed_in_epoch_2(seed, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return orig(seed, epoch)
+
+    monkeypatch.setattr(ofq_mod, "epoch_seed", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        ofq(x, ckpt=tmp_path, epochs=2, act_lr=0.05)
+    monkeypatch.setattr(ofq_mod, "epoch_seed", orig)
+    resumed = ofq(x, ckpt=tmp_path, resume=True, epochs=2, act_lr=0.05)
+    assert same(buffers(resumed), buffers(qm))
+
+
 def test_worse_after_fine_tune_is_reported(monkeypatch):
     qm = ofq(imgs(24), imgs(8, seed=5), lr=1.0, epochs=1, init="rtn")  # a step that ruins the weights
     rep = qm.start_report
@@ -353,7 +421,9 @@ def test_bad_ofq_inputs_are_one_line_errors():
                          ({"cga_br": 0.7}, "cga_br"), ({"epoch": 2}, "unknown ofq option"),
                          ({"augment": "cutout"}, "augment must be one of flip, mix, none"),
                          ({"qkr_bias": "keep"}, "qkr_bias must be one of exact, drop"),
-                         ({"block_weight": -1}, "block_weight must be a number in \\[0, 1000\\]")):
+                         ({"block_weight": -1}, "block_weight must be a number in \\[0, 1000\\]"),
+                         ({"act_lr": -0.1}, "act_lr must be a number in \\[0, 1\\]"),
+                         ({"act_lr": float("nan")}, "act_lr must be")):
         with pytest.raises(ConfigError, match=needle) as e:
             QuantConfig(start="ofq", start_options=opts)
         assert "\n" not in str(e.value)

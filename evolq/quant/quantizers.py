@@ -22,7 +22,7 @@ from .observers import MinMaxObserver, make_observer
 from .range import fake_quant, fake_quant_axis, int_range, qparams_from_range, split_zero_point, statsq_qparams
 
 __all__ = ["Quantizer", "UniformQuantizer", "PTFQuantizer", "ChannelFactorQuantizer", "Log2Quantizer",
-           "bias_correct", "straight_through"]
+           "bias_correct", "straight_through", "lsq_quant"]
 
 
 def bias_correct(w_q: torch.Tensor, w: torch.Tensor, ch_axis: int = 0) -> torch.Tensor:
@@ -69,6 +69,25 @@ def straight_through(q, x: torch.Tensor, fn=None) -> torch.Tensor:
     with torch.no_grad():
         mask = ((out - x).abs() <= 0.5001 * step).to(x.dtype)
     return out + (x - x.detach()) * mask
+
+
+def lsq_quant(q, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The uniform activation quantizer ``q`` at a trainable step ``s`` (LSQ, Esser et al.
+    2020): ``round(clamp(x / s, qmin - z, qmax - z)) * s`` with the rounding passed straight
+    through, so ``s`` gets the gradient of the rounding error inside the range and of the
+    clipped values outside it, and ``x`` gets 1 inside the range and 0 where it clips. In value
+    it is ``q``'s forward with ``scale = s`` (its zero-points are integers, so rounding and
+    clamping commute). ``s`` is q's scale's shape (per tensor or per channel)."""
+    axis = q._axis(x.ndim)
+    if axis is None:
+        z = float(q.zero_point.reshape(()).item())
+        v = torch.clamp(x * torch.reciprocal(s.to(x.dtype).reshape(())), q.qmin - z, q.qmax - z)
+        return (torch.round(v.detach()) + (v - v.detach())) * s.to(x.dtype).reshape(())
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    s, z = s.to(x.dtype).reshape(shape), q.zero_point.to(x.dtype).reshape(shape)
+    v = torch.clamp(x * torch.reciprocal(s), min=q.qmin - z, max=q.qmax - z)
+    return (torch.round(v.detach()) + (v - v.detach())) * s
 
 
 class Quantizer(nn.Module):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ...quant import UniformQuantizer
+from ...quant.quantizers import lsq_quant
 from ...quant.range import split_zero_point
 from .common import folded_weight
 
@@ -103,11 +104,7 @@ class _ActStep:
         self.handle = q.register_forward_hook(self._hook)
 
     def _hook(self, mod, args, out):
-        x = args[0]
-        z = mod.zero_point.reshape(())
-        t = x / self.s
-        t = t + (torch.round(t) - t).detach()  # straight-through rounding
-        return torch.clamp(t, mod.qmin - z, mod.qmax - z) * self.s
+        return lsq_quant(mod, args[0], self.s)
 
     def remove(self):
         self.handle.remove()

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import ConfigError, DataError
-from ...quant.quantizers import straight_through
+from ...quant.quantizers import lsq_quant, straight_through
 from ...quant.range import split_zero_point
 from ..qkr import qkr_float_form, qkr_modules, switch_qkr
 from .common import GPTQOptions, StartCheckpoint, block_layers, folded_weight
@@ -89,9 +89,11 @@ class _Training:
     a parameter, started from its ``weight_delta``) and, with StatsQ, refits its scale to
     ``w + D`` first. The float parameters are frozen meanwhile."""
 
-    def __init__(self, qmodel, layers, statsq: list[bool]):
+    def __init__(self, qmodel, layers, statsq: list[bool], act_quants=()):
         self.qmodel, self.layers, self.statsq = qmodel, layers, statsq
+        self.act_quants = list(act_quants)  # (name, quantizer) whose scales train (OFQOptions.act_lr)
         self.deltas: list[nn.Parameter] = []
+        self.log_scales: list[nn.Parameter] = []
         self._patched, self._grad = [], []
 
     def __enter__(self):
@@ -99,10 +101,15 @@ class _Training:
         for p, _ in self._grad:
             p.requires_grad_(False)
         wqs = {id(layer.weight_quant) for _, layer in self.layers}
+        trained = {id(q) for _, q in self.act_quants}
         for q in self.qmodel.quantizers().values():
-            if id(q) not in wqs:
+            if id(q) not in wqs and id(q) not in trained:
                 orig = type(q).forward.__get__(q)
                 self._patch(q, lambda x, q=q, orig=orig: straight_through(q, x, orig))
+        for _, q in self.act_quants:
+            log_s = nn.Parameter(q.scale.detach().float().log().clone())
+            self.log_scales.append(log_s)
+            self._patch(q, self._act_forward(q, log_s))
         for (_, layer), sq in zip(self.layers, self.statsq):
             q = layer.weight_quant
             w, _ = folded_weight(layer)
@@ -125,6 +132,15 @@ class _Training:
                 with torch.no_grad():
                     q.fit_statsq(x)
             return straight_through(q, x, orig)
+
+        return forward
+
+    @staticmethod
+    def _act_forward(q, log_s):
+        """``lsq_quant`` at ``s = exp(log_s)``: the frozen quantizer's value with that scale."""
+
+        def forward(x):
+            return lsq_quant(q, x, log_s.exp()) if q.active else x
 
         return forward
 
@@ -157,6 +173,21 @@ def _cga_masks(layers, deltas, br: float, statsq: list[bool]) -> list[torch.Tens
             u = x / q.step_like(x) + (f if f is not None else 0.0)
             masks.append((u - torch.floor(u) - 0.5).abs() > br)
     return masks
+
+
+def act_scale_quantizers(qmodel, layers) -> list:
+    """The activation quantizers whose scales ``OFQOptions.act_lr`` trains: the calibrated
+    uniform ones (per tensor or per channel) with integer zero-points. PTF / channel-factor
+    quantizers (LayerNorm inputs of the FQ-ViT regimes) and log2 ones keep their calibration."""
+    from ...quant.quantizers import UniformQuantizer
+
+    wqs = {id(layer.weight_quant) for _, layer in layers}
+    out = []
+    for name, q in qmodel.quantizers().items():
+        if (type(q) is UniformQuantizer and q.kind == "activation" and q.active and id(q) not in wqs
+                and bool((q.scale > 0).all()) and bool((q.zero_point == q.zero_point.round()).all())):
+            out.append((name, q))
+    return out
 
 
 def statsq_layers(layers, quant, statsq: bool) -> list[bool]:
@@ -339,24 +370,32 @@ def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, pr
     teacher = None if online else _float_logits(qmodel, x, eval_bs)
     teacher_flip = _float_logits(qmodel, x.flip(-1), eval_bs) if flip and not online else None
     hold_ref = _float_logits(qmodel, hold, eval_bs) if hold is not None else None
-    with _Training(qmodel, layers, sq) as tr:
-        deltas = tr.deltas
+    acts = act_scale_quantizers(qmodel, layers) if opts.act_lr > 0 else []
+    with _Training(qmodel, layers, sq, acts) as tr:
+        deltas, log_scales = tr.deltas, tr.log_scales
+        start_log = [ls.detach().clone() for ls in log_scales]
+        named = [(name, d) for (name, _), d in zip(layers, deltas)]
+        named += [(f"act/{name}", ls) for (name, _), ls in zip(acts, log_scales)]
         extra = ckpt.extra
-        if state["epoch"] > 0:  # resumed: the changes, AdamW's moments and CGA's masks of the last epoch
+        if state["epoch"] > 0:  # resumed: the changes (and scales), AdamW's moments and CGA's masks of the last epoch
             with torch.no_grad():
-                for (name, _), d in zip(layers, deltas):
+                for name, d in named:
                     d.copy_(extra[f"D/{name}"].to(d))
-        opt = torch.optim.AdamW(deltas, lr=opts.lr, weight_decay=opts.weight_decay)
+        groups = [{"params": deltas, "lr": opts.lr, "base_lr": opts.lr, "weight_decay": opts.weight_decay}]
+        if log_scales:
+            groups.append({"params": log_scales, "lr": opts.act_lr, "base_lr": opts.act_lr, "weight_decay": 0.0})
+        opt = torch.optim.AdamW(groups)
         masks = anchors = None
         if state["epoch"] > 0:
-            for (name, _), d in zip(layers, deltas):
+            for name, d in named:
                 if f"m/{name}" in extra:
                     opt.state[d] = {"step": extra[f"step/{name}"].clone(), "exp_avg": extra[f"m/{name}"].to(d),
                                     "exp_avg_sq": extra[f"v/{name}"].to(d)}
             if f"mask/{layers[0][0]}" in extra:
                 masks = [extra[f"mask/{name}"].to(d.device).bool() for (name, _), d in zip(layers, deltas)]
                 anchors = [extra[f"anchor/{name}"].to(d) for (name, _), d in zip(layers, deltas)]
-        good = [d.detach().clone() for d in deltas]  # the last good epoch's changes (NaN fallback)
+        params = deltas + log_scales
+        good = [d.detach().clone() for d in params]  # the last good epoch's changes (NaN fallback)
         bar = None
         if progress and state["epoch"] < opts.epochs:
             from tqdm.auto import tqdm
@@ -374,9 +413,10 @@ def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, pr
             losses, kls, bad = [], [], None
             for i in range(steps):
                 g = epoch * steps + i
-                lr = opts.lr * (0.5 * (1 + math.cos(math.pi * g / total)) if opts.schedule == "cosine" else 1.0)
+                factor = 0.5 * (1 + math.cos(math.pi * g / total)) if opts.schedule == "cosine" else 1.0
+                lr = opts.lr * factor
                 for group in opt.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = group["base_lr"] * factor
                 idx = perm[i * bs:(i + 1) * bs].to(x.device)
                 xb = x[idx]
                 if mix:
@@ -419,7 +459,7 @@ def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, pr
                     if masks is not None:
                         for d, m, a in zip(deltas, masks, anchors):
                             d[m] = a[m]
-                    if not all(bool(torch.isfinite(d).all()) for d in deltas):
+                    if not all(bool(torch.isfinite(d).all()) for d in params):
                         bad = f"non-finite weights after epoch {epoch + 1}, step {i + 1}"
                         break
                 losses.append(lv)
@@ -429,7 +469,7 @@ def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, pr
                     bar.set_postfix(epoch=epoch + 1, loss=f"{lv:.4f}")
             if bad is not None:
                 with torch.no_grad():
-                    for d, gd in zip(deltas, good):
+                    for d, gd in zip(params, good):
                         d.copy_(gd)
                 kept = f"epoch {epoch}" if epoch else f"the {opts.init} init"
                 state["status"] = f"stopped: {bad}; kept the weights of {kept}"
@@ -445,27 +485,37 @@ def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, pr
             state["history"].append(rec)
             state["epoch"] = epoch + 1
             state["seconds"] = time.perf_counter() - t0
-            good = [d.detach().clone() for d in deltas]
-            ckpt.save(state, _extra(layers, deltas, opt, masks, anchors))
+            good = [d.detach().clone() for d in params]
+            ckpt.save(state, _extra(named, opt, masks, anchors))
         if bar is not None:
             bar.close()
         final = [d.detach().clone() for d in deltas]
-    # freeze: the change becomes the quantizer's weight_delta, the last StatsQ scale its scale
+        final_log = [ls.detach().clone() for ls in log_scales]
+    # freeze: the change becomes the quantizer's weight_delta, the last StatsQ scale its scale, and
+    # trained activation scales their quantizers' scales
     with torch.no_grad():
         for (_, layer), d in zip(layers, final):
             layer.weight_quant.set_rounding(delta=d)
+        for (_, q), ls in zip(acts, final_log):
+            q.scale.copy_(ls.exp().to(q.scale))
     _fit_statsq(layers, sq, [layer.weight_quant.weight_delta for _, layer in layers])
+    if acts:
+        change = torch.cat([(a - b).abs().reshape(-1) for a, b in zip(final_log, start_log)])
+        state["act_scales"] = {"trained": len(acts), "mean_abs_log_change": float(change.mean()),
+                               "max_abs_log_change": float(change.max())}
 
 
-def _extra(layers, deltas, opt, masks, anchors) -> dict:
+def _extra(named, opt, masks, anchors) -> dict:
+    """The checkpoint's extra tensors: each trained tensor (weight changes, then activation
+    log-scales), its AdamW moments and, in the CGA phase, the weights' masks and anchors."""
     out = {}
-    for j, ((name, _), d) in enumerate(zip(layers, deltas)):
+    for j, (name, d) in enumerate(named):
         out[f"D/{name}"] = d.detach()
         st = opt.state.get(d)
         if st:
             out[f"m/{name}"], out[f"v/{name}"] = st["exp_avg"], st["exp_avg_sq"]
             out[f"step/{name}"] = torch.as_tensor(st["step"], dtype=torch.float32).reshape(())
-        if masks is not None:
+        if masks is not None and j < len(masks):
             out[f"mask/{name}"], out[f"anchor/{name}"] = masks[j].to(torch.uint8), anchors[j]
     return out
 
@@ -477,6 +527,8 @@ def _report(qmodel, x, hold, opts, state, flip, t0) -> dict:
            "fitness_images": int(x.shape[0]), "holdout_images": int(hold.shape[0]) if hold is not None else 0,
            "epochs_run": state["epoch"], "history": state["history"], "status": state["status"],
            "blocks": state["init_blocks"]}
+    if "act_scales" in state:
+        rep["act_scales"] = state["act_scales"]
     warnings = []
     model = qmodel.model
     dev = next(iter(model.parameters())).device
