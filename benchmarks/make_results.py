@@ -625,23 +625,10 @@ def _evolq_speed(bench, batch, threads):
     return ""
 
 
-def section_deploy(lines):
-    ours = load("deploy")
-    peers = {a: load(f"deploy_peers_{a}") for a in ("vit_tiny", "efficientnet_lite0")}
-    if not ours and not any(peers.values()):
-        return
-    lines += ["## Deployed int8: evolq's deploy regime and peer tools (`benchmarks/deploy.py`, "
-              "`benchmarks/deploy_peers.py`)", "",
-              "500 calibration-pool images (evolq: the 450 left after its 10% hold-out), 500 evaluation images. "
-              "*speedup* is the median "
-              "ratio (min-max) of alternating timed pairs against the same model's FP32 in the same runtime with the "
-              "same settings (pt2: both compiled by inductor with freezing); *int / float* counts the integer and "
-              "float matmul/convolution kernels the runtime executes (attention matmuls included where the runtime "
-              "reports them). Peers ran with their own recommended recipes (`recipe` and `doc` in their JSON); "
-              "the cores were shared with other jobs during parts of these runs: the load averages are in the "
-              "JSON files.", ""]
+def _deploy_rows(doc):
+    """The deploy table's evolq rows of one ``deploy.py`` JSON file."""
     rows = []
-    for name, r in ((ours or {}).get("configs") or {}).items():
+    for name, r in ((doc or {}).get("configs") or {}).items():
         t = r["torch"]
         for key in ("pt2", "onnx", "openvino"):  # deploy.py's row keys: pt2/inductor, onnx/onnxruntime, onnx/openvino
             e = r.get(key)
@@ -657,6 +644,25 @@ def section_deploy(lines):
         if not any(r.get(key) for key in ("pt2", "onnx", "openvino")):
             rows.append([r["arch"], f"evolq {name} (PyTorch only)", "", f2(t["top1"]), f2(t["agreement"]), "",
                          f"{t['kl']:.4f}", "", "", "", f"{r['start_seconds']:.0f}"])
+    return rows
+
+
+def section_deploy(lines):
+    ours = load("deploy")
+    peers = {a: load(f"deploy_peers_{a}") for a in ("vit_tiny", "efficientnet_lite0")}
+    if not ours and not any(peers.values()):
+        return
+    lines += ["## Deployed int8: evolq's deploy regime and peer tools (`benchmarks/deploy.py`, "
+              "`benchmarks/deploy_peers.py`)", "",
+              "500 calibration-pool images (evolq: the 450 left after its 10% hold-out), 500 evaluation images. "
+              "*speedup* is the median "
+              "ratio (min-max) of alternating timed pairs against the same model's FP32 in the same runtime with the "
+              "same settings (pt2: both compiled by inductor with freezing); *int / float* counts the integer and "
+              "float matmul/convolution kernels the runtime executes (attention matmuls included where the runtime "
+              "reports them). Peers ran with their own recommended recipes (`recipe` and `doc` in their JSON); "
+              "the cores were shared with other jobs during parts of these runs: the load averages are in the "
+              "JSON files.", ""]
+    rows = _deploy_rows(ours)
     for d in peers.values():
         if not d:
             continue
@@ -684,6 +690,18 @@ def section_deploy(lines):
               "model in float32 against itself in float64). Peer rows: the runtime's own agreement and KL to FP32. "
               "The large maxima of evolq's pt2 spreads are one FP32 round each: a recompile in the first timed round "
               "(`rounds_s` in the JSON), since fixed by interleaving the warm-up; the medians are unaffected.", ""]
+    for f in sorted(RES.glob("deploy_on_*.json")):  # the same configurations measured on another machine
+        other_doc = json.loads(f.read_text())
+        cpus = sorted({(c["cpu"]["model"], c["cpu"]["cores"], ", ".join(c["cpu"]["flags"]))
+                       for c in other_doc["configs"].values()})
+        loads = [f"{c['cpu']['load_1m']:.1f}" for c in other_doc["configs"].values() if c["cpu"].get("load_1m")]
+        lines += [f"The same evolq configurations on another machine (`benchmarks/deploy.py --out {f.name}`): "
+                  + "; ".join(f"{m}, {n} cores, int8 flags {fl}" for m, n, fl in cpus)
+                  + (f"; 1-minute load {' / '.join(loads)} at the end of each configuration" if loads else "")
+                  + ".", "",
+                  table(["model", "tool", "top-1 (runtime)", "top-1 (PyTorch)", "agreement to FP32",
+                         "runtime vs PyTorch (floor)", "KL to FP32", "speedup b32 2t", "speedup b1 2t",
+                         "int / float kernels", "quantize s"], _deploy_rows(other_doc)), ""]
     sizes = [[n, r["bytes"]["fp32_onnx"] / 1e6, r["bytes"]["onnx"] / 1e6, f"{100 * r['bytes']['onnx_vs_fp32']:.0f}%",
               r["bytes"]["pt2"] / 1e6] for n, r in ((ours or {}).get("configs") or {}).items() if "bytes" in r]
     if sizes:
@@ -768,7 +786,8 @@ SCRIPTS = [  # script, what, command, result files
      "python benchmarks/deploy.py --configs vit-w8a8 effnet-w8a8 --onnx --threads 2 1 --batches 32 1",
      ["deploy", "deploy_strengths_vit_tiny_w8a8", "deploy_strengths_vit_tiny_w4a8",
       "deploy_strengths_vit_tiny_w4a8_gptq_symmetric", "deploy_strengths_vit_tiny_w4a8_gptq_asymmetric",
-      "deploy_search_vit_tiny_w4a8", "deploy_search_vit_tiny_w4a4", "deploy_w4a8_intel_xeon"]),
+      "deploy_search_vit_tiny_w4a8", "deploy_search_vit_tiny_w4a4", "deploy_w4a8_intel_xeon",
+      "deploy_on_amd_epyc_zen4"]),
     ("deploy_peers.py", "peer int8 tools (onnxruntime static/dynamic, NNCF+OpenVINO, PT2E X86Inductor, torchao) in "
      "their own venv, same images", "/work/peer-venv/bin/python benchmarks/deploy_peers.py --model "
      "vit_tiny_patch16_224 --peers ... (see its docstring)",
