@@ -513,7 +513,9 @@ def section_start_points(lines):
               "times are longer than on an idle machine. At W4A4 the regime puts every activation the FQ-ViT way "
               "at 4 bits, LayerNorm inputs (the residual stream), q/k/v and the softmax output included, and "
               "ViT-Tiny's start collapses whatever the weights' start. The published W4A4 ViT figures (APHQ-ViT, "
-              "FIMA-Q) come from regimes that quantize fewer operations.", ""]
+              "FIMA-Q) come from regimes that quantize fewer operations. The brecq and brecq+gptq rows were "
+              "made before BRECQ's activation steps took the shared `lsq_quant` form (clamp before rounding; "
+              "the range's two edge bins had half the gradient) and were not re-run.", ""]
     gaps = []
     for f in sorted(RES.glob("start_gap_*.json")) + files:
         d = json.loads(f.read_text())
