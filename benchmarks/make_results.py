@@ -609,6 +609,21 @@ def section_ofq(lines):
         lines += [f"{name}: {d['settings']['split']} (FP32 top-1 {d['fp32_top1']:.1f}).", "",
                   table(["variant", f"{col} top-1", "agreement", "KL", "train KL per epoch", kl_what, "status",
                          "start s"], rows), ""]
+    for f in sorted(RES.glob("ofq_dev_*.json")):  # other models and bit widths: today's defaults + a variant
+        if f.stem == "ofq_dev_vit_tiny_w3a8":
+            continue
+        d = json.loads(f.read_text())
+        st = d["settings"]
+        rows = [[k, f2(r["top1"]), f2(r["agreement"]),
+                 f"{r['kl']:.4f}" + (" (lowest)" if k == d.get("best_kl") else ""),
+                 " / ".join(f"{h['train_kl']:.3f}" for h in r.get("history") or []),
+                 f"{r['fitness_kl']['before']:.3f} -> {r['fitness_kl']['after']:.3f}" if r.get("fitness_kl") else "",
+                 r.get("status", ""), f"{r['seconds']:.0f}"] for k, r in d["variants"].items()]
+        lines += [f"{st['model']} W{st['w_bits']}A{st['a_bits']}, {st['preset']} preset, edge bits "
+                  f"{st['edge_bits']}, seed {st['seed']} (`{f.name}`): dev, {st['split']} (FP32 top-1 "
+                  f"{d['fp32_top1']:.1f}); variants with today's defaults for the options they do not name.", "",
+                  table(["variant", "dev top-1", "agreement", "KL", "train KL per epoch", "fitness KL (train images)",
+                         "status", "start s"], rows), ""]
 
 
 def _peer_speed(lat, key):

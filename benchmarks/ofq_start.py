@@ -107,7 +107,8 @@ def main(argv=None):
         r = {k: round(float(m["quantized"][k]), 4) for k in ("top1", "agreement", "kl")}
         r.update(seconds=round(secs, 1), linear_input_strength=q.linear_input_strength, start=start, options=opts)
         rep = qm.start_report or {}
-        for k in ("holdout_kl", "fitness_kl", "qkr", "history", "status", "warnings", "fallbacks", "epochs_run"):
+        for k in ("holdout_kl", "fitness_kl", "qkr", "history", "status", "warnings", "fallbacks", "epochs_run",
+                  "act_scales"):
             if k in rep:
                 r[k] = rep[k]
         res["variants"][text] = r
