@@ -768,6 +768,11 @@ def section_deploy(lines):
                   f"{mean}.", "",
                   table(["run", "scope", "start top-1", "start KL", "+ Evol-Q top-1", "+ Evol-Q KL", "evaluations",
                          "seconds (start + search)"], rows), ""]
+        gaps = [f"{k}: {f2(r['start']['top1'])} with both quantized, {f2(r['gap']['weights_only']['top1'])} with "
+                f"float activations (weights only), {f2(r['gap']['activations_only']['top1'])} with float weights "
+                f"(activations only)" for k, r in search["runs"].items() if r.get("gap")]
+        if gaps:
+            lines += ["What the start's error is made of (`--gap`, evaluation split): " + "; ".join(gaps) + ".", ""]
 
 
 def section_holdout(lines):
