@@ -46,6 +46,21 @@ def ofq(x=None, hold=None, model=None, ckpt=None, resume=False, **opts):
     return prepare_model(model or tiny_vit(), x, q, holdout=hold, checkpoint_dir=ckpt, resume=resume)
 
 
+def record_last_training_forward(monkeypatch, x) -> dict:
+    """``seen["trained"]``: the model's output on ``x`` with the training forwards still installed,
+    i.e. after the last step (recorded as the fine-tune leaves ``_Training``)."""
+    seen = {}
+    orig_exit = ofq_mod._Training.__exit__
+
+    def exit_and_record(self, *exc):
+        with torch.no_grad():
+            seen["trained"] = self.qmodel.model(x).clone()
+        return orig_exit(self, *exc)
+
+    monkeypatch.setattr(ofq_mod._Training, "__exit__", exit_and_record)
+    return seen
+
+
 def buffers(qm):
     return {f"{n}.{b}": t.clone() for n, q in qm.quantizers().items() for b, t in q.named_buffers(recurse=False)}
 
@@ -159,15 +174,7 @@ def test_frozen_model_equals_the_trained_one(monkeypatch):
     """After the last step, the training forwards (StatsQ refit, STE) and the frozen
     quantizers (weight_delta + the last scale, half-step zero-point) compute the same."""
     x = imgs(24)
-    seen = {}
-    orig_exit = ofq_mod._Training.__exit__
-
-    def exit_and_record(self, *exc):
-        with torch.no_grad():
-            seen["trained"] = self.qmodel.model(x).clone()
-        return orig_exit(self, *exc)
-
-    monkeypatch.setattr(ofq_mod._Training, "__exit__", exit_and_record)
+    seen = record_last_training_forward(monkeypatch, x)
     for statsq in (True, False):
         qm = ofq(x, statsq=statsq)
         with torch.no_grad():
@@ -274,7 +281,6 @@ def test_lsq_forward_value_and_gradients():
     at ``scale = exp(log_s)``, gradient 1 inside the range and 0 where it clips for ``x``, and a
     gradient for the log-scale (LSQ)."""
     q = UniformQuantizer(bits=4, kind="activation")
-    q.set_qparams(torch.tensor([0.1]), torch.tensor([3.0]))
     q.calibrated.fill_(True)
     log_s = torch.nn.Parameter(torch.tensor([0.1]).log())
     q.set_qparams(log_s.detach().exp(), torch.tensor([3.0]))
@@ -306,15 +312,7 @@ def test_act_lr_trains_activation_scales_frozen_equals_trained_and_resumes(tmp_p
                  and n not in dict(acts) and hasattr(q, "scale")]
     assert untrained and all(torch.equal(bq[n].scale, aq[n].scale) for n in untrained)  # PTF: calibrated
     # the frozen model computes what the last training forward computed
-    seen = {}
-    orig_exit = ofq_mod._Training.__exit__
-
-    def exit_and_record(self, *exc):
-        with torch.no_grad():
-            seen["trained"] = self.qmodel.model(x).clone()
-        return orig_exit(self, *exc)
-
-    monkeypatch.setattr(ofq_mod._Training, "__exit__", exit_and_record)
+    seen = record_last_training_forward(monkeypatch, x)
     again = ofq(x, epochs=2, act_lr=0.05)
     monkeypatch.undo()
     assert same(buffers(again), buffers(qm))  # deterministic

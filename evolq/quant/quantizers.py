@@ -79,14 +79,14 @@ def lsq_quant(q, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     it is ``q``'s forward with ``scale = s`` (its zero-points are integers, so rounding and
     clamping commute). ``s`` is q's scale's shape (per tensor or per channel)."""
     axis = q._axis(x.ndim)
-    if axis is None:
+    if axis is None:  # scalar bounds: clamp's gradient is 1 up to and including them
+        s = s.to(x.dtype).reshape(())
         z = float(q.zero_point.reshape(()).item())
-        v = torch.clamp(x * torch.reciprocal(s.to(x.dtype).reshape(())), q.qmin - z, q.qmax - z)
-        return (torch.round(v.detach()) + (v - v.detach())) * s.to(x.dtype).reshape(())
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    s, z = s.to(x.dtype).reshape(shape), q.zero_point.to(x.dtype).reshape(shape)
-    v = torch.clamp(x * torch.reciprocal(s), min=q.qmin - z, max=q.qmax - z)
+    else:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        s, z = s.to(x.dtype).reshape(shape), q.zero_point.to(x.dtype).reshape(shape)
+    v = torch.clamp(x * torch.reciprocal(s), q.qmin - z, q.qmax - z)
     return (torch.round(v.detach()) + (v - v.detach())) * s
 
 
