@@ -335,7 +335,8 @@ def section_paper_budget(lines):
         q = rs[0].get("quant") or {}  # runs with a start other than the preset's, or edge bits
         regime = ", ".join([preset] + ([f"edge {q['edge_bits']}"] if q.get("edge_bits") else [])
                            + ([f"{q['start']} start"] if q.get("start") else []))
-        where = rs[0]["cpu"]["model"] if rs[0].get("cpu") else rs[0]["device"]
+        c = rs[0].get("cpu")
+        where = (f"{c['model']} ({', '.join(c['flags'])}; load {c['load_1m']:.1f})" if c else rs[0]["device"])
         secs = " / ".join(f"{r['start_seconds']:.0f} + {r['search_seconds']:.0f}" if "start_seconds" in r
                           else f"{r['seconds']:.0f}" for r in rs)
         rows.append([model.split("_patch")[0], f"W{w}A{a}", regime, len(rs), col("start"), col("honest"),
@@ -490,7 +491,9 @@ def section_start_points(lines):
               f"last {st['last']} blocks, population {st['population']}, sample {st['samples']}: a short search, "
               f"far below the paper's budget. Mean +- standard deviation over the seeds (column *seeds*); a seed "
               f"changes the hold-out split, hence the calibration images, and the search draws. *gain* = Evol-Q "
-              f"top-1 - start top-1 per seed. Times in seconds on this machine. The regime's strength follows "
+              f"top-1 - start top-1 per seed. Times in seconds on 2 cores of the machine in each run's `cpu` "
+              f"field (model, int8 flags, load; absent in runs made before it existed): rows of several "
+              f"sessions and machines sit together. The regime's strength follows "
               f"`QuantConfig.outlier_strength` (0.625 at W4 and 0.5 at W3 under gptq, 0.25 under rtn) and "
               f"`edge_bits=8` keeps the first layer and the classifier at 8 bits (both chosen on the calibration "
               f"pool, next section). brecq runs at its CPU default (200 Adam steps per block, batch 16, lr 1e-2, "
