@@ -762,13 +762,16 @@ def section_deploy(lines):
             if e:
                 gains.setdefault(k.split("/")[0], []).append(e["top1"] - r["start"]["top1"])
         mean = "; ".join(f"{g}: {_ms(v)} over {len(v)} seed{'s' if len(v) > 1 else ''}" for g, v in gains.items())
+        cpus = sorted({(c["model"], ", ".join(c["flags"])) for r in search["runs"].values() if (c := r.get("cpu"))})
+        where = ("; ".join(f"{m}, int8 flags {fl}" for m, fl in cpus) if cpus
+                 else "not recorded (runs made before the field existed)")
         lines += [f"Evol-Q in the deploy regime (ViT-Tiny W{st['w_bits']}A{st['a_bits']}, edge bits "
                   f"{st['edge_bits']}, {grid} {st['w_bits']}-bit grid, `benchmarks/start_points.py --preset deploy "
                   f"--out {f.name}`, short budget: {st['passes']} pass x {st['cycles']} cycles over the last "
                   f"{st['last']} blocks, population {st['population']}, sample {st['samples']}, hold-out 10%; honest: "
                   f"the final model, no selection on the evaluation split; scope attn-weights: the attention's "
-                  f"weight scales, block: every scale of the block, activations included). Mean top-1 gain: "
-                  f"{mean}.", "",
+                  f"weight scales, block: every scale of the block, activations included; 2 cores; CPU: {where}). "
+                  f"Mean top-1 gain: {mean}.", "",
                   table(["run", "scope", "start top-1", "start KL", "+ Evol-Q top-1", "+ Evol-Q KL", "evaluations",
                          "seconds (start + search)"], rows), ""]
         gaps = [f"{k}: {f2(r['start']['top1'])} with both quantized, {f2(r['gap']['weights_only']['top1'])} with "
