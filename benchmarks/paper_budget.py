@@ -25,7 +25,14 @@ top-1): their difference is the inflation that selection on test data adds.
     python benchmarks/paper_budget.py --device cuda --max-batch 4096   # about 1 min a run on one H100
     python benchmarks/paper_budget.py --runs vit3-fq --seeds 0         # tens of minutes on 2 CPU cores
 
-Resumable: finished runs in benchmarks/results/paper_budget.json are kept.
+Resumable: finished runs in benchmarks/results/paper_budget.json are kept. With ``--work DIR``
+an unfinished run resumes too: its start model (``evolq.io.save_quantized``), the search's
+checkpoint after every block (``quantize_model(checkpoint_dir=..., resume=True)``) and the
+per-block evaluation points live in ``DIR/<run>_s<seed>_<searcher>_...``, and a rerun of the
+same command continues from the last finished block (the folder is removed once the run is in
+the JSON):
+
+    python benchmarks/paper_budget.py --runs vit3-ofq --threads 2 --work /tmp/paper_budget_work
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ import argparse
 import copy
 import json
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,6 +53,7 @@ from _common import RESULTS, load_data, write_json
 from evolq import EvolQConfig, prepare_model, quantize_model
 from evolq.data import fitness_part
 from evolq.evaluate import evaluate_qmodel
+from evolq.io import load_quantized, save_quantized
 
 VIT, EFF = "vit_tiny_patch16_224", "tf_efficientnet_lite0"
 RUNS = {  # name -> (model, w_bits, a_bits, preset, seeds, searchers[, other QuantConfig fields])
@@ -63,15 +72,33 @@ class Tracker:
     """A subscriber: evaluation-split metrics after every block, calibration loss and
     hold-out score after every pass."""
 
-    def __init__(self, xe, ye, fp_logits):
-        self.xe, self.ye, self.fp = xe, ye, fp_logits
+    def __init__(self, xe, ye, fp_logits, path: Path | None = None):
+        self.xe, self.ye, self.fp, self.path = xe, ye, fp_logits, path
         self.blocks, self.passes, self.evaluations = [], [], 0
+        if path is not None and path.exists():  # a resumed run: the points recorded before the interrupt
+            saved = json.loads(path.read_text())
+            self.blocks, self.passes, self.evaluations = saved["blocks"], saved["passes"], saved["evaluations"]
 
     def subscribe(self, engine):
         self.engine = engine
-        engine.run_start_hook.append(lambda state: self.blocks.append(self.point("start", None)))
+        engine.run_start_hook.append(self.run_start)
         engine.block_end_hook.append(self.block_end)
         engine.pass_end_hook.append(self.pass_end)
+
+    def run_start(self, state):
+        if not self.blocks:
+            self.blocks.append(self.point("start", None))
+        # the engine snapshots before it fires a hook: an interrupt in between leaves the
+        # checkpoint one point ahead of this record, and the restored model is that point's
+        elif len(self.passes) < len(state["passes"]):
+            self.pass_end(state["passes"][-1])
+        elif len(self.blocks) - 1 < len(state["blocks"]):
+            self.block_end(state["blocks"][-1])
+        self.save()
+
+    def save(self):
+        if self.path is not None:
+            write_json(self.path, {"blocks": self.blocks, "passes": self.passes, "evaluations": self.evaluations})
 
     def point(self, block, rec):
         q = evaluate_qmodel(self.engine.qmodel, self.xe, self.ye, fp_logits=self.fp)[0]["quantized"]
@@ -82,12 +109,21 @@ class Tracker:
     def block_end(self, rec):
         self.evaluations += rec["evaluations"]
         self.blocks.append(self.point(rec["block"], rec))
+        self.save()
 
     def pass_end(self, rec):
         q = evaluate_qmodel(self.engine.qmodel, self.xe, self.ye, fp_logits=self.fp)[0]["quantized"]
         self.passes.append({**rec, "evaluations": self.evaluations,
                             "calib_loss": self.blocks[-1]["fitness"] if rec["kept"] else None,
                             **{k: q[k] for k in ("top1", "agreement", "kl")}})
+        self.save()
+
+
+def work_dir(args, name, seed, searcher) -> Path | None:
+    """Where an unfinished run keeps its resume state (``--work``), named by its settings."""
+    if not args.work:
+        return None
+    return Path(args.work) / f"{name}_s{seed}_{searcher}_p{args.passes}c{args.cycles}_calib{args.calib}_eval{args.eval}"
 
 
 def run_one(name, model_name, bits, a_bits, preset, seed, searcher, data, args, quant=None):
@@ -102,12 +138,21 @@ def run_one(name, model_name, bits, a_bits, preset, seed, searcher, data, args, 
                               seed=seed, searcher=searcher, holdout=0.1, max_batch=args.max_batch,
                               infonce_batch=min(100, xc.shape[0] - round(0.1 * xc.shape[0])),
                               device=args.device, progress=False, **kw, **quant)
+    work = work_dir(args, name, seed, searcher)
     t0 = time.perf_counter()
-    qmodel = prepare_model(copy.deepcopy(base), fitness_part(xc, config.search), config.quant, arch=model_name)
-    start_seconds = time.perf_counter() - t0
+    if work is not None and (work / "start" / "evolq.json").exists():  # a resumed run: the same start model
+        qmodel = load_quantized(work / "start", copy.deepcopy(base))
+        start_seconds = json.loads((work / "start_seconds.json").read_text())["seconds"]
+    else:
+        qmodel = prepare_model(copy.deepcopy(base), fitness_part(xc, config.search), config.quant, arch=model_name)
+        start_seconds = time.perf_counter() - t0
+        if work is not None:
+            save_quantized(qmodel, work / "start")
+            write_json(work / "start_seconds.json", {"seconds": start_seconds})
     qmodel.model.to(args.device)
-    tracker = Tracker(xe, ye, fp)
-    qmodel, rep = quantize_model(qmodel, xc, config, subscribers=[tracker])
+    tracker = Tracker(xe, ye, fp, work / "tracker.json" if work is not None else None)
+    qmodel, rep = quantize_model(qmodel, xc, config, subscribers=[tracker],
+                                 checkpoint_dir=work / "search" if work is not None else None, resume=work is not None)
     final = evaluate_qmodel(qmodel, xe, ye, fp_logits=fp)[0]["quantized"]
     best = max(tracker.blocks, key=lambda p: (p["top1"], -p["evaluations"]))
     return {"run": name, "model": model_name, "w_bits": bits, "a_bits": a_bits, "preset": preset, "seed": seed,
@@ -118,7 +163,8 @@ def run_one(name, model_name, bits, a_bits, preset, seed, searcher, data, args, 
             "test_selected": {k: best[k] for k in ("top1", "agreement", "kl", "block", "pass", "evaluations")},
             "inflation_top1": best["top1"] - final["top1"], "evaluations": rep["evaluations"],
             "passes": tracker.passes, "blocks": tracker.blocks, "kept": [p["kept"] for p in rep["passes"]],
-            "seconds": time.perf_counter() - t0, "search_seconds": rep["search_seconds"]}
+            "seconds": start_seconds + rep["search_seconds"] if work is not None else time.perf_counter() - t0,
+            "search_seconds": rep["search_seconds"]}
 
 
 def main():
@@ -134,6 +180,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="paper_budget.json")
     ap.add_argument("--budget-s", type=float, default=0, help="stop starting new runs after this many seconds")
+    ap.add_argument("--work", default="", help="folder for each unfinished run's start model, search checkpoint "
+                    "and evaluation points: a rerun continues an interrupted run from its last finished block")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     path = RESULTS / args.out
@@ -168,6 +216,8 @@ def main():
                 doc["settings"] = {"passes": args.passes, "cycles": args.cycles, "calib": args.calib,
                                    "eval": args.eval, "holdout": 0.1}
                 write_json(args.out, doc)
+                if args.work:  # the run is in the JSON: its resume state is no longer needed
+                    shutil.rmtree(work_dir(args, name, seed, searcher), ignore_errors=True)
                 print(f"{name:<10} s{seed} {searcher:<19} start {r['start']['top1']:5.1f}  honest "
                       f"{r['honest']['top1']:5.1f} (KL {r['honest']['kl']:.3f})  test-selected "
                       f"{r['test_selected']['top1']:5.1f}  inflation {r['inflation_top1']:+.1f}  kept "
