@@ -90,6 +90,7 @@ def main(argv=None):
     ap.add_argument("--last", type=int, default=0, help="search only the last N searchable blocks (0: all)")
     ap.add_argument("--scope", default="attn-weights")
     ap.add_argument("--unit", default="block")
+    ap.add_argument("--loss", default="infonce", help="the search's fitness loss (evolq.losses.list_losses())")
     ap.add_argument("--infonce-batch", type=int, default=50)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
@@ -186,7 +187,7 @@ def main(argv=None):
         m0, _ = evaluate_qmodel(qm, xe.to(dev), ye.to(dev), fp_logits=fp_logits.to(dev), batch_size=50)
         run = {"seed": seed, "start": _short(m0["quantized"]), "start_seconds": round(t_start, 1), "cpu": cpu_info(),
                "start_loaded": loaded,
-               "scope": args.scope, "last": args.last, "passes": args.passes, "cycles": args.cycles,
+               "scope": args.scope, "loss": args.loss, "last": args.last, "passes": args.passes, "cycles": args.cycles,
                "population": args.population, "samples": min(args.samples, args.population),
                "calib_images": int(fit_x.shape[0]), "linear_input_strength": quant.linear_input_strength,
                "start_report": {k: v for k, v in (qm.start_report or {}).items() if k != "blocks"}}
@@ -203,7 +204,7 @@ def main(argv=None):
                 run["gap"][part] = _short(mg["quantized"])
                 print(f"  {part}: {run['gap'][part]}", flush=True)
         if search:
-            s = SearchConfig(passes=args.passes, cycles=args.cycles, scope=args.scope, unit=args.unit,
+            s = SearchConfig(passes=args.passes, cycles=args.cycles, scope=args.scope, unit=args.unit, loss=args.loss,
                              infonce_batch=args.infonce_batch, seed=seed, holdout=args.holdout, device=dev,
                              progress=False,
                              max_batch=32 if dev == "cpu" else 512, population=args.population,
@@ -215,6 +216,7 @@ def main(argv=None):
             run["evolq"] = _short(m1["quantized"])
             run["search_seconds"] = round(time.perf_counter() - t1, 1)
             run["evaluations"] = rep["evaluations"]
+            run["pass_log"] = rep["passes"]  # hold-out score before / after each pass: calibration-pool data
             print(f"{key}: evol-q {run['evolq']} ({run['search_seconds']:.0f} s)", flush=True)
         run["seconds"] = round(time.perf_counter() - t0, 1)
         res["runs"][key] = run
