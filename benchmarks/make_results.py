@@ -445,6 +445,14 @@ def _ofq_label(start: str, runs: list, model: str) -> str:
     return "ofq" + (f" ({', '.join(diff)})" if diff else "")
 
 
+def _final_holdout(log):
+    """The final model's hold-out score: a kept pass moves it, a reverted one does not."""
+    score = log[0]["holdout_before"]
+    for p in log:
+        score = p["holdout_after"] if p["kept"] else score
+    return score
+
+
 def section_start_points(lines):
     files = sorted(RES.glob("start_points_*.json"))
     if not files:
@@ -505,7 +513,8 @@ def section_start_points(lines):
               f"term where the model has q and k, i.e. on ViT-Tiny, not on EfficientNet): *ofq (epochs 6, augment "
               f"flip, block_weight 0, qkr False)* is the first recipe, *ofq (qkr False)* the second. A row marked "
               f"*[scope block]* searched the same start models (loaded from `--start-cache`) over every scale of "
-              f"the block, activations included, instead of the attention's weight scales. *test-selected gain*: "
+              f"the block, activations included, instead of the attention's weight scales; *[loss kl]* and *[loss mse]* "
+              f"searched them with that fitness loss instead of infoNCE. *test-selected gain*: "
               f"the gain if the better of start and final model were picked on the evaluation split per seed (what "
               f"picking checkpoints on test data, as the authors' code does, would report at this one-pass "
               f"budget); *gain* is the honest one.", "",
@@ -537,6 +546,35 @@ def section_start_points(lines):
                   "same start with float activations (*weights only*) and with float weights (*activations only*).",
                   "", table(["model", "bits", "start", "both top-1", "weights only", "KL", "activations only", "KL"],
                             gaps), ""]
+    losses = []
+    for f in files:
+        d = json.loads(f.read_text())
+        st, groups = d["settings"], {}
+        for name, r in d["runs"].items():
+            if r.get("pass_log"):  # runs that recorded the hold-out score of each pass
+                groups.setdefault(name.split("/")[0], []).append(r)
+        for start, rs in groups.items():
+            name, tag = start.partition(" [")[::2]
+            before = [r["pass_log"][0]["holdout_before"] for r in rs]
+            after = [_final_holdout(r["pass_log"]) for r in rs]
+            losses.append([st["model"].split("_patch")[0], f"W{st['w_bits']}A{st['a_bits']}",
+                           _ofq_label(name, rs, st["model"]) + (f" [{tag}" if tag else ""),
+                           rs[0].get("loss", "infonce"), " ".join(str(r["seed"]) for r in rs),
+                           _ms(before, "{:.4f}"), _ms(after, "{:.4f}"),
+                           _ms([a - b for a, b in zip(after, before)], "{:+.4f}"),
+                           " ".join(f"{sum(p['kept'] for p in r['pass_log'])}/{len(r['pass_log'])}" for r in rs),
+                           _ms([r["evolq"]["top1"] - r["start"]["top1"] for r in rs], "{:+.1f}"),
+                           _ms([r["evolq"]["kl"] - r["start"]["kl"] for r in rs], "{:+.4f}")])
+    if losses:
+        lines += ["The search's fitness loss on the same start models (`start_points.py --loss`, tags *[loss kl]*, "
+                  "*[loss mse]*; untagged rows are infoNCE; the start is loaded from `--start-cache`, so every "
+                  "loss searches the same model per seed). The choice is made on the calibration pool: the "
+                  "hold-out's KL to the float model before the search and after it (the hold-out is 10% of the "
+                  "calibration pool, split off first; it also decides whether the pass is kept, so it is not an "
+                  "unbiased dev set, but it is calibration data). The evaluation split only reports: *gain* is "
+                  "the honest top-1 gain and *eval KL change* the change of the evaluation KL.", "",
+                  table(["model", "bits", "start", "loss", "seeds", "hold-out KL before", "after",
+                         "change", "passes kept", "gain (eval)", "eval KL change"], losses), ""]
     for name, s in sets:
         lines += [f"- `{name}`: calibration {s['calib']}, search last {s['last']} blocks, threads {s['threads']}, "
                   f"device {s['device']}"]

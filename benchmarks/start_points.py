@@ -90,6 +90,8 @@ def main(argv=None):
     ap.add_argument("--last", type=int, default=0, help="search only the last N searchable blocks (0: all)")
     ap.add_argument("--scope", default="attn-weights")
     ap.add_argument("--unit", default="block")
+    ap.add_argument("--noise", default="absolute", help="SearchConfig.noise: absolute or relative mutations")
+    ap.add_argument("--eps", type=float, default=None, help="SearchConfig.eps (default: the noise's own)")
     ap.add_argument("--loss", default="infonce", help="the search's fitness loss (evolq.losses.list_losses())")
     ap.add_argument("--infonce-batch", type=int, default=50)
     ap.add_argument("--device", default="cpu")
@@ -187,7 +189,7 @@ def main(argv=None):
         m0, _ = evaluate_qmodel(qm, xe.to(dev), ye.to(dev), fp_logits=fp_logits.to(dev), batch_size=50)
         run = {"seed": seed, "start": _short(m0["quantized"]), "start_seconds": round(t_start, 1), "cpu": cpu_info(),
                "start_loaded": loaded,
-               "scope": args.scope, "loss": args.loss, "last": args.last, "passes": args.passes, "cycles": args.cycles,
+               "scope": args.scope, "loss": args.loss, "noise": args.noise, "eps": args.eps, "last": args.last, "passes": args.passes, "cycles": args.cycles,
                "population": args.population, "samples": min(args.samples, args.population),
                "calib_images": int(fit_x.shape[0]), "linear_input_strength": quant.linear_input_strength,
                "start_report": {k: v for k, v in (qm.start_report or {}).items() if k != "blocks"}}
@@ -205,6 +207,7 @@ def main(argv=None):
                 print(f"  {part}: {run['gap'][part]}", flush=True)
         if search:
             s = SearchConfig(passes=args.passes, cycles=args.cycles, scope=args.scope, unit=args.unit, loss=args.loss,
+                             noise=args.noise, eps=args.eps,
                              infonce_batch=args.infonce_batch, seed=seed, holdout=args.holdout, device=dev,
                              progress=False,
                              max_batch=32 if dev == "cpu" else 512, population=args.population,

@@ -10,7 +10,7 @@ from .errors import ConfigError
 
 __all__ = ["QuantConfig", "SearchConfig", "EvolQConfig", "SCOPES", "REGIMES", "STARTS", "UNITS", "field_default"]
 
-SCOPES = ("attn-weights", "weights", "block")
+SCOPES = ("attn-weights", "weights", "activations", "block")
 REGIMES = ("fq-vit", "deploy")
 DEPLOY_WEIGHTS = ("auto", "symmetric", "asymmetric")
 DEPLOY_STRENGTH = {8: 1.0, 4: 0.8}  # w_bits -> smooth_strength (others, not measured: 0.5); QuantConfig.deploy_strength

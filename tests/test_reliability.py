@@ -555,6 +555,14 @@ def test_weights_scope_moves_only_weight_scales(x24):
     assert any(".mlp.fc" in n for n in moved)  # beyond the attention's qkv/proj
 
 
+def test_activations_scope_moves_only_activation_scales(x24):
+    qm0 = prepare_model(fk.tiny_vit(), x24, QuantConfig(w_bits=4), arch=fk.ARCH)
+    before = {n: q.scale.clone() for n, q in qm0.quantizers().items()}
+    qm, rep = quantize_model(qm0, x24, fk.small_config(passes=1, scope="activations", noise="relative", eps=0.05, holdout=0.0))
+    moved = {n for n, q in qm.quantizers().items() if not torch.equal(q.scale, before[n])}
+    assert moved and not any(n.endswith("weight_quant") for n in moved), moved
+
+
 def test_save_load_outlier_aware_block_scope(tmp_path, x24):
     """Per-channel zero-points, PTF factors and folded channel factors survive save/load,
     after a search that moved their layer scales (scope "block")."""

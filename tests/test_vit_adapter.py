@@ -115,6 +115,10 @@ def test_attn_weights_scope():
         # "weights": every weight scale of the block, derived from "block"
         assert b.scopes["weights"] == [f"blocks.{i}.{n}.weight_quant" for n in ("attn.qkv", "attn.proj",
                                                                                   "mlp.fc1", "mlp.fc2")]
+        # "activations": the rest of "block"; together the two are "block"
+        acts = b.searched("activations")
+        assert acts and not any(q.kind == "weight" for q in acts.values() if hasattr(q, "kind"))
+        assert sorted(b.scopes["weights"] + b.scopes["activations"]) == sorted(b.scopes["block"])
     for b in (qm.blocks[0], qm.blocks[-1]):
         assert b.searched("attn-weights") == {} and b.searched("weights") == {}
 

@@ -40,7 +40,7 @@ class Adapter:
     name = ""
     description = ""
     input_spec: InputSpec = InputSpec()
-    scopes: tuple[str, ...] = ("attn-weights", "weights", "block")
+    scopes: tuple[str, ...] = ("attn-weights", "weights", "activations", "block")
     supports_qkr = False  # builds OFQ's query-key reparameterized attention (evolq.qnn.qkr) when asked
 
     def matches(self, model: nn.Module) -> bool:

@@ -30,7 +30,8 @@ class Block:
         scopes: search scope -> names (keys of ``quantizers``) of the quantizers whose
             scales are searched under that scope. A scope with no names means the
             block is not searched under it. ``"weights"`` is derived from ``"block"``
-            (its weight quantizers) unless the adapter gives it.
+            (its weight quantizers) unless the adapter gives it, and ``"activations"`` too
+            (the rest of ``"block"``).
     """
 
     name: str
@@ -43,6 +44,10 @@ class Block:
         if "block" in self.scopes and "weights" not in self.scopes:
             self.scopes["weights"] = [n for n in self.scopes["block"]
                                       if getattr(self.quantizers.get(n), "kind", None) == "weight"]
+        # "activations": the rest of "block" (every searchable scale that is not a weight's)
+        if "block" in self.scopes and "activations" not in self.scopes:
+            self.scopes["activations"] = [n for n in self.scopes["block"]
+                                          if getattr(self.quantizers.get(n), "kind", None) != "weight"]
 
     def searched(self, scope: str) -> dict[str, Quantizer]:
         return {n: self.quantizers[n] for n in self.scopes.get(scope, [])}
