@@ -513,8 +513,10 @@ def section_start_points(lines):
               f"term where the model has q and k, i.e. on ViT-Tiny, not on EfficientNet): *ofq (epochs 6, augment "
               f"flip, block_weight 0, qkr False)* is the first recipe, *ofq (qkr False)* the second. A row marked "
               f"*[scope block]* searched the same start models (loaded from `--start-cache`) over every scale of "
-              f"the block, activations included, instead of the attention's weight scales; *[loss kl]* and *[loss mse]* "
-              f"searched them with that fitness loss instead of infoNCE. *test-selected gain*: "
+              f"the block, activations included, instead of the attention's weight scales; *[scope activations]* "
+              f"over the block's activation scales only, with relative steps (`noise='relative'`, 2%); *[loss kl]* "
+              f"and *[loss mse]* with that fitness loss instead of infoNCE, and *[loss infonce]* is the untagged "
+              f"search again, run to record its hold-out scores. *test-selected gain*: "
               f"the gain if the better of start and final model were picked on the evaluation split per seed (what "
               f"picking checkpoints on test data, as the authors' code does, would report at this one-pass "
               f"budget); *gain* is the honest one.", "",

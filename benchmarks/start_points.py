@@ -189,7 +189,8 @@ def main(argv=None):
         m0, _ = evaluate_qmodel(qm, xe.to(dev), ye.to(dev), fp_logits=fp_logits.to(dev), batch_size=50)
         run = {"seed": seed, "start": _short(m0["quantized"]), "start_seconds": round(t_start, 1), "cpu": cpu_info(),
                "start_loaded": loaded,
-               "scope": args.scope, "loss": args.loss, "noise": args.noise, "eps": args.eps, "last": args.last, "passes": args.passes, "cycles": args.cycles,
+               "scope": args.scope, "loss": args.loss, "noise": args.noise, "eps": args.eps,
+               "last": args.last, "passes": args.passes, "cycles": args.cycles,
                "population": args.population, "samples": min(args.samples, args.population),
                "calib_images": int(fit_x.shape[0]), "linear_input_strength": quant.linear_input_strength,
                "start_report": {k: v for k, v in (qm.start_report or {}).items() if k != "blocks"}}

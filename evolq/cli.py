@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--block", default="-1", help="searchable block: index (3 -> blocks.3; -1 the last) or name "
                                                   "(blocks.5.0)")
     pl.add_argument("--layer", default="attn-weights",
-                    help="a scope (attn-weights, weights, activations, block) or one layer's weight scales (qkv, proj, fc1, fc2; "
+                    help="a scope (attn-weights, weights, activations, block) or one layer's weight scales "
+                         "(qkv, proj, fc1, fc2; "
                          "conv_pw, conv_dw, ...)")
     pl.add_argument("--grid", type=int, default=9, help="points per axis (default 9)")
     pl.add_argument("--radius", type=float, default=0.1, help="largest relative change (RMS) per axis")

@@ -558,7 +558,8 @@ def test_weights_scope_moves_only_weight_scales(x24):
 def test_activations_scope_moves_only_activation_scales(x24):
     qm0 = prepare_model(fk.tiny_vit(), x24, QuantConfig(w_bits=4), arch=fk.ARCH)
     before = {n: q.scale.clone() for n, q in qm0.quantizers().items()}
-    qm, rep = quantize_model(qm0, x24, fk.small_config(passes=1, scope="activations", noise="relative", eps=0.05, holdout=0.0))
+    qm, rep = quantize_model(qm0, x24, fk.small_config(passes=1, scope="activations", noise="relative",
+                                                       eps=0.05, holdout=0.0))
     moved = {n for n, q in qm.quantizers().items() if not torch.equal(q.scale, before[n])}
     assert moved and not any(n.endswith("weight_quant") for n in moved), moved
 
