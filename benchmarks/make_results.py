@@ -563,10 +563,10 @@ def section_start_points(lines):
                            _ofq_label(name, rs, st["model"]) + (f" [{tag}" if tag else ""),
                            rs[0].get("loss", "infonce"), " ".join(str(r["seed"]) for r in rs),
                            _ms(before, "{:.4f}"), _ms(after, "{:.4f}"),
-                           _ms([a - b for a, b in zip(after, before)], "{:+.4f}"),
+                           _ms([a - b for a, b in zip(after, before)], "{:.4f}"),
                            " ".join(f"{sum(p['kept'] for p in r['pass_log'])}/{len(r['pass_log'])}" for r in rs),
-                           _ms([r["evolq"]["top1"] - r["start"]["top1"] for r in rs], "{:+.1f}"),
-                           _ms([r["evolq"]["kl"] - r["start"]["kl"] for r in rs], "{:+.4f}")])
+                           _ms([r["evolq"]["top1"] - r["start"]["top1"] for r in rs]),
+                           _ms([r["evolq"]["kl"] - r["start"]["kl"] for r in rs], "{:.4f}")])
     if losses:
         lines += ["The search's fitness loss on the same start models (`start_points.py --loss`, tags *[loss kl]*, "
                   "*[loss mse]*; untagged rows are infoNCE; the start is loaded from `--start-cache`, so every "
