@@ -568,9 +568,11 @@ def section_start_points(lines):
                            _ms([r["evolq"]["top1"] - r["start"]["top1"] for r in rs]),
                            _ms([r["evolq"]["kl"] - r["start"]["kl"] for r in rs], "{:.4f}")])
     if losses:
-        lines += ["The search's fitness loss on the same start models (`start_points.py --loss`, tags *[loss kl]*, "
-                  "*[loss mse]*; untagged rows are infoNCE; the start is loaded from `--start-cache`, so every "
-                  "loss searches the same model per seed). The choice is made on the calibration pool: the "
+        lines += ["The search's fitness loss and scope on the same start models (`start_points.py --loss`, tags "
+                  "*[loss kl]*, *[loss mse]*, *[loss infonce]*; `--scope activations --noise relative`, tag *[scope "
+                  "activations]*, infoNCE; untagged rows are infoNCE on the attention's weight scales; the start is "
+                  "loaded from `--start-cache`, so every search starts from the same model per seed). "
+                  "The choice is made on the calibration pool: the "
                   "hold-out's KL to the float model before the search and after it (the hold-out is 10% of the "
                   "calibration pool, split off first; it also decides whether the pass is kept, so it is not an "
                   "unbiased dev set, but it is calibration data). The evaluation split only reports: *gain* is "

@@ -38,7 +38,7 @@ if str(ROOT) not in sys.path:  # also runs as a script
 from benchmarks._common import GAP_PARTS, RESULTS, load_data, only_kind, search_last_blocks, setup  # noqa: E402
 from benchmarks.ofq_start import parse_variant  # noqa: E402
 from evolq.api import prepare_model, quantize_model  # noqa: E402
-from evolq.config import EvolQConfig, QuantConfig, SearchConfig  # noqa: E402
+from evolq.config import EvolQConfig, QuantConfig, SearchConfig, field_default  # noqa: E402
 from evolq.data import split_calibration  # noqa: E402
 from evolq.evaluate import evaluate_qmodel, predict  # noqa: E402
 from evolq.export.bench import cpu_info  # noqa: E402
@@ -90,9 +90,11 @@ def main(argv=None):
     ap.add_argument("--last", type=int, default=0, help="search only the last N searchable blocks (0: all)")
     ap.add_argument("--scope", default="attn-weights")
     ap.add_argument("--unit", default="block")
-    ap.add_argument("--noise", default="absolute", help="SearchConfig.noise: absolute or relative mutations")
+    ap.add_argument("--noise", default=field_default(SearchConfig, "noise"),
+                    help="SearchConfig.noise: absolute or relative mutations")
     ap.add_argument("--eps", type=float, default=None, help="SearchConfig.eps (default: the noise's own)")
-    ap.add_argument("--loss", default="infonce", help="the search's fitness loss (evolq.losses.list_losses())")
+    ap.add_argument("--loss", default=field_default(SearchConfig, "loss"),
+                    help="the search's fitness loss (evolq.losses.list_losses())")
     ap.add_argument("--infonce-batch", type=int, default=50)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
