@@ -12,6 +12,7 @@ from .errors import (
                      DataError,
                      EvolQError,
                      ExportError,
+                     ScaleOutError,
                      UnknownModelError,
                      UnsupportedModelError,
                      WeightsError,
@@ -29,7 +30,7 @@ __all__ = [
     "quantize_model", "prepare_model", "save_quantized", "load_quantized", "calibrate",
     "EvolQConfig", "QuantConfig", "SearchConfig", "Block", "QModel", "ScaleSpace",
     "EvolQError", "ConfigError", "DataError", "UnknownModelError", "UnsupportedModelError",
-    "WeightsError", "CheckpointError", "ExportError", "export_onnx", "check_onnx", "export_pt2",
+    "WeightsError", "CheckpointError", "ExportError", "ScaleOutError", "export_onnx", "check_onnx", "export_pt2",
     "list_adapters", "register_adapter", "list_searchers",
     "register_searcher", "list_losses", "register_loss", "__version__",
 ]

@@ -72,14 +72,18 @@ def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | 
         subscribers: objects with a ``subscribe(engine)`` method (``evolq.hooks``), or
             callables ``f(engine)``, attached to the engine's hooks before it runs.
 
+    With ``config.search.actors`` the fitness runs on Ray actors (``evolq.scaleout``):
+    Ray is started or joined, and its resources checked, before anything is prepared or
+    written; the result equals the in-process one (docs/scale-out.md).
+
     Returns:
         ``(qmodel, report)``: the quantized model (``qmodel.model`` is the module)
         and a JSON-able report (per block: start/final fitness, evaluations,
         seconds; per pass: hold-out loss before/after and whether it was kept).
 
     Raises:
-        ConfigError, DataError, UnsupportedModelError, CheckpointError: user
-        mistakes, with one-line messages. ``KeyboardInterrupt`` propagates after
+        ConfigError, DataError, UnsupportedModelError, CheckpointError, ScaleOutError:
+        user mistakes and unusable clusters, with one-line messages. ``KeyboardInterrupt`` propagates after
         the model (and the checkpoint) are back at the last finished block.
     """
     from .engine import SearchEngine
@@ -98,6 +102,7 @@ def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | 
                         f"than the infoNCE batch of {search.infonce_batch}: give more calibration data or lower "
                         f"infonce_batch")
     ckpt_dir = check_run_folder(checkpoint_dir, config, resume)
+    placement = connect_ray(search)  # before anything is prepared or written
     t0 = time.perf_counter()
     if isinstance(model, QModel):
         qmodel = model
@@ -117,7 +122,7 @@ def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | 
     run_id = fingerprint(qmodel.arch, qmodel.family, settings["quant"], settings["search"],
                          x[:: max(1, x.shape[0] // 16)])
     engine = SearchEngine(qmodel, fit_x, hold_x, search, config.quant.w_bits,
-                          RunCheckpoint(qmodel, ckpt_dir, run_id, settings))
+                          RunCheckpoint(qmodel, ckpt_dir, run_id, settings), placement=placement)
     log, curve = BlockLog().subscribe(engine), FitnessCurve().subscribe(engine)
     if search.progress:
         ProgressBar().subscribe(engine)
@@ -135,6 +140,25 @@ def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | 
         "seconds": time.perf_counter() - t0,
         "fitness_curve": curve.values,
     }
+    if engine.scale_out is not None:
+        report["scale_out"] = {**placement.as_dict(), **engine.scale_out.stats.as_dict()}
     if qmodel.start_report is not None:
         report["start"] = qmodel.start_report
     return qmodel, report
+
+
+def connect_ray(search):
+    """Start or join Ray for ``search.actors`` (``evolq.scaleout.connect``): the ``Placement``,
+    or None in-process. Warns (``ScaleOutWarning``) when the searcher is steady-state."""
+    if search.actors == 0:
+        return None
+    import warnings
+
+    from .scaleout import ScaleOutWarning, connect
+    from .search import is_steady_state
+
+    if is_steady_state(search.searcher):
+        warnings.warn(ScaleOutWarning(f"the {search.searcher} searcher evaluates one candidate per step, so its "
+                                      f"actors take turns instead of sharing work; use a population searcher "
+                                      f"(batched-tournament, cmaes, snes, pgpe) to gain from actors"), stacklevel=3)
+    return connect(search.actors, search.ray_address)

@@ -29,7 +29,7 @@ CKPT_NAME = "checkpoint.safetensors"
 LOCK_NAME = ".evolq.lock"
 
 # settings that do not change the result (or only by float rounding) and may differ on resume
-RESUME_FREE = ("progress", "max_batch", "device")
+RESUME_FREE = ("progress", "max_batch", "device", "actors", "ray_address")
 
 
 # -- run identity ------------------------------------------------------------------

@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import QuantConfig, SearchConfig, field_default
@@ -46,6 +47,31 @@ def _searcher_arg(text: str):
         return key, json.loads(value)
     except ValueError:
         return key, value
+
+
+def _actors_arg(text: str):
+    """--actors: a count (0: in-process), max or num_gpus."""
+    if text in ("max", "num_gpus"):
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of actors, max or num_gpus, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected a number of actors >= 0, got {n}")
+    return n
+
+
+def add_scale_out_args(p):
+    """``--actors`` and ``--ray-address`` (``SearchConfig.actors`` / ``ray_address``), for every command
+    that searches."""
+    p.add_argument("--actors", type=_actors_arg, default=_s("actors"), metavar="N|max|num_gpus",
+                   help="evaluate the fitness on N Ray actors (one CPU each; max: one per free CPU; num_gpus: one per "
+                        "GPU); 0 (default): in this process. The result is the same; only population searchers "
+                        "(batched-tournament, cmaes, snes, pgpe) gain from actors (docs/scale-out.md)")
+    p.add_argument("--ray-address", default=_s("ray_address"), metavar="auto|HOST:PORT",
+                   help="join a running Ray cluster (ray start --head ...) instead of starting a local Ray with this "
+                        "machine's cores")
 
 
 def _add_model_args(p, quantize: bool):
@@ -147,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--out", required=True, help="output folder (report.json, model/, checkpoint)")
     pq.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
     pq.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_scale_out_args(pq)
 
     pd = sub.add_parser("demo", help="ViT-Tiny from the assets at W3A8: FP32 vs start vs Evol-Q (< 5 min)")
     pd.add_argument("--w-bits", type=int, default=3)
@@ -311,7 +338,8 @@ def cmd_quantize(args) -> int:
                           passes=args.passes, cycles=args.cycles, scope=args.scope, unit=args.unit, noise=args.noise,
                           eps=args.eps, infonce_batch=args.infonce_batch, holdout=args.holdout,
                           holdout_metric=args.holdout_metric, max_batch=args.max_batch,
-                          seed=args.seed, device=args.device, progress=not args.quiet)
+                          seed=args.seed, device=args.device, progress=not args.quiet, actors=args.actors,
+                          ray_address=args.ray_address)
     from .checkpoint import check_run_folder
     from .config import EvolQConfig
 
@@ -319,11 +347,35 @@ def cmd_quantize(args) -> int:
     if out.exists() and not out.is_dir():
         raise EvolQError(f"--out {str(out)!r} exists and is not a folder")
     check_run_folder(out, EvolQConfig(_quant_config(args), search), args.resume)  # before any expensive work
-    model, quant, xc, xe, ye = _load(args, quiet=args.quiet)
-    report = _run_quantize(model, args.model, quant, search, xc, xe, ye, out, args.resume)
+    with ray_connected(search):
+        model, quant, xc, xe, ye = _load(args, quiet=args.quiet)
+        report = _run_quantize(model, args.model, quant, search, xc, xe, ye, out, args.resume)
     print(_table([("fp32", report["fp32"]), ("start", report["start"]), ("evol-q", report["final"])]))
     print(f"{report['evaluations']} fitness evaluations, {report['seconds']:.0f} s; wrote {out / 'report.json'}")
     return 0
+
+
+@contextmanager
+def ray_connected(search):
+    """Start or join Ray for ``search.actors`` on entering (``evolq.api.connect_ray``), so an
+    unusable cluster fails before anything is loaded or written; its warning is printed once, as
+    one line."""
+    import warnings
+
+    from .api import connect_ray
+    from .scaleout import ScaleOutWarning
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", ScaleOutWarning)
+        connect_ray(search)
+    for w in seen:
+        if issubclass(w.category, ScaleOutWarning):
+            print(f"evolq: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=ScaleOutWarning)  # quantize_model's connect_ray finds Ray up
+        yield
 
 
 def cmd_demo(args) -> int:

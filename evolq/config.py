@@ -264,12 +264,15 @@ class SearchConfig:
     reuse_fitness: bool = True
     device: str = "cpu"
     progress: bool = True
+    actors: int | str = 0  # Ray actors evaluating the fitness: 0 (in-process), N, "max" or "num_gpus"
+    ray_address: str | None = None  # None: a local Ray (the machine's cores); "auto" or HOST:PORT: join a cluster
 
     def __post_init__(self):
         self.validate()
 
     def validate(self):
         from .losses import LOSSES
+        from .scaleout import check_actors
         from .search import SEARCHERS
         from .search.registry import is_search_algorithm
 
@@ -304,6 +307,7 @@ class SearchConfig:
             raise ConfigError(f"holdout must be in [0, 1), got {self.holdout!r}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ConfigError(f"temperature must be positive, got {self.temperature!r}")
+        check_actors(self.actors, self.ray_address)
 
     def eps_for(self, w_bits: int) -> float:
         if self.eps is not None:

@@ -2,6 +2,10 @@
 block first, a budget of ``cycles`` fitness evaluations per block, a checkpoint after
 every block, and a hold-out check after every pass that keeps or reverts it.
 Progress bars, curves and reports subscribe to the hooks (``evolq.hooks``).
+
+The fitness runs in this process (``BlockFitness``) or, given a ``Placement``
+(``evolq.scaleout``), on Ray actors (``BlockFitnessProblem``): the schedule, the searchers
+and their randomness, the hold-out and the checkpoints stay here either way.
 """
 from __future__ import annotations
 
@@ -19,7 +23,6 @@ from .hooks import Hook
 from .losses import make_loss
 from .problems.block_scale import PENALTY
 from .qnn.qmodel import search_units, unit_block
-from .qnn.scales import ScaleSpace
 
 __all__ = ["SearchEngine", "block_seed"]
 
@@ -34,28 +37,43 @@ def block_seed(seed: int, pass_idx: int, key) -> int:
 class SearchEngine:
     """Searches a calibrated ``QModel`` against cached float outputs of ``fit_inputs``;
     ``hold_inputs`` (may be empty) decide whether each pass is kept; ``checkpoint``
-    holds the run state (default: in memory only)."""
+    holds the run state (default: in memory only); ``placement`` (``evolq.scaleout.connect``)
+    puts the fitness on Ray actors."""
 
-    def __init__(self, qmodel, fit_inputs, hold_inputs, search, w_bits: int, checkpoint: RunCheckpoint | None = None):
+    def __init__(self, qmodel, fit_inputs, hold_inputs, search, w_bits: int, checkpoint: RunCheckpoint | None = None,
+                 placement=None):
+        from .problems.block_fitness import unit_spaces
+        from .search import is_steady_state
+
         self.qmodel, self.search = qmodel, search
         self.loss, self.sigma = make_loss(search), search.eps_for(w_bits)
         units = search_units(qmodel, search.scope, search.unit)  # key -> (name or None, quantizers)
         if not units:
             raise ConfigError(f"no block of this model has scales under scope {search.scope!r}")
-        self.spaces = {k: ScaleSpace(qs) for k, (_, qs) in units.items()}
+        self.spaces, self.all_space = unit_spaces(qmodel, search.scope, search.unit)
         self.unit_names = {k: name for k, (name, _) in units.items()}
         self.order = list(self.spaces)
         if search.order == "last-first":
             self.order.reverse()
-        self.all_space = ScaleSpace({n: q for k in self.spaces for n, q in self.spaces[k].quantizers.items()})
         bs = min(256, search.max_batch)
-        self.fitness = BlockFitness(qmodel, fit_inputs, reference_outputs(qmodel, fit_inputs, bs), self.loss,
-                                    search.max_batch)
+        ref = reference_outputs(qmodel, fit_inputs, bs)
+        group = 1 if is_steady_state(search.searcher) else None  # one candidate per call: no padded groups
+        if placement is None:
+            self.fitness = BlockFitness(qmodel, fit_inputs, ref, self.loss, search.max_batch, group)
+        else:
+            from .problems.block_fitness import BlockFitnessProblem
+
+            self.fitness = BlockFitnessProblem(qmodel, fit_inputs, ref, search, placement, group=group)
         self.holdout = HoldOut(qmodel, hold_inputs, self.loss, search.max_batch, search.holdout_metric)
         self.ckpt = checkpoint or RunCheckpoint(qmodel)
         self.ckpt.on_install.append(self.fitness.invalidate)
         (self.run_start_hook, self.block_start_hook, self.block_end_hook, self.pass_end_hook, self.run_end_hook,
          self.fitness_hook) = (Hook() for _ in range(6))
+
+    @property
+    def scale_out(self):
+        """The Ray side of the run (``ActorProblem``: ``stats``, ``actor_info``, ``dispatch_hook``), or None."""
+        return self.fitness if hasattr(self.fitness, "stats") else None
 
     def evaluate(self, index: int, cands: torch.Tensor) -> torch.Tensor:
         """Losses of candidate scale vectors for block ``index`` (subscribers may replace them)."""
@@ -109,6 +127,8 @@ class SearchEngine:
                 self.ckpt.rollback()  # back to the last finished block (memory == checkpoint)
                 raise
             finally:
+                if self.scale_out is not None:
+                    self.fitness.close()  # the actors end with the run
                 self.run_end_hook(state)
         state["seconds"] = time.perf_counter() - t_run
         return state

@@ -3,7 +3,7 @@ one-line message; the CLI prints it and exits with code 2."""
 
 __all__ = [
     "EvolQError", "ConfigError", "UnknownModelError", "WeightsError", "DataError",
-    "UnsupportedModelError", "CheckpointError", "ExportError",
+    "UnsupportedModelError", "CheckpointError", "ExportError", "ScaleOutError",
 ]
 
 
@@ -40,3 +40,8 @@ class CheckpointError(EvolQError):
 
 class ExportError(EvolQError):
     """A model, path or setting that cannot be exported (e.g. to ONNX)."""
+
+
+class ScaleOutError(EvolQError):
+    """Scale-out on Ray failed: a cluster that cannot be reached or started, fewer resources than
+    asked, actors that cannot start or keep dying (``evolq.scaleout``)."""

@@ -17,6 +17,8 @@ A subscriber is any callable; ``subscribe(engine)`` methods below append themsel
 """
 from __future__ import annotations
 
+import time
+
 __all__ = ["Hook", "ProgressBar", "FitnessCurve", "BlockLog"]
 
 
@@ -29,15 +31,19 @@ class Hook(list):
 
 
 class ProgressBar:
-    """A tqdm bar over the blocks of all passes."""
+    """A tqdm bar over the blocks of all passes (its time left is tqdm's estimate from the block
+    rate); the postfix shows the block, its fitness, the evaluations per second since the start
+    and, when the fitness runs on Ray actors, the actors alive (and restarted)."""
 
-    def __init__(self, desc: str = "evol-q"):
-        self.desc, self.bar, self.engine = desc, None, None
+    def __init__(self, desc: str = "evol-q", every: float = 1.0):
+        self.desc, self.bar, self.engine, self.every = desc, None, None, every
+        self._t0, self._e0, self._last, self._block = 0.0, 0, 0.0, {}
 
     def subscribe(self, engine) -> ProgressBar:
         self.engine = engine
         engine.run_start_hook.append(self.start)
         engine.block_end_hook.append(self.update)
+        engine.fitness_hook.append(self.tick)
         engine.run_end_hook.append(self.close)
         return self
 
@@ -47,11 +53,31 @@ class ProgressBar:
         n, total = len(self.engine.order), self.engine.search.passes * len(self.engine.order)
         self.bar = tqdm(total=total, initial=min(state["pass"] * n + state["pos"], total), desc=self.desc,
                         unit="block")
+        self._t0, self._e0 = time.perf_counter(), self.engine.fitness.evaluations
+
+    def postfix(self) -> dict:
+        """What the bar shows after the block name and fitness."""
+        out = dict(self._block)
+        dt = time.perf_counter() - self._t0
+        if dt > 0 and self.engine is not None:
+            out["evals/s"] = f"{(self.engine.fitness.evaluations - self._e0) / dt:.1f}"
+        so = getattr(self.engine, "scale_out", None)
+        if so is not None:
+            st = so.stats
+            out["actors"] = f"{st.alive}/{st.actors}" + (f" ({st.restarts} restarted)" if st.restarts else "")
+        return out
+
+    def tick(self, index, cands, losses):
+        now = time.perf_counter()
+        if self.bar is not None and now - self._last >= self.every:
+            self._last = now
+            self.bar.set_postfix(self.postfix())
 
     def update(self, rec):
         if self.bar is not None:
+            self._block = {"block": rec["block"], "fitness": f"{rec['final_fitness']:.4f}"}
             self.bar.update(1)
-            self.bar.set_postfix(block=rec["block"], fitness=f"{rec['final_fitness']:.4f}")
+            self.bar.set_postfix(self.postfix())
 
     def close(self, state=None):
         if self.bar is not None:

@@ -273,3 +273,110 @@ def load_result(out_dir) -> tuple[dict, dict]:
 
     return (load_file(str(Path(out_dir) / "result.safetensors")),
             json.loads((Path(out_dir) / "result.json").read_text()))
+
+
+# -- scale-out on Ray: actor and driver kills -------------------------------------------------
+SCALE_OUT_KEYS = ("actors", "ray_address")  # settings that may differ between runs with the same result
+
+
+def comparable(report: dict) -> dict:
+    """A report without timings, the scale-out figures and the actor settings: what 0, 1 and N
+    actors must agree on."""
+    rep = json.loads(json.dumps(strip_timings(report)))
+    rep.pop("scale_out", None)
+    for k in SCALE_OUT_KEYS:
+        rep.get("config", {}).get("search", {}).pop(k, None)
+    return rep
+
+
+def start_local_ray(num_cpus: int = 2) -> bool:
+    """A local Ray for tests (``ray.init(num_cpus=...)``) unless one runs; True if this call started it."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    return True
+
+
+def kill_actor_at(dispatch: int, how: str = "ray.kill", actor: int = 0):
+    """A subscriber (``quantize_model(subscribers=[...])``) that kills actor ``actor`` of the run right
+    after the ``dispatch``-th generation's pieces were sent (the actors are computing): ``how`` is
+    ``"ray.kill"`` or ``"sigkill"`` (SIGKILL of the actor's process). ``.killed`` counts the kills."""
+    import ray
+
+    def subscribe(engine):
+        def hook(problem, actors):
+            state["n"] += 1
+            if state["n"] == dispatch:
+                victim = actors[actor]
+                if how == "sigkill":
+                    i = next(k for k, a in enumerate(problem.actors) if a is victim)
+                    os.kill(problem.actor_info[i]["pid"], signal.SIGKILL)
+                else:
+                    ray.kill(victim)
+                subscribe.killed += 1
+
+        state = {"n": 0}
+        engine.scale_out.dispatch_hook.append(hook)
+
+    subscribe.killed = 0
+    return subscribe
+
+
+SPAWN_SCRIPT = r"""
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+import faultkit as fk
+from safetensors.torch import save_file
+from evolq import quantize_model
+
+out = Path({out!r})
+def markers(engine):
+    engine.block_start_hook.append(lambda info: print("B", flush=True))
+qm, rep = quantize_model(fk.tiny_vit(), fk.images(24), fk.small_config(**{cfg!r}), arch=fk.ARCH, checkpoint_dir=out,
+                         resume=True, subscribers=[markers])
+save_file(fk.scales_of(qm), str(out / "result.safetensors"))
+(out / "result.json").write_text(json.dumps(fk.strip_timings(rep)))
+print("F", flush=True)
+"""
+
+
+def spawn_quantize(out_dir, cfg: dict):
+    """A driver in a fresh process (``subprocess``; a forked child would inherit this process's Ray
+    connection): resumes or starts the tiny run ``small_config(**cfg)`` in ``out_dir``, prints
+    ``B`` at every block start and ``F`` when it wrote ``result.*``. Returns the ``Popen``."""
+    import subprocess
+    import sys
+
+    tests = str(Path(__file__).resolve().parent)
+    code = SPAWN_SCRIPT.format(tests=tests, out=str(out_dir), cfg=cfg)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+
+
+def kill_driver_then_resume(out_dir, cfg: dict, at_block: int = 2, timeout: float = 300) -> dict:
+    """SIGKILL a driver (and so its actors) at the start of block search ``at_block``, then resume
+    the run in a new driver and let it finish. Returns what happened."""
+    p = spawn_quantize(out_dir, cfg)
+    seen, t0 = 0, time.monotonic()
+    for line in p.stdout:
+        seen += line.strip() == "B"
+        if seen >= at_block or time.monotonic() - t0 > timeout:
+            break
+    p.kill()
+    p.wait(timeout=60)
+    stats = {"driver_killed_at_block": seen, "driver_exit": p.returncode,
+             "blocks_in_checkpoint": checkpoint_progress(out_dir)}
+    q = spawn_quantize(out_dir, cfg)
+    out, err = q.communicate(timeout=timeout)
+    if q.returncode != 0 or not out.strip().endswith("F"):
+        raise RuntimeError(f"resumed driver exited with {q.returncode}: {err[-2000:]}")
+    stats["resumed_blocks"] = out.count("B")
+    return stats

@@ -7,9 +7,10 @@ new searcher is one file plus ``register_searcher``. EvoTorch loads only when a
 search runs.
 """
 from . import builtin  # noqa: F401  (registers tournament, cmaes, snes, pgpe)
-from .registry import SEARCHERS, SearchPlan, list_searchers, make_searcher, register_searcher
+from .registry import SEARCHERS, SearchPlan, is_steady_state, list_searchers, make_searcher, register_searcher
 
-__all__ = ["SEARCHERS", "SearchPlan", "list_searchers", "make_searcher", "register_searcher", "Tournament"]
+__all__ = ["SEARCHERS", "SearchPlan", "is_steady_state", "list_searchers", "make_searcher", "register_searcher",
+           "Tournament"]
 
 
 def __getattr__(name):

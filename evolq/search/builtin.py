@@ -19,6 +19,9 @@ def tournament(problem, *, budget, sigma, popsize=None, start_fitness=None, seed
                                  start_fitness=start_fitness, abs_child=abs_child, seed=seed), budget)
 
 
+tournament.steady_state = True  # one candidate per step: nothing for Ray actors to share (evolq.scaleout)
+
+
 @register_searcher("cmaes")
 def cmaes(problem, *, budget, sigma, popsize=None, start_fitness=None, seed=0, **kwargs):
     """EvoTorch CMA-ES; separable above 200 dimensions (full covariance is O(D^2) per step)."""

@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..registry import Registry
 
 __all__ = ["SearchPlan", "SEARCHERS", "register_searcher", "list_searchers", "make_searcher", "class_factory",
-           "is_search_algorithm"]
+           "is_search_algorithm", "is_steady_state"]
 
 SEARCHERS: Registry = Registry("searcher")
 DEFAULT_POPSIZE = 8
@@ -39,6 +39,17 @@ def register_searcher(name: str, factory=None):
 
 def list_searchers() -> tuple[str, ...]:
     return SEARCHERS.names()
+
+
+def is_steady_state(searcher) -> bool:
+    """True for a searcher that evaluates one candidate per step (the paper's tournament): its
+    fitness calls are single candidates, which Ray actors cannot share. A factory says so with a
+    ``steady_state = True`` attribute; EvoTorch classes and unmarked factories are population searchers."""
+    if isinstance(searcher, str):
+        if searcher not in SEARCHERS.names():
+            return False
+        searcher = SEARCHERS.get(searcher)
+    return bool(getattr(searcher, "steady_state", False))
 
 
 def steps_for(budget: int, popsize: int) -> int:
