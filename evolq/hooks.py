@@ -17,7 +17,7 @@ A subscriber is any callable; ``subscribe(engine)`` methods below append themsel
 """
 from __future__ import annotations
 
-__all__ = ["Hook", "ProgressBar", "FitnessCurve", "BlockLog"]
+__all__ = ["Hook", "ProgressBar", "FitnessCurve", "BlockLog", "AllocationProgress"]
 
 
 class Hook(list):
@@ -88,3 +88,41 @@ class FitnessCurve:
                                                                              for h in b["history"]]))
         engine.block_end_hook.append(lambda rec: self.values.extend(rec["history"]))
         return self
+
+
+class AllocationProgress:
+    """A tqdm bar over the fitness evaluations of a bit-allocation run (``AllocationEngine``):
+    generation, front size, best loss under the budget; tqdm estimates the time left."""
+
+    def __init__(self, desc: str = "allocate"):
+        self.desc, self.bar = desc, None
+
+    def subscribe(self, engine) -> AllocationProgress:
+        self.engine = engine
+        engine.run_start_hook.append(self.start)
+        engine.generation_hook.append(self.update)
+        engine.run_end_hook.append(self.close)
+        engine.fitness.on_evaluation.append(self.tick)
+        return self
+
+    def start(self, state):
+        from tqdm.auto import tqdm
+
+        e = self.engine
+        self.bar = tqdm(total=e.evaluations, initial=min(e.fitness.evaluations, e.evaluations), desc=self.desc,
+                        unit="eval")
+
+    def tick(self, fitness):
+        if self.bar is not None and self.bar.n < self.bar.total:
+            self.bar.update(1)
+
+    def update(self, info):
+        if self.bar is not None:
+            self.bar.n = min(info["evaluations"], self.bar.total)
+            self.bar.set_postfix(gen=info["generation"], front=info["front"], best=f"{info['best_loss']:.4f}")
+            self.bar.refresh()
+
+    def close(self, state=None):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -52,6 +52,7 @@ from torch import nn
 
 from ..errors import ExportError
 from ..fsio import atomic_write
+from ..qnn.layer_bits import is_float_layer
 from ..qnn.layers import QConv2d, QLinear
 from ..qnn.qmodel import QModel
 from ..quant import ChannelFactorQuantizer, Log2Quantizer, PTFQuantizer, Quantizer, UniformQuantizer
@@ -374,6 +375,8 @@ def _export_mode(qmodel: QModel, exporter: _Exporter):
     model = qmodel.model
     try:
         for m in model.modules():
+            if is_float_layer(m):
+                continue  # layer_bits "float": the float layer as PyTorch computes it
             if isinstance(m, QLinear):
                 fwd = exporter.linear_forward(m)
             elif isinstance(m, QConv2d):

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..errors import ExportError
 from ..fsio import atomic_write
+from ..qnn.layer_bits import is_float_layer
 from ..qnn.layers import QAct, QConv2d, QLinear, QNorm
 from ..qnn.qkr import qkr_export_refusal
 from ..qnn.qmodel import QModel
@@ -188,6 +189,7 @@ def _weight(layer, names) -> _QWeight:
 
 
 def _lower_layer(m, names, quantized: bool) -> nn.Module:
+    quantized = quantized and not is_float_layer(m)  # layer_bits "float": the plain float layer
     if isinstance(m, QLinear):
         s = m.input_scale
         if not quantized:  # the float layer: the input scale folded back into the weight columns

@@ -191,10 +191,12 @@ def act_scale_quantizers(qmodel, layers) -> list:
 
 
 def statsq_layers(layers, quant, statsq: bool) -> list[bool]:
-    """Which layers StatsQ quantizes: those at ``quant.w_bits``. Layers that ``edge_bits`` raised
-    (8-bit first layer and classifier) keep their calibrated grid: StatsQ's clip at
-    ``2 * mean|w|`` is made for 2-4 bits and costs far more than it gains at 8."""
-    return [statsq and layer.weight_quant.bits <= quant.w_bits for _, layer in layers]
+    """Which layers StatsQ quantizes: those at ``quant.w_bits`` or fewer bits (at most 4 bits
+    beside a lower ``w_bits``, for ``layer_bits``). Layers that ``edge_bits`` raised (8-bit first
+    layer and classifier) keep their calibrated grid: StatsQ's clip at ``2 * mean|w|`` is made
+    for 2-4 bits and costs far more than it gains at 8."""
+    limit = max(quant.w_bits, 4) if getattr(quant, "layer_bits", None) else quant.w_bits
+    return [statsq and layer.weight_quant.bits <= limit for _, layer in layers]
 
 
 @torch.no_grad()
