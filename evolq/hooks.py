@@ -109,7 +109,7 @@ class AllocationProgress:
         from tqdm.auto import tqdm
 
         e = self.engine
-        self.bar = tqdm(total=e.evaluations, initial=min(e.fitness.evaluations, e.evaluations), desc=self.desc,
+        self.bar = tqdm(total=e.evaluations, initial=min(e.problem.evaluations, e.evaluations), desc=self.desc,
                         unit="eval")
 
     def tick(self, fitness):
