@@ -1,5 +1,5 @@
-"""Brevitas PTQ on the images of ``benchmarks/peers.py`` (run with the Brevitas environment's python,
-not evolq's; see peers.py for its install line).
+"""Brevitas PTQ on the images of ``python -m benchmarks peers`` (run with the Brevitas environment's python,
+not evolq's; see benchmarks/suites/peers.py for its install line).
 
 The recipe is the one of Brevitas' own ImageNet PTQ example (``brevitas_examples/imagenet_classification/
 ptq/ptq_evaluate.py``), called through that example's functions in the same order: graph preprocessing with

@@ -1,5 +1,5 @@
-"""NVIDIA ModelOpt PTQ on the images of ``benchmarks/peers.py`` (run with the ModelOpt environment's python,
-not evolq's; see peers.py for its install line).
+"""NVIDIA ModelOpt PTQ on the images of ``python -m benchmarks peers`` (run with the ModelOpt environment's python,
+not evolq's; see benchmarks/suites/peers.py for its install line).
 
 The recipe is the one of ModelOpt's quick start and of its timm example (``examples/torch_onnx/
 torch_quant_to_onnx.py``): ``mtq.quantize(model, CONFIG, forward_loop)`` with a forward loop over the

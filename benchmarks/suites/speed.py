@@ -1,59 +1,35 @@
-"""Speed: evolq's search vs a faithful re-implementation of the authors' loop
-(``joint_evol_opt.py`` of enyac-group/evol-q, read for its behaviour; no code copied).
+"""Speed: evolq's search against a re-implementation of the authors' loop (``joint_evol_opt.py``
+of enyac-group/evol-q, read for its behaviour; no code copied) at equal fitness evaluations.
 
-The baseline does what the authors' code does:
-
-* the full-precision outputs of the calibration set are computed once (batches of 100);
-* every fitness evaluation sets the candidate's scales and runs the whole quantized
-  model over the calibration set in batches of 100, one candidate at a time;
-* every block starts by evaluating its start scales again (1 + cycles evaluations);
-* tournament: 15 copies of the start, sample 10 with replacement (Python ``random``),
-  the best is the parent, child = abs(parent + U(-eps, eps)) (NumPy), the population is
-  sorted by loss (stable) and the last member dropped: the *newest* of the tied worst.
-
-evolq runs its own tournament (torch generator, drops the *oldest* of the tied worst) with
-``reuse_fitness=False``, so it also re-evaluates every block's start and both sides spend
-the same number of evaluations. Both get the same seeds (``block_seed``), but the random
-schemes and the tie-break differ, so the scales they reach differ; instead the script
-compares total time and time per evaluation at equal evaluations, and checks that the
-two fitness paths give the same loss for the same candidate (``loss_check``).
-
-Runs alternate (baseline, evolq, baseline, evolq, ...) from the same start point; the
-result is the median ratio over the pairs, with the spread and the load average of
-each pair (the machine may be shared). Then a profile: FLOPs of one evaluation per
-searched block (torch's FLOP counter) against the measured matmul rate (the physical
-limit), and the top operators of one evaluation.
-
-    python -m benchmarks.speed --pairs 3 --cycles 2 --blocks 1 5 9
-"""
+The baseline computes the full-precision outputs once (batches of 100); every evaluation sets the
+candidate's scales and runs the whole quantized model over the calibration set in batches of 100;
+every block starts by evaluating its start scales again; the tournament samples with Python's
+``random``, mutates with NumPy and drops the *newest* of the tied worst. evolq runs its own
+tournament with ``reuse_fitness=False`` so both spend the same evaluations; ``loss_check`` checks
+that the two fitness paths give the same loss for the same candidate. Runs alternate (baseline,
+evolq, ...) from the same start point; then a profile (FLOPs of one evaluation against the
+measured matmul rate, top operators). ``--chunks`` instead times one evaluation per chunk size."""
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # this checkout's evolq, also when run as a script
-sys.path.insert(1, str(ROOT / "benchmarks"))
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from _common import setup, write_json  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import evolq
+from evolq import EvolQConfig, prepare_model, quantize_model
+from evolq.engine import block_seed
+from evolq.fitness import BlockFitness, reference_outputs
+from evolq.losses import make_loss
+from evolq.qnn.scales import ScaleSpace
 
-import evolq  # noqa: E402
-from evolq import EvolQConfig, prepare_model, quantize_model  # noqa: E402
-from evolq.data import assets_dir, load_images  # noqa: E402
-from evolq.engine import block_seed  # noqa: E402
-from evolq.fitness import BlockFitness, reference_outputs  # noqa: E402
-from evolq.losses import make_loss  # noqa: E402
-from evolq.models import load_model, model_transform  # noqa: E402
-from evolq.qnn.scales import ScaleSpace  # noqa: E402
+from ..report import Col, Section, Table, load, table
+from ..runner import Suite, register
 
 SCOPE = "attn-weights"
 AUTHORS_BATCH = 100
@@ -260,95 +236,138 @@ def profile(qmodel, x, search, blocks, baseline_runs) -> dict:
     }
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--calib", type=int, default=100)
-    ap.add_argument("--cycles", type=int, default=2)
-    ap.add_argument("--blocks", type=int, nargs="+", default=[1, 5, 9],
-                    help="transformer blocks searched (0-based; default evenly spaced, mean suffix 7 blocks + "
-                         "head, a little longer than all twelve's 6.5)")
-    ap.add_argument("--pairs", type=int, default=3)
-    ap.add_argument("--w-bits", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--chunks", type=int, nargs="+", default=None,
-                    help="instead of the pairs: CPU time of one evaluation per chunk size (max_batch) on each "
-                         "searched block, written to results/speed_chunks.json (or --out)")
-    ap.add_argument("--out", default=None, help="results/NAME.json (default speed, or speed_chunks with --chunks)")
-    args = ap.parse_args()
-    setup(args.threads)
-    t_all = time.perf_counter()
-    arch = "vit_tiny_patch16_224"
-    model = load_model(arch)
-    xc, _ = load_images(assets_dir() / "imagenet-sample", model_transform(model), "calib", limit=args.calib)
-    cfg = EvolQConfig.make(w_bits=args.w_bits, passes=1, cycles=args.cycles, holdout=0.0, seed=args.seed,
-                           infonce_batch=min(AUTHORS_BATCH, xc.shape[0]), reuse_fitness=False, progress=False)
-    search = cfg.search
-    eps = search.eps_for(args.w_bits)
-    qmodel = prepare_model(model, xc, cfg.quant, arch=arch)
-    blocks = [i for i, b in enumerate(qmodel.blocks) if b.name in {f"blocks.{j}" for j in args.blocks}]
+def run(run):
+    a = run.args
+    d = run.data(n_eval=1)
+    cfg = EvolQConfig.make(w_bits=a.w_bits, passes=1, cycles=a.cycles, holdout=0.0, seed=a.seeds[0],
+                           infonce_batch=min(AUTHORS_BATCH, d.xc.shape[0]), reuse_fitness=False, progress=False)
+    search, xc = cfg.search, d.xc
+    eps = search.eps_for(a.w_bits)
+    qmodel = prepare_model(d.base, xc, cfg.quant, arch=a.model)
+    blocks = [i for i, b in enumerate(qmodel.blocks) if b.name in {f"blocks.{j}" for j in a.blocks}]
     restrict_blocks(qmodel, blocks)
     start_state = {k: v.clone() for k, v in qmodel.model.state_dict().items()}
-    if args.chunks:
-        res = {"model": arch, "w_bits": args.w_bits, "calib_images": int(xc.shape[0]),
-               "threads": torch.get_num_threads(), "default_max_batch": search.max_batch,
-               **chunk_sizes(qmodel, xc, search, blocks, args.chunks)}
-        write_json(f"{args.out or 'speed_chunks'}.json", res)
-        for b in res["blocks"]:
-            print(b["block"], {m: round(v, 3) for m, v in b["cpu_seconds"].items()}, "losses equal:", b["losses_equal"])
+    if a.chunks:
+        run.save({"model": a.model, "w_bits": a.w_bits, "calib_images": int(xc.shape[0]),
+                  "threads": torch.get_num_threads(), "default_max_batch": search.max_batch,
+                  **chunk_sizes(qmodel, xc, search, blocks, a.chunks)})
         return
-    args.out = f"{args.out or 'speed'}.json"
-
-    res = {
-        "model": arch, "w_bits": args.w_bits, "a_bits": 8, "preset": "fq-vit", "calib_images": int(xc.shape[0]),
-        "passes": 1, "cycles": args.cycles, "scope": SCOPE, "searcher": search.searcher,
-        "blocks": [qmodel.blocks[i].name for i in blocks], "seed": args.seed, "threads": torch.get_num_threads(),
+    res = run.doc = {
+        "model": a.model, "w_bits": a.w_bits, "a_bits": 8, "preset": "fq-vit", "calib_images": int(xc.shape[0]),
+        "passes": 1, "cycles": a.cycles, "scope": SCOPE, "searcher": search.searcher,
+        "blocks": [qmodel.blocks[i].name for i in blocks], "seed": a.seeds[0], "threads": torch.get_num_threads(),
         "device": "cpu", "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "max_batch": search.max_batch, "authors_batch": AUTHORS_BATCH, "evolq_reuse_fitness": False,
-        "evolq_file": evolq.__file__, "pairs": [],
-    }
-
+        "evolq_file": evolq.__file__, "pairs": []}
     res["loss_check"] = loss_check(qmodel, xc, search, blocks, eps)
-    qmodel.model.load_state_dict(start_state)
-    write_json(args.out, res)
-    print(f"loss check: max abs diff {res['loss_check']['max_abs_diff']:.3g} "
-          f"(rel {res['loss_check']['max_rel_diff']:.3g})", flush=True)
-
-    for p in range(args.pairs):
+    run.save()
+    for p in range(a.pairs):
         load0 = os.getloadavg()
         qmodel.model.load_state_dict(start_state)
-        base = AuthorsLoop(qmodel, xc, search, eps).run(blocks, args.seed, args.cycles)
+        base = AuthorsLoop(qmodel, xc, search, eps).run(blocks, a.seeds[0], a.cycles)
         qmodel.model.load_state_dict(start_state)
         ev = run_evolq(qmodel, xc, cfg)
-        pair = {"pair": p, "baseline": base, "evolq": ev, "ratio": base["seconds"] / ev["seconds"],
-                "cpu_ratio": base["cpu_seconds"] / ev["cpu_seconds"],
-                "baseline_seconds_per_eval": base["seconds"] / base["evaluations"],
-                "evolq_seconds_per_eval": ev["seconds"] / ev["evaluations"],
-                "loadavg_before": list(load0), "loadavg_after": list(os.getloadavg())}
-        res["pairs"].append(pair)
-        ratios = [q["ratio"] for q in res["pairs"]]
-        cpu_ratios = [q["cpu_ratio"] for q in res["pairs"]]
-        res.update(ratio_median=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
-                   cpu_ratio_median=statistics.median(cpu_ratios), cpu_ratio_min=min(cpu_ratios),
-                   cpu_ratio_max=max(cpu_ratios))
-        write_json(args.out, res)
-        print(f"pair {p}: baseline {base['seconds']:.1f} s ({base['evaluations']} evals), evolq {ev['seconds']:.1f} s "
-              f"({ev['evaluations']} evals), ratio {pair['ratio']:.2f}x (CPU time {pair['cpu_ratio']:.2f}x), "
+        res["pairs"].append({"pair": p, "baseline": base, "evolq": ev, "ratio": base["seconds"] / ev["seconds"],
+                             "cpu_ratio": base["cpu_seconds"] / ev["cpu_seconds"],
+                             "baseline_seconds_per_eval": base["seconds"] / base["evaluations"],
+                             "evolq_seconds_per_eval": ev["seconds"] / ev["evaluations"],
+                             "loadavg_before": list(load0), "loadavg_after": list(os.getloadavg())})
+        for key in ("ratio", "cpu_ratio"):
+            vals = [q[key] for q in res["pairs"]]
+            res.update({f"{key}_median": statistics.median(vals), f"{key}_min": min(vals), f"{key}_max": max(vals)})
+        run.save()
+        print(f"pair {p}: ratio {res['pairs'][-1]['ratio']:.2f}x (CPU time {res['pairs'][-1]['cpu_ratio']:.2f}x), "
               f"load {load0[0]:.2f}", flush=True)
-
     qmodel.model.load_state_dict(start_state)
     res["profile"] = profile(qmodel, xc, search, blocks, [q["baseline"] for q in res["pairs"]])
     res["equal_evaluations"] = all(q["baseline"]["evaluations"] == q["evolq"]["evaluations"] for q in res["pairs"])
-    res["seconds"] = time.perf_counter() - t_all
-    write_json(args.out, res)
-    pr = res["profile"]
-    print(f"ratio median {res['ratio_median']:.2f}x (min {res['ratio_min']:.2f}, max {res['ratio_max']:.2f}) over "
-          f"{len(res['pairs'])} pairs (CPU time {res['cpu_ratio_median']:.2f}x); matmul "
-          f"{pr['matmul_gflops_per_s']:.1f} GFLOP/s; evolq CPU s per eval {pr['evolq_cpu_seconds_per_eval_mean']:.2f} "
-          f"vs limit {pr['evolq_limit_seconds_mean']:.2f}")
+    run.save()
     assert res["equal_evaluations"], "baseline and evolq spent different numbers of evaluations"
     assert res["loss_check"]["max_rel_diff"] < 1e-6, "the two fitness paths disagree on the same candidate"
 
 
-if __name__ == "__main__":
-    main()
+def profile_rows(d):
+    pr = d["profile"]
+    return pr["evolq_per_block"] + [{**pr["baseline"], "block": "baseline (whole model)"}]
+
+
+def profile_text(d):
+    pr, bl = d["profile"], d["profile"]["baseline"]
+    return (f"Per evaluation (CPU time), the baseline over evolq's mean over the searched blocks: "
+            f"{bl['cpu_seconds_per_eval'] / pr['evolq_cpu_seconds_per_eval_mean']:.2f}x; both at the "
+            f"physical limit it would be {bl['limit_seconds'] / pr['evolq_limit_seconds_mean']:.2f}x (the "
+            f"suffix's FLOPs are all evolq saves per evaluation; the rest is running closer to the matmul rate). "
+            f"5x per evaluation would need evolq at {bl['cpu_seconds_per_eval'] / 5:.2f} s, against a limit "
+            f"of {pr['evolq_limit_seconds_mean']:.2f} s. The whole-run ratio is lower: both pay the FP32 "
+            f"outputs once and evolq also the forward up to the first searched block (its cache), over only "
+            f"{d['pairs'][0]['evolq']['evaluations']} evaluations; and the spread of the pairs is the load's "
+            f"doing (CPU time too rises when other jobs share the caches).")
+
+
+def chunks(d):
+    ch = load("speed_chunks")
+    if not ch:
+        return None
+    sizes = [str(m) for m in ch["sizes"]]
+    return [f"Chunk size (`python -m benchmarks speed --chunks ...`, `speed_chunks.json`): CPU seconds of one "
+            f"evaluation (one candidate, {ch['calib_images']} images, least of {ch['repeats']}, sizes interleaved) "
+            f"per `max_batch`; the default is {ch['default_max_batch']}. Load average at the end: "
+            f"{ch['loadavg'][0]:.1f}.", "",
+            table(["block", *[f"max_batch {m}" for m in sizes], "same losses"],
+                  [[b["block"], *[f"{b['cpu_seconds'][m]:.2f}" for m in sizes], b["losses_equal"]]
+                   for b in ch["blocks"]])]
+
+
+
+register(Suite(
+    name="speed", doc=__doc__, run=run, order=130,
+    what="evolq vs the authors' loop at equal evaluations, alternating pairs, profile",
+    common={"model": "vit_tiny_patch16_224", "calib": 100, "seeds": [0], "threads": 1},
+    args=[(("--cycles",), {"type": int, "default": 2}), (("--pairs",), {"type": int, "default": 3}),
+          (("--blocks",), {"type": int, "nargs": "+", "default": [1, 5, 9],
+                           "help": "transformer blocks searched (0-based; evenly spaced by default)"}),
+          (("--w-bits",), {"type": int, "default": 4}),
+          (("--chunks",), {"type": int, "nargs": "+", "default": None,
+                           "help": "instead of the pairs: CPU time of one evaluation per chunk size (max_batch)"})],
+    results={"speed": "", "speed_chunks": "--chunks 8 16 32 64 --out speed_chunks"},
+    smoke={"calib": 8, "cycles": 1, "pairs": 1, "blocks": [11]},
+    report=[Section("speed", [
+        "## Speed: evolq vs the authors' loop",
+        lambda d: f"`benchmarks/suites/speed.py`: {d['model']} W{d['w_bits']}A{d['a_bits']} ({d['preset']} preset), "
+                  f"{d['calib_images']} calibration images, scope {d['scope']}, {d['searcher']}, {d['passes']} pass "
+                  f"x {d['cycles']} cycles over {', '.join(d['blocks'])} (last first), seed {d['seed']}, "
+                  f"{d['threads']} torch thread(s) on a {d['cpu_count']}-core {d['device']} shared with other jobs. "
+                  f"Baseline: the authors' loop (FP32 outputs once; every evaluation runs the whole quantized model "
+                  f"over the calibration set in batches of {d['authors_batch']}; every block's start evaluated "
+                  f"again; the newest of the tied worst dropped). evolq: cached suffix, chunks of {d['max_batch']}, "
+                  f"reuse_fitness={d['evolq_reuse_fitness']} so both spend the same evaluations "
+                  f"(equal: {d.get('equal_evaluations')}). Runs alternate baseline, evolq, ...; wall time is what "
+                  f"the user waits, CPU time (user + system of the process) is less sensitive to the other jobs.",
+        Table([Col("pair", "pair"), Col("baseline s", "baseline.seconds", "{:.1f}"),
+               Col("baseline CPU s", "baseline.cpu_seconds", "{:.1f}"), Col("evolq s", "evolq.seconds", "{:.1f}"),
+               Col("evolq CPU s", "evolq.cpu_seconds", "{:.1f}"),
+               Col("evaluations", lambda q: f"{q['baseline']['evaluations']} / {q['evolq']['evaluations']}"),
+               Col("ratio (wall)", "ratio", "{:.2f}x"), Col("ratio (CPU)", "cpu_ratio", "{:.2f}x"),
+               Col("load (1 min)", lambda q: f"{q['loadavg_before'][0]:.1f} -> {q['loadavg_after'][0]:.1f}")],
+              "pairs"),
+        lambda d: f"Median ratio baseline / evolq at equal evaluations: {d['ratio_median']:.2f}x wall "
+                  f"(spread {d['ratio_min']:.2f}-{d['ratio_max']:.2f}), {d['cpu_ratio_median']:.2f}x CPU time "
+                  f"(spread {d['cpu_ratio_min']:.2f}-{d['cpu_ratio_max']:.2f}), {len(d['pairs'])} pairs.",
+        lambda d: f"Same candidates, both fitness paths (the authors' full-model loss and evolq's cached, chunked "
+                  f"one): {len(d['loss_check']['candidates'])} candidates, largest difference "
+                  f"{d['loss_check']['max_abs_diff']:.3g} (relative {d['loss_check']['max_rel_diff']:.3g}).",
+        lambda d: f"Profile: one evaluation per searched block against the physical limit, its FLOPs (torch's FLOP "
+                  f"counter) at the measured matmul rate ({d['profile']['matmul_gflops_per_s']:.1f} GFLOP/s, one "
+                  f"thread, CPU time). evolq's times are the least of two calls with the cache filled; the "
+                  f"baseline's the median per evaluation over the runs." if d.get("profile") else None,
+        Table([Col("evaluation", "block"), Col("GFLOP", "flops_per_eval", lambda v: f"{v / 1e9:.1f}"),
+               Col("limit s", "limit_seconds", "{:.2f}"), Col("CPU s", "cpu_seconds_per_eval", "{:.2f}"),
+               Col("wall s", "seconds_per_eval", "{:.2f}"), Col("limit / CPU", "fraction_of_limit", "{:.0%}")],
+              lambda d: profile_rows(d) if d.get("profile") else []),
+        lambda d: profile_text(d) if d.get("profile") else None,
+        lambda d: f"Top operators of one evolq evaluation on {d['profile']['profiled_block']} "
+                  f"({d['profile']['profiled_seconds']:.2f} s profiled; matrix products "
+                  f"{d['profile']['profiled_matmul_share']:.0%}):" if d.get("profile") else None,
+        Table([Col("operator", "op"), Col("self s", "self_seconds", "{:.3f}"), Col("calls", "calls")],
+              "profile.top_ops"),
+        chunks])]))

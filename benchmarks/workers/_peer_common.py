@@ -14,7 +14,7 @@ T_START = time.time()  # imported first by each peer script: its seconds include
 
 def parse_args(doc: str, config_help: str, batch_size: int, batch_help: str):
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="tensor file written by peers.py")
+    p.add_argument("--data", required=True, help="tensor file written by the peers suite (benchmarks/suites/peers.py)")
     p.add_argument("--arch", required=True)
     p.add_argument("--weights", required=True)
     p.add_argument("--config", required=True, help=config_help)
@@ -28,7 +28,7 @@ def parse_args(doc: str, config_help: str, batch_size: int, batch_help: str):
 
 
 def load_data(args):
-    """(calibration images, evaluation images) from the tensor file of peers.py."""
+    """(calibration images, evaluation images) from the tensor file of the peers suite."""
     data = torch.load(args.data, weights_only=True)
     return data["calib"], data["eval"]
 
