@@ -1,7 +1,7 @@
 """CNN adapters (timm EfficientNet, torchvision ResNet): BatchNorm folding, layer
 coverage, block ownership, population mode through CNN blocks (depthwise and
 "same"-padded convs included), an end-to-end search, and save/load. Random
-weights only: mechanics, not accuracy (benchmarks/efficientnet.py has the real model)."""
+weights only: mechanics, not accuracy (benchmarks/suites/efficientnet.py has the real model)."""
 from __future__ import annotations
 
 import copy
