@@ -98,7 +98,6 @@ class Suite:
     resume: bool = False
 
 
-
 _SUITES: dict[str, Suite] = {}
 
 
@@ -118,8 +117,12 @@ def suites() -> dict[str, Suite]:
 
 
 def build_parser(suite: Suite) -> argparse.ArgumentParser:
+    listed = "\n".join(f"  {stem}: " + " ; ".join(shlex.join(j) or "(defaults)" for j in jobs(suite, stem))
+                        for stem in suite.results)
     p = argparse.ArgumentParser(prog=f"python -m benchmarks {suite.name}", description=suite.doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"results files and the invocations that write them (--plan STEM runs "
+                                       f"them all, each in a process of its own):\n{listed}" if listed else None)
     for name, default in suite.common.items():
         flags, kw = COMMON[name]
         p.add_argument(*flags, default=default, **kw)

@@ -42,6 +42,7 @@ import torch
 from evolq.evaluate import metrics
 from evolq.export import onnx_session
 
+from ..report import Col, Section, Table
 from ..runner import Suite, cpu_info, register
 from ..timing import HARNESS, fp32_compiles, inductor, onnxruntime_session, openvino_model, time_common_baseline
 from .deploy import SPEED_OLD
@@ -385,6 +386,19 @@ def run(run):
     run.save()
 
 
+def timing_rows(d):
+    rows = []
+    for t in d["timing"]:
+        for r in t["results"].values():
+            for name, ms in sorted(r["times_ms"].items(), key=lambda kv: kv[1]):
+                s = r["speedup"].get(name)
+                rows.append({"setting": f"batch {r['batch']}, {r['threads']} thread{'s' * (r['threads'] > 1)}",
+                             "candidate": name + (" (baseline)" if name == r["baseline"] else ""), "ms": ms,
+                             "speedup": f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})" if s else "",
+                             "load": " -> ".join(f"{v:.1f}" for v in r["load_1m"])})
+    return rows
+
+
 ALL = " ".join(k for k in TOOLS if k != "torchao-int8-dynamic")
 register(Suite(
     name="deploy_peers", doc=__doc__, run=run, order=13, resume=True, out="deploy_peers_{short}",
@@ -403,4 +417,12 @@ register(Suite(
              for s, m in (("vit_tiny", "vit_tiny_patch16_224"), ("efficientnet_lite0", "tf_efficientnet_lite0"))},
     stale={"deploy_peers_vit_tiny": SPEED_OLD, "deploy_peers_efficientnet_lite0": SPEED_OLD},
     smoke={"tools": ["ort-dynamic", "evolq-onnx-onnxruntime"], "calib": 16, "eval": 8, "threads": [1],
-           "batches": [2], "pairs": 1, "warmup": 1, "eval_batch": 4}))
+           "batches": [2], "pairs": 1, "warmup": 1, "eval_batch": 4},
+    report=[Section("deploy_peers_*", order=10, when=lambda d: bool(d.get("timing")), blocks=[
+        lambda d: f"One FP32 baseline for every tool (`{d['file']}.json`, `benchmarks/timing.py`): every int8 model "
+                  f"and the FP32 compiles of {d['model']} in the same alternating rounds in one process, on "
+                  f"{d['cpu']['model']} ({d['cpu']['cores']} cores, int8 flags {', '.join(d['cpu']['flags'])}); "
+                  f"median milliseconds per batch, and the speedup (median, min-max of the per-round ratios) against "
+                  f"the fastest FP32 compile. Tools: {', '.join(t for r in d['timing'] for t in r['tools'])}.",
+        Table([Col("setting", "setting"), Col("candidate", "candidate"), Col("ms per batch", "ms", "{:.1f}"),
+               Col("speedup against the baseline", "speedup"), Col("load (1 min)", "load")], timing_rows)])]))
