@@ -15,7 +15,7 @@ from pathlib import Path
 from .config import QuantConfig, SearchConfig, field_default
 from .errors import EvolQError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "quant_config"]
 
 
 def _q(name):
@@ -246,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quant_config(args):
+def quant_config(args) -> QuantConfig:
+    """The ``QuantConfig`` that parsed ``eval`` / ``quantize`` arguments describe."""
     extra = {} if args.linear_input_strength is None else {"linear_input_strength": args.linear_input_strength}
     if args.smooth_strength is not None:
         extra["smooth_strength"] = args.smooth_strength
@@ -262,7 +263,7 @@ def _load(args, quiet=False):
     from .data import assets_dir, load_images
     from .models import load_model, model_transform
 
-    quant = _quant_config(args)
+    quant = quant_config(args)
     for name in ("calib_size", "limit"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -358,7 +359,7 @@ def cmd_quantize(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EvolQError(f"--out {str(out)!r} exists and is not a folder")
-    check_run_folder(out, EvolQConfig(_quant_config(args), search), args.resume)  # before any expensive work
+    check_run_folder(out, EvolQConfig(quant_config(args), search), args.resume)  # before any expensive work
     model, quant, xc, xe, ye = _load(args, quiet=args.quiet)
     report = _run_quantize(model, args.model, quant, search, xc, xe, ye, out, args.resume)
     print(_table([("fp32", report["fp32"]), ("start", report["start"]), ("evol-q", report["final"])]))

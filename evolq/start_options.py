@@ -52,7 +52,7 @@ class BRECQOptions:
     """BRECQ (Li et al., 2021) block reconstruction with AdaRound rounding, QDrop optional.
 
     ``None`` settings take a default by device. CPU: ``iters=200, batch_size=16, lr=1e-2``
-    (ViT-Tiny, 14 blocks, with ``init="gptq"``: 13-15 minutes alone on 2 cores, ``benchmarks/start_points.py``);
+    (ViT-Tiny, 14 blocks, with ``init="gptq"``: 13-15 minutes alone on 2 cores, ``benchmarks/suites/start_points.py``);
     GPU: ``iters=5000, batch_size=32, lr=3e-3``.
     BRECQ's paper runs 20000 iterations at lr 1e-3; with 25-100x fewer steps the
     rounding variables need a larger step to leave their round-to-nearest start before
@@ -132,7 +132,7 @@ class OFQOptions:
     cores. The defaults (12 epochs, lr 2e-5, DeiT-style mixed views, the block-output term at
     weight 1, StatsQ off, CGA on for the last epoch, GPTQ init, QKR with the q bias's exact term
     where the model has q and k) had the lowest KL on
-    calibration-pool dev images at ViT-Tiny W3A8 (``benchmarks/ofq_start.py --mode dev``;
+    calibration-pool dev images at ViT-Tiny W3A8 (``python -m benchmarks ofq_start --mode dev``;
     ``docs/concepts.md``): at lr 1e-4 the fine-tune overfits the few hundred images (dev KL
     above GPTQ's); with flips alone 6 epochs at 2e-5 beat 3 but the train KL falls to 0.15
     against a dev KL of 1.06; mixed views and the block-output term each lower the dev KL,

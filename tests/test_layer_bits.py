@@ -31,9 +31,10 @@ SPEC = {"blocks.*.mlp.fc2": 2, "blocks.1.attn.qkv": {"w_bits": 3, "a_bits": 6}, 
 
 def levels_per_row(layer) -> int:
     """The most distinct weight values in one output row of what the layer computes with."""
+    from evolq.qnn.reconstruct.common import folded_weight
+
     with torch.no_grad():
-        f = layer._factor() if hasattr(layer, "_factor") else None
-        w = layer.weight_quant(layer._folded_weight(f)) if f is not None else layer.weight_quant(layer.weight)
+        w = layer.weight_quant(folded_weight(layer)[0])
     w = w.reshape(w.shape[0], -1)
     return max(len(torch.unique(r)) for r in w)
 

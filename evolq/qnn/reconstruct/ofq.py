@@ -39,6 +39,10 @@ A checkpoint (``StartCheckpoint``, with ``D``, AdamW's moments and CGA's masks a
 tensors) is written after every epoch; the image order and flips of epoch e come from their
 own seed, so a resumed run ends with the same weights as an uninterrupted one. A NaN or inf
 loss stops the run, keeps the last good epoch's weights and says so in the report.
+
+The fine-tune fires the hooks of ``evolq.hooks.StartHooks`` (epoch start and end, CGA's masks,
+the end of training) for subscribers given to ``prepare_model``: progress, logging, and the
+tests' interruptions and observations.
 """
 from __future__ import annotations
 
@@ -226,10 +230,11 @@ def _run_gptq_init(qmodel, x, opts, statsq: list[bool], layers) -> list[dict]:
 
 
 def run_ofq(qmodel, x: torch.Tensor, quant, opts, holdout: torch.Tensor | None = None, progress: bool = False,
-            checkpoint_dir=None, resume: bool = False) -> dict:
+            checkpoint_dir=None, resume: bool = False, hooks=None) -> dict:
     """The OFQ fine-tune of a calibrated ``qmodel`` on the fitness images ``x``; ``holdout``
     (images that never reach calibration or training) is scored before, after and at every
-    epoch. Returns the start report (``qmodel.start_report``)."""
+    epoch; ``hooks``: an ``evolq.hooks.StartHooks`` to fire. Returns the start report
+    (``qmodel.start_report``)."""
     from ...data import resolve_device
 
     n, bs = x.shape[0], opts.batch_size
@@ -275,7 +280,8 @@ def run_ofq(qmodel, x: torch.Tensor, quant, opts, holdout: torch.Tensor | None =
                     state["fitness_kl_before"] = float(logits_kl(_logits(model, x, eval_bs),
                                                                  _float_logits(qmodel, x, eval_bs)))
             t0 -= state["seconds"]
-            _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, progress and opts.progress)
+            _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, progress and opts.progress,
+                   hooks)
         finally:
             model.to(home)
     return _report(qmodel, x, hold, opts, state, flip, t0)
@@ -360,7 +366,13 @@ def block_term(student: list, teacher: list) -> torch.Tensor:
     return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
-def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, progress) -> None:
+def _fire(hooks, name: str, *args) -> None:
+    """Fire ``hooks.<name>`` (``evolq.hooks.StartHooks``) where the caller gave hooks."""
+    if hooks is not None:
+        getattr(hooks, name)(*args)
+
+
+def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, progress, hooks) -> None:
     model = qmodel.model
     n, bs = x.shape[0], opts.batch_size
     steps = n // bs  # whole batches only: every step sees bs images
@@ -404,9 +416,12 @@ def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, pr
 
             bar = tqdm(total=(opts.epochs - state["epoch"]) * steps, desc="ofq fine-tune", leave=False)
         for epoch in range(state["epoch"], opts.epochs):
+            _fire(hooks, "epoch_start_hook", {"epoch": epoch + 1, "epochs": opts.epochs})
             if opts.cga and epoch == cga_from and masks is None:
                 masks = _cga_masks(layers, deltas, opts.cga_br, sq)
                 anchors = [d.detach().clone() for d in deltas]
+                _fire(hooks, "cga_start_hook", {"epoch": epoch + 1, "layers": [name for name, _ in layers],
+                                                "deltas": anchors, "masks": masks})
             gen = torch.Generator().manual_seed(epoch_seed(opts.seed, epoch))
             perm = torch.randperm(n, generator=gen)
             flips = torch.rand(n, generator=gen) < 0.5
@@ -489,8 +504,10 @@ def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, pr
             state["seconds"] = time.perf_counter() - t0
             good = [d.detach().clone() for d in params]
             ckpt.save(state, _extra(named, opt, masks, anchors))
+            _fire(hooks, "epoch_end_hook", rec)
         if bar is not None:
             bar.close()
+        _fire(hooks, "train_end_hook", qmodel)
         final = [d.detach().clone() for d in deltas]
         final_log = [ls.detach().clone() for ls in log_scales]
     # freeze: the change becomes the quantizer's weight_delta, the last StatsQ scale its scale, and
