@@ -388,7 +388,7 @@ def cmd_allocate(args) -> int:
                               loss=args.loss, tables=args.tables, seed=args.seed, progress=not args.quiet)
     parse_budget(args.budget)
     args.w_bits = _alloc_w_bits(args, args.budget)
-    quant = _quant_config(args)
+    quant = quant_config(args)
     search = None
     if args.passes:
         search = SearchConfig(passes=args.passes, cycles=args.cycles, progress=not args.quiet)
