@@ -142,11 +142,35 @@ def test_deploy_exports_hold_each_layers_integers(tmp_path):
         assert int(codes.abs().max()) <= 2 ** wq.bits - 1
     path = export_onnx(q, tmp_path / "m.onnx", example=x[:1])
     g = onnx.load(str(path)).graph
-    types = {t.name: t.data_type for t in g.initializer}
+    inits = {t.name: t for t in g.initializer}
     TP = onnx.TensorProto
-    assert types["blocks.0.mlp.fc2.weight.quantized"] in (TP.INT4, TP.UINT4)
-    assert types["blocks.1.mlp.fc1.weight.quantized"] in (TP.INT8, TP.UINT8)
-    assert "blocks.0.attn.proj.weight.quantized" not in types
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
-    assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+    fc2 = quantized_layers(q.model)["blocks.0.mlp.fc2"]
+    packed = inits["blocks.0.mlp.fc2.weight.packed2"]  # 2 bits per weight, bit-packed
+    assert packed.data_type == TP.UINT8 and len(packed.raw_data) == -(-fc2.weight.numel() * 2 // 8)
+    assert "blocks.1.attn.qkv.weight.packed3" in inits
+    assert inits["blocks.1.mlp.fc1.weight.quantized"].data_type in (TP.INT8, TP.UINT8)
+    assert not any(n.startswith("blocks.0.attn.proj.weight.") for n in inits)  # the float layer
+    plain = export_onnx(q, tmp_path / "plain.onnx", example=x[:1], pack="none")
+    assert inits["blocks.0.mlp.fc2.weight.packed2"] is not None
+    assert onnx.load(str(plain)).graph.initializer  # every width in its container
+    runs = []
+    for p in (path, plain):
+        sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        runs.append(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]))
+    assert torch.equal(runs[0], runs[1])  # unpacking gives the same integers
+    assert (runs[0].argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+
+
+def test_pack_bits_round_trip():
+    import numpy as np
+
+    from evolq.export.onnx.weights import pack_bits
+
+    rng = np.random.default_rng(0)
+    for bits in (2, 3, 5, 6, 7):
+        codes = rng.integers(0, 2**bits, size=37)
+        packed = pack_bits(codes, bits)
+        assert packed.size == -(-37 // 8) * bits
+        words = (packed.astype(np.int64) * 256 ** np.arange(bits)).sum(1, keepdims=True)
+        back = (words // (2**bits) ** np.arange(8) % 2**bits).reshape(-1)[:37]  # what the graph's nodes compute
+        assert np.array_equal(back, codes)

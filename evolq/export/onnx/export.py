@@ -27,7 +27,7 @@ def _check_opset(opset):
 
 
 def export_onnx(qmodel: QModel, path, *, opset: int = 21, example: torch.Tensor | None = None,
-                bias_correction: str = "weights", channel_factors: str = "fold") -> Path:
+                bias_correction: str = "weights", channel_factors: str = "fold", pack: str = "auto") -> Path:
     """Write ``qmodel`` as an ONNX QDQ model to ``path`` (atomically: no partial file).
 
     Args:
@@ -48,6 +48,10 @@ def export_onnx(qmodel: QModel, path, *, opset: int = 21, example: torch.Tensor 
             input dequantized per tensor. ``"divide"``: the PyTorch model's own operations, the input
             quantized and dequantized per channel and the dequantized weights divided by the factors
             (no cancellation between a large zero-point bias and the product).
+        pack: ``"auto"`` (default) stores 2-, 3-, 5-, 6- and 7-bit weights bit-packed in uint8 bytes
+            (``bits`` per weight: the packed size ``evolq allocate`` reports) with constant nodes that
+            unpack them into an 8-bit DequantizeLinear, which runtimes fold once at load; ``"none"``
+            stores every width in its container (uint4/int4 for 2-4 bits, uint8/int8 above).
 
     Returns the path. Raises ``ExportError`` (one line) for a model that was never
     calibrated, a quantizer or layer with no ONNX form (log2 probabilities among them), a
@@ -62,8 +66,10 @@ def export_onnx(qmodel: QModel, path, *, opset: int = 21, example: torch.Tensor 
         raise ExportError(f"bias_correction must be 'weights' or 'output', got {bias_correction!r}")
     if channel_factors not in ("fold", "divide"):
         raise ExportError(f"channel_factors must be 'fold' or 'divide', got {channel_factors!r}")
+    if pack not in ("auto", "none"):
+        raise ExportError(f"pack must be 'auto' or 'none', got {pack!r}")
     path = check_path(path)
-    exporter = Exporter(qmodel, opset, bias_correction, channel_factors)
+    exporter = Exporter(qmodel, opset, bias_correction, channel_factors, pack)
     x = example_input(qmodel, example)
     model = qmodel.model
     was_training = model.training

@@ -70,8 +70,10 @@ class Exporter:
     """The export's state: the model, the options, module names (for messages), the quantizers
     a lowering claimed, and the ``Plan`` the trace fills."""
 
-    def __init__(self, qmodel: QModel, opset: int, bias_correction: str = "weights", channel_factors: str = "fold"):
+    def __init__(self, qmodel: QModel, opset: int, bias_correction: str = "weights", channel_factors: str = "fold",
+                 pack: str = "auto"):
         self.qmodel, self.opset, self.plan = qmodel, opset, Plan()
+        self.pack = pack
         self.bias_correction, self.channel_factors = bias_correction, channel_factors
         self.names = {m: n for n, m in qmodel.model.named_modules()}
         self.claimed: set[int] = set()

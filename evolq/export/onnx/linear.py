@@ -36,7 +36,7 @@ def linear_forward(exporter: Exporter, layer: QLinear):
     w_in = layer.weight.detach().float() if f is None else (layer.weight.detach().float() * f.float())
     spec, deq, affine, shift = weight_spec(exporter, layer, w_in)
     spec.values, spec.axis = spec.values.T.copy(), 1  # (in, out): DequantizeLinear feeds MatMul directly
-    if spec.bits <= 4:  # per column == blocks of any size along the input axis: onnxruntime's MatMulNBits form
+    if spec.bits <= 4 and not spec.packed:  # per column == blocks of any size along the input axis: MatMulNBits
         k = spec.values.shape[0]
         spec.block = next((b for b in (256, 128, 64, 32, 16) if k % b == 0), None)
     w_eff = deq if affine is None else (deq - affine[0]) * affine[1] + affine[2]

@@ -45,6 +45,7 @@ class WeightSpec:
     signed: bool
     axis: int
     block: int | None = None  # 4-bit Linear weights: the per-column scales written as blocks along axis 0
+    packed: bool = False  # stored bit-packed (uint8 bytes), unpacked by constant nodes into an 8-bit container
 
 
 @dataclass

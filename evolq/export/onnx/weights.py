@@ -21,16 +21,23 @@ from ...quant.range import split_zero_point
 from .exporter import Exporter, lowers_node
 from .plan import WeightSpec, fake_quant, to_np
 
-__all__ = ["INT4_OPSET", "container", "weight_spec", "dq_weight", "dqw_nodes"]
+__all__ = ["INT4_OPSET", "PACKED_BITS", "container", "packs", "weight_spec", "dq_weight", "dqw_nodes", "pack_bits"]
 
 INT4_OPSET = 21  # uint4/int4 tensors
+PACKED_BITS = (2, 3, 5, 6, 7)  # widths no ONNX integer type holds without wasted bits
 
 
-def container(bits: int, signed: bool) -> int:
-    """The ONNX integer type that stores ``bits``-bit weights."""
+def packs(bits: int, pack: str) -> bool:
+    """Whether weights of ``bits`` are stored bit-packed (``export_onnx(pack=...)``): ``"auto"`` packs
+    the widths that a 4- or 8-bit container would waste bits on (2, 3, 5, 6, 7)."""
+    return pack == "auto" and bits in PACKED_BITS
+
+
+def container(bits: int, signed: bool, packed: bool = False) -> int:
+    """The ONNX integer type that stores ``bits``-bit weights (packed ones are unpacked into 8 bits)."""
     from onnx import TensorProto
 
-    if bits <= 4:
+    if bits <= 4 and not packed:
         return TensorProto.INT4 if signed else TensorProto.UINT4
     return TensorProto.INT8 if signed else TensorProto.UINT8
 
@@ -51,7 +58,7 @@ def weight_spec(exporter: Exporter, layer: nn.Module, w: torch.Tensor):
         raise ExportError(f"quantizer {name}.weight_quant is in population mode; clear pop_scale first")
     if wq.bits > 8:
         raise ExportError(f"layer {name} has {wq.bits}-bit weights; at most 8 bits are exported")
-    if wq.bits <= 4 and exporter.opset < INT4_OPSET:
+    if wq.bits <= 4 and not packs(wq.bits, getattr(exporter, "pack", "none")) and exporter.opset < INT4_OPSET:
         raise ExportError(f"layer {name} has {wq.bits}-bit weights, stored as 4-bit integers, which need opset "
                           f">= {INT4_OPSET} (got opset {exporter.opset})")
     w = w.detach().float()
@@ -100,7 +107,7 @@ def weight_spec(exporter: Exporter, layer: nn.Module, w: torch.Tensor):
     if err > 1e-5 * max(ref.abs().max().item(), 1e-12):  # pragma: no cover - a derivation bug
         raise ExportError(f"layer {name}: the exported weights differ from the fake-quantized ones ({err:.3g})")
     spec = WeightSpec(name, to_np(ints, np.int64), to_np(scale.reshape(-1)), to_np(zp.reshape(-1), np.int64),
-                      wq.bits, wq.signed, 0)
+                      wq.bits, wq.signed, 0, packed=packs(wq.bits, getattr(exporter, "pack", "none")))
     return spec, deq, affine, shift
 
 
@@ -115,8 +122,12 @@ def dqw_nodes(w: WeightSpec, out: str, inputs, inits) -> list:
     from onnx import helper
 
     base = inits.uniq(w.name + ".weight")
-    dtype = container(w.bits, w.signed)
-    wi = inits.ints(f"{base}.quantized", w.values, dtype)
+    dtype = container(w.bits, w.signed, w.packed)
+    nodes = []
+    if w.packed:
+        wi, nodes = _unpack_nodes(base, w, dtype, inits)
+    else:
+        wi = inits.ints(f"{base}.quantized", w.values, dtype)
     scale, zp, attrs = w.scale, w.zp, {"axis": w.axis}
     if w.block:  # (K, N) weights, one scale per column: the same scale in each of the K / block rows
         rows = w.values.shape[0] // w.block
@@ -124,4 +135,62 @@ def dqw_nodes(w: WeightSpec, out: str, inputs, inits) -> list:
         attrs = {"axis": 0, "block_size": w.block}
     ws = inits.floats(f"{base}.scale", scale)
     wz = inits.ints(f"{base}.zero_point", zp, dtype)
-    return [helper.make_node("DequantizeLinear", [wi, ws, wz], [out], name=f"{base}/DequantizeLinear", **attrs)]
+    return nodes + [helper.make_node("DequantizeLinear", [wi, ws, wz], [out], name=f"{base}/DequantizeLinear",
+                                     **attrs)]
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Non-negative ``codes`` < 2^bits, ``bits`` each, little-endian: every group of 8 codes fills
+    ``bits`` bytes (the last group padded with zeros). Returns uint8 (groups, bits)."""
+    flat = np.asarray(codes, np.uint64).reshape(-1)
+    pad = (-flat.size) % 8
+    flat = np.concatenate([flat, np.zeros(pad, np.uint64)]).reshape(-1, 8)
+    words = (flat << (np.arange(8, dtype=np.uint64) * np.uint64(bits))).sum(1, dtype=np.uint64)
+    return ((words[:, None] >> (np.arange(bits, dtype=np.uint64) * np.uint64(8))) & np.uint64(0xFF)).astype(np.uint8)
+
+
+def _unpack_nodes(base: str, w: WeightSpec, dtype: int, inits) -> tuple[str, list]:
+    """``w``'s integers bit-packed into a uint8 initializer (``pack_bits`` of ``values - low``), and the
+    nodes that unpack them into ``dtype`` (8 bits) in ``w.values``' shape. Every input is constant, so
+    a runtime folds them once when it loads the model (onnxruntime's and OpenVINO's constant folding):
+    the file holds ``bits`` per weight and the kernels see an ordinary 8-bit DequantizeLinear."""
+    from onnx import TensorProto, helper
+
+    vals = np.asarray(w.values, np.int64)
+    low = int(vals.min())
+    codes = vals - low
+    if int(codes.max()) >= 2**w.bits:  # pragma: no cover - integers wider than their bits
+        raise ExportError(f"layer {w.name}: its integers span more than {w.bits} bits")
+    b = w.bits
+    packed = pack_bits(codes, b)
+    name = f"{base}.packed{b}"
+    inits.tensors.append(helper.make_tensor(name, TensorProto.UINT8, list(packed.shape), packed.tobytes(), raw=True))
+
+    def const(suffix, arr):
+        n = f"{base}.{suffix}"
+        inits.tensors.append(helper.make_tensor(n, TensorProto.INT64, list(np.shape(arr)),
+                                                np.asarray(arr, np.int64).reshape(-1).tolist()))
+        return n
+
+    byte_w = const("byte_weights", (256 ** np.arange(b, dtype=np.int64)).reshape(1, b))
+    code_div = const("code_divisors", ((2**b) ** np.arange(8, dtype=np.int64)).reshape(1, 8))
+    modulus = const("code_modulus", np.array(2**b))
+    offset = const("code_low", np.array(low))
+    shape = const("shape", np.array(vals.shape))
+    count = const("count", np.array([vals.size]))
+    zero = const("zero", np.array([0]))
+    t = [f"{base}/unpack_{i}" for i in range(9)]
+    out = f"{base}.quantized"
+    nodes = [
+        helper.make_node("Cast", [name], [t[0]], to=TensorProto.INT64, name=t[0]),
+        helper.make_node("Mul", [t[0], byte_w], [t[1]], name=t[1]),
+        helper.make_node("ReduceSum", [t[1], const("axis1", np.array([1]))], [t[2]], keepdims=1, name=t[2]),
+        helper.make_node("Div", [t[2], code_div], [t[3]], name=t[3]),
+        helper.make_node("Mod", [t[3], modulus], [t[4]], name=t[4]),
+        helper.make_node("Reshape", [t[4], const("flat", np.array([-1]))], [t[5]], name=t[5]),
+        helper.make_node("Slice", [t[5], zero, count], [t[6]], name=t[6]),
+        helper.make_node("Add", [t[6], offset], [t[7]], name=t[7]),
+        helper.make_node("Reshape", [t[7], shape], [t[8]], name=t[8]),
+        helper.make_node("Cast", [t[8]], [out], to=dtype, name=out + "/Cast"),
+    ]
+    return out, nodes
