@@ -198,6 +198,10 @@ class OFQOptions:
             dev split (the case where activations carry the error) 0.005 lowered the dev KL from
             0.280 to 0.264, but the dev top-1 fell from 82.0 to 77.0, the agreement from 86.0 to
             83.0, and the fitness KL did not move (0.146 both).
+        keep: which weights the fine-tune ends with: ``"last"`` (default), the last epoch's, or
+            ``"holdout"``, the epoch's (the GPTQ init counted as epoch 0) with the lowest KL on the
+            hold-out images (``prepare_model(holdout=...)``: kept out of calibration and training; never
+            the evaluation split); without hold-out images, the last.
         seed: order of the images and augmentation; same seed, same weights.
         device: where the fine-tune runs.
         progress: a tqdm bar with the loss.
@@ -218,11 +222,14 @@ class OFQOptions:
     qkr: bool | str = "auto"
     qkr_bias: str = "exact"
     act_lr: float = 0.0
+    keep: str = "last"
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
 
     def __post_init__(self):
+        if self.keep not in ("last", "holdout"):
+            raise ConfigError(f"ofq keep must be 'last' or 'holdout', got {self.keep!r}")
         for name, lo, hi in (("epochs", 1, 1000), ("batch_size", 1, 4096), ("cga_epochs", 1, 1000)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:

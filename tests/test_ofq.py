@@ -651,3 +651,29 @@ def test_qkr_model_exports_to_onnx_and_pt2_refuses_it(qkr_run, tmp_path, preset)
     with pytest.raises(ExportError, match="attention blocks.0.attn .*QKR.*the pt2 export") as e:
         export_pt2(qm, tmp_path / "m.pt2", example=imgs(1))
     assert "\n" not in str(e.value) and not (tmp_path / "m.pt2").exists()
+
+
+def test_keep_holdout_ends_with_the_epoch_of_the_lowest_holdout_kl(tmp_path):
+    """``keep="holdout"``: the fine-tune ends with the weights of the epoch (the init counted as 0)
+    whose hold-out KL was lowest, and a killed run resumes to the same weights."""
+    from evolq.evaluate import predict
+    from evolq.qnn.reconstruct.ofq import logits_kl
+
+    x, h = imgs(24), imgs(12, seed=9)
+    opts = {"epochs": 4, "lr": 3e-2, "keep": "holdout"}  # a step large enough that some epochs get worse
+    qm = ofq(x, h, **opts)
+    rep = qm.start_report
+    kls = [rep["holdout_kl"]["before"]] + [e["holdout_kl"] for e in rep["history"]]
+    assert rep["kept_epoch"] == min(range(len(kls)), key=kls.__getitem__)
+    qm.set_quant_enabled(False)
+    ref = predict(qm.model, h)
+    qm.set_quant_enabled(True)
+    assert float(logits_kl(predict(qm.model, h), ref)) == pytest.approx(min(kls), rel=1e-4)
+    with pytest.raises(KeyboardInterrupt):
+        ofq(x, h, ckpt=tmp_path, subscribers=[kill_at_epoch(3)], **opts)
+    back = ofq(x, h, ckpt=tmp_path, resume=True, **opts)
+    assert back.start_report["kept_epoch"] == rep["kept_epoch"] and same(buffers(qm), buffers(back))
+    last = ofq(x, h, **{**opts, "keep": "last"})
+    assert last.start_report["kept_epoch"] == 4
+    with pytest.raises(ConfigError, match="keep"):
+        ofq(x, h, keep="best")

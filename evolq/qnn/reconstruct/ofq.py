@@ -410,6 +410,14 @@ def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, pr
                 anchors = [extra[f"anchor/{name}"].to(d) for (name, _), d in zip(layers, deltas)]
         params = deltas + log_scales
         good = [d.detach().clone() for d in params]  # the last good epoch's changes (NaN fallback)
+        choose = opts.keep == "holdout" and hold is not None
+        best = None  # (hold-out KL, epoch, the changes): keep="holdout"
+        if choose:
+            if state["epoch"] > 0 and "best_epoch" in state:
+                best = (state["best_holdout_kl"], state["best_epoch"],
+                        [extra[f"B/{name}"].to(d) for name, d in named])
+            elif state["epoch"] == 0 and state.get("holdout_kl_before") is not None:
+                best = (state["holdout_kl_before"], 0, [d.detach().clone() for d in params])
         bar = None
         if progress and state["epoch"] < opts.epochs:
             from tqdm.auto import tqdm
@@ -499,14 +507,26 @@ def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, pr
                 rec["cga_trained_share"] = float(sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks))
             if hold is not None:
                 rec["holdout_kl"] = float(logits_kl(_logits(model, hold, eval_bs), hold_ref))
+                if choose and (best is None or rec["holdout_kl"] < best[0]):
+                    best = (rec["holdout_kl"], epoch + 1, [d.detach().clone() for d in params])
             state["history"].append(rec)
             state["epoch"] = epoch + 1
             state["seconds"] = time.perf_counter() - t0
             good = [d.detach().clone() for d in params]
-            ckpt.save(state, _extra(named, opt, masks, anchors))
+            extra_t = _extra(named, opt, masks, anchors)
+            if best is not None:
+                state["best_epoch"], state["best_holdout_kl"] = best[1], best[0]
+                extra_t.update({f"B/{name}": b for (name, _), b in zip(named, best[2])})
+            ckpt.save(state, extra_t)
             _fire(hooks, "epoch_end_hook", rec)
         if bar is not None:
             bar.close()
+        if best is not None and best[1] != state["epoch"]:  # keep="holdout": the best epoch's weights
+            with torch.no_grad():
+                for d, b in zip(params, best[2]):
+                    d.copy_(b)
+        if best is not None:
+            state["kept_epoch"] = best[1]
         _fire(hooks, "train_end_hook", qmodel)
         final = [d.detach().clone() for d in deltas]
         final_log = [ls.detach().clone() for ls in log_scales]
@@ -545,6 +565,7 @@ def _report(qmodel, x, hold, opts, state, flip, t0) -> dict:
     rep = {"start": "ofq", "options": dict(vars(opts)), "augment_used": used, "qkr_used": "qkr" in state,
            "fitness_images": int(x.shape[0]), "holdout_images": int(hold.shape[0]) if hold is not None else 0,
            "epochs_run": state["epoch"], "history": state["history"], "status": state["status"],
+           "kept_epoch": state.get("kept_epoch", state["epoch"]),
            "blocks": state["init_blocks"]}
     if "act_scales" in state:
         rep["act_scales"] = state["act_scales"]
