@@ -88,6 +88,10 @@ def _add_model_args(p, quantize: bool, w_default=8):
     p.add_argument("--edge-bits", type=int, default=None,
                    help="at least this many bits for the first layer and the classifier, weights and inputs "
                         "(e.g. 8, as BRECQ/QDrop do; default or 0: every layer alike)")
+    p.add_argument("--layer-bits", default=None, metavar="FILE.json",
+                   help="per-layer widths: a JSON object of layer names or glob patterns -> weight bits, \"float\" "
+                        "or {\"w_bits\": .., \"a_bits\": ..} (QuantConfig.layer_bits; evolq allocate writes one "
+                        "in its report)")
     _add_start_args(p)
 
 
@@ -246,6 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_layer_bits(path) -> dict:
+    try:
+        spec = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise EvolQError(f"--layer-bits: cannot read {str(path)!r} ({e.strerror or e})") from None
+    except ValueError as e:
+        raise EvolQError(f"--layer-bits: {str(path)!r} is not JSON ({str(e).splitlines()[0][:80]})") from None
+    if isinstance(spec, dict) and isinstance(spec.get("allocation"), dict):  # an evolq allocate report.json
+        spec = spec["allocation"]
+    if not isinstance(spec, dict):
+        raise EvolQError(f"--layer-bits: {str(path)!r} must hold a JSON object of layer names to bits")
+    return spec
+
+
 def quant_config(args) -> QuantConfig:
     """The ``QuantConfig`` that parsed ``eval`` / ``quantize`` arguments describe."""
     extra = {} if args.linear_input_strength is None else {"linear_input_strength": args.linear_input_strength}
@@ -253,6 +271,8 @@ def quant_config(args) -> QuantConfig:
         extra["smooth_strength"] = args.smooth_strength
     if args.deploy_weights is not None:
         extra["deploy_weights"] = args.deploy_weights
+    if getattr(args, "layer_bits", None):
+        extra["layer_bits"] = _read_layer_bits(args.layer_bits)
     return QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, act_observer=args.act_observer,
                               attn_probs=args.attn_probs, ptf=not args.no_ptf,
                               bias_correction=not args.no_bias_correction and args.preset != "deploy", start=args.start,

@@ -174,3 +174,26 @@ def test_pack_bits_round_trip():
         words = (packed.astype(np.int64) * 256 ** np.arange(bits)).sum(1, keepdims=True)
         back = (words // (2**bits) ** np.arange(8) % 2**bits).reshape(-1)[:37]  # what the graph's nodes compute
         assert np.array_equal(back, codes)
+
+
+def test_cli_layer_bits_file(tmp_path, capsys):
+    from evolq.cli import build_parser, main, quant_config
+
+    spec = tmp_path / "bits.json"
+    spec.write_text('{"blocks.*.mlp.fc2": 4, "head": "float"}')
+    args = build_parser().parse_args(["eval", "--model", "vit_tiny_patch16_224", "--layer-bits", str(spec)])
+    assert quant_config(args).layer_bits == {"blocks.*.mlp.fc2": 4, "head": "float"}
+    report = tmp_path / "report.json"  # an evolq allocate report: its "allocation" is the mapping
+    report.write_text('{"allocation": {"head": 8}, "avg_bits": 3.3}')
+    args = build_parser().parse_args(["eval", "--model", "vit_tiny_patch16_224", "--layer-bits", str(report)])
+    assert quant_config(args).layer_bits == {"head": 8}
+    for text, needle in [(None, "cannot read"), ("{not json", "is not JSON"), ("[3]", "JSON object"),
+                         ('{"head": 11}', "2..8")]:
+        p = tmp_path / "bad.json"
+        if text is None:
+            p = tmp_path / "missing.json"
+        else:
+            p.write_text(text)
+        assert main(["eval", "--model", "vit_tiny_patch16_224", "--layer-bits", str(p)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err
