@@ -4,8 +4,8 @@
     qmodel, report = quantize_model(model, calib_images, EvolQConfig.make(w_bits=4, passes=2))
 """
 from .adapters import list_adapters, register_adapter
-from .api import load_quantized, prepare_model, quantize_model, save_quantized
-from .config import EvolQConfig, QuantConfig, SearchConfig
+from .api import allocate_bits, load_quantized, prepare_model, quantize_model, save_quantized
+from .config import AllocationConfig, EvolQConfig, QuantConfig, SearchConfig
 from .errors import (
                      CheckpointError,
                      ConfigError,
@@ -27,7 +27,8 @@ from .search import list_searchers, register_searcher
 __version__ = "0.1.0"
 
 __all__ = [
-    "quantize_model", "prepare_model", "save_quantized", "load_quantized", "calibrate",
+    "quantize_model", "prepare_model", "allocate_bits", "AllocationConfig", "save_quantized", "load_quantized",
+    "calibrate",
     "EvolQConfig", "QuantConfig", "SearchConfig", "Block", "QModel", "ScaleSpace",
     "EvolQError", "ConfigError", "DataError", "UnknownModelError", "UnsupportedModelError",
     "WeightsError", "CheckpointError", "ExportError", "ScaleOutError", "export_onnx", "check_onnx", "export_pt2",

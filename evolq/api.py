@@ -3,6 +3,7 @@ point + Evol-Q search). Saving and loading are in ``evolq.io``, run state in
 ``evolq.checkpoint``, the schedule in ``evolq.engine``."""
 from __future__ import annotations
 
+import json
 import time
 
 import torch
@@ -17,11 +18,12 @@ from .io import load_quantized, save_quantized
 from .qnn.calibrate import calibrate, sample_digests
 from .qnn.qmodel import QModel
 
-__all__ = ["prepare_model", "quantize_model", "save_quantized", "load_quantized"]
+__all__ = ["prepare_model", "quantize_model", "allocate_bits", "save_quantized", "load_quantized"]
 
 
 def prepare_model(model: nn.Module, calib_data, quant: QuantConfig | None = None, arch: str = "",
-                  progress: bool = False, checkpoint_dir=None, resume: bool = False, holdout=None) -> QModel:
+                  progress: bool = False, checkpoint_dir=None, resume: bool = False, holdout=None,
+                  subscribers=()) -> QModel:
     """Quantize ``model`` in place (the ``quant`` regime, FQ-ViT by default) and
     calibrate it on ``calib_data``: the start point of the search. In the deploy regime
     SmoothQuant factors are folded into the float model first (``evolq.qnn.smooth``). With
@@ -30,7 +32,10 @@ def prepare_model(model: nn.Module, calib_data, quant: QuantConfig | None = None
     checkpointed after every block in ``checkpoint_dir`` and resumable; with "ofq" the
     quantized weights are fine-tuned on ``calib_data`` (checkpointed after every epoch).
     ``holdout``: inputs kept out of calibration and of the start, on which the ``ofq``
-    start reports the KL to the float model before and after its fine-tune."""
+    start reports the KL to the float model before and after its fine-tune. ``subscribers``:
+    objects with a ``subscribe(hooks)`` method, or callables ``f(hooks)``, attached to the
+    start's hooks (``evolq.hooks.StartHooks``: the ``ofq`` fine-tune's epochs, CGA phase and
+    end of training) before it runs."""
     quant = quant or QuantConfig()
     quant.validate()
     x = as_tensor_data(calib_data)
@@ -43,12 +48,16 @@ def prepare_model(model: nn.Module, calib_data, quant: QuantConfig | None = None
         qmodel.smooth_report = smooth_model(qmodel, x, quant.smoothing)
     calibrate(qmodel, x, progress=progress)
     if quant.start != "rtn":
+        from .hooks import StartHooks
         from .qnn.reconstruct import run_start
 
+        hooks = StartHooks()
+        for s in subscribers:
+            s.subscribe(hooks) if hasattr(s, "subscribe") else s(hooks)
         empty = holdout is None or (isinstance(holdout, torch.Tensor) and holdout.ndim > 0 and holdout.shape[0] == 0)
         hold = None if empty else as_tensor_data(holdout, "hold-out data")
         qmodel.start_report = run_start(qmodel, x, quant, progress=progress, checkpoint_dir=checkpoint_dir,
-                                        resume=resume, holdout=hold)
+                                        resume=resume, holdout=hold, hooks=hooks)
     return qmodel
 
 
@@ -162,3 +171,129 @@ def connect_ray(search):
                                       f"actors take turns instead of sharing work; use a population searcher "
                                       f"(batched-tournament, cmaes, snes, pgpe) to gain from actors"), stacklevel=3)
     return connect(search.actors, search.ray_address)
+
+
+def allocate_bits(model: nn.Module, calib_data, quant: QuantConfig | None = None, config=None, *, arch: str = "",
+                  checkpoint_dir=None, resume: bool = False, search=None, subscribers=()):
+    """Choose bits per layer under a budget by evolutionary search, then build that model.
+
+    The calibration data is split into a hold-out (``config.holdout``; never calibrates, never
+    enters the fitness) and the rest, which calibrates a proxy of ``model`` in the ``quant`` regime,
+    quantizes every layer at every menu width once (``evolq.allocation.tables``) and scores
+    allocations on ``config.fitness_images`` of its images against the float outputs. The searcher
+    (``config.searcher``, NSGA-II by default) spends ``config.evaluations`` evaluations on the front
+    of [loss, size] under the budget; the hold-out chooses one allocation among the best front
+    points. The final model is then built as ``prepare_model`` builds any model, with
+    ``quant.layer_bits`` set to that allocation and ``quant.start`` (rtn, gptq, brecq, ofq) as its
+    start; ``search`` (a ``SearchConfig`` with ``passes > 0``) runs Evol-Q's scale search on top.
+
+    Args:
+        model: a float model (quantized in place; a copy becomes the proxy).
+        calib_data: tensor, dataset or DataLoader of calibration inputs.
+        quant: the regime and start of the final model (its ``layer_bits`` are chosen here).
+        config: an ``AllocationConfig``.
+        checkpoint_dir: run folder: the allocation is checkpointed after every generation, the
+            start after every block or epoch; ``resume`` continues a killed run there.
+        search: optional ``SearchConfig`` of an Evol-Q scale search on the chosen model.
+        subscribers: objects with ``subscribe(engine)`` (or callables) on the ``AllocationEngine``.
+
+    Returns:
+        ``(qmodel, report)``; ``report["allocation"]`` is the chosen ``layer_bits``, with
+        ``avg_bits`` and ``size_bytes``; ``report["front"]`` every front point.
+    """
+    import dataclasses
+
+    from .allocation.engine import AllocationEngine
+    from .allocation.setup import genes_to_bits, prepare_allocation
+    from .config import AllocationConfig, EvolQConfig
+    from .hooks import AllocationProgress
+
+    quant = quant or QuantConfig()
+    config = config or AllocationConfig()
+    if not isinstance(config, AllocationConfig):
+        raise ConfigError(f"config must be an AllocationConfig, got {type(config).__name__}")
+    quant.validate()
+    config.validate()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    x = as_tensor_data(calib_data)
+    fit_x, hold_x = split_calibration(x, config.holdout, config.seed)
+    if fit_x.shape[0] == 0:
+        raise DataError("no calibration images are left after the hold-out: give more or lower holdout")
+    folder = check_alloc_folder(checkpoint_dir, resume)
+    t0 = time.perf_counter()
+    model.eval()
+    setup = prepare_allocation(model, fit_x, hold_x, quant, config, arch=arch, progress=config.progress)
+    settings = {"quant": dataclasses.asdict(quant), "allocation": config.to_dict(), "arch": arch,
+                "data": fingerprint(x[:: max(1, x.shape[0] // 16)])}
+    for k in ("progress", "device", "cache_mb"):
+        settings["allocation"].pop(k, None)
+    engine = AllocationEngine(setup.problem, setup.fitness, searcher=config.searcher,
+                              searcher_kwargs=config.searcher_kwargs, popsize=config.popsize,
+                              evaluations=config.evaluations, seed=config.seed, holdout=setup.holdout,
+                              reference=setup.reference, select=config.select, folder=folder,
+                              settings=json.loads(json.dumps(settings, default=str)))
+    if config.progress:
+        AllocationProgress().subscribe(engine)
+    for s in subscribers:
+        s.subscribe(engine) if hasattr(s, "subscribe") else s(engine)
+    result = engine.run(resume=resume)
+    if result["chosen"] is None:
+        raise ConfigError("the search found no allocation under the budget")  # pragma: no cover (repair guarantees)
+    genes = torch.tensor(result["front"][result["chosen"]]["genes"])
+    bits = genes_to_bits(setup.layers, setup.menu, genes)
+    for pt in result["front"]:
+        pt["avg_bits"] = float(setup.sizes.avg_bits(torch.tensor(pt["genes"]))[0])
+        pt["allocation"] = genes_to_bits(setup.layers, setup.menu, pt["genes"])
+    uniform = []
+    for o in setup.menu.options:
+        g = setup.sizes.uniform(o)
+        uniform.append({"option": o, "size_bytes": float(setup.sizes.bytes(g)[0]),
+                        "avg_bits": float(setup.sizes.avg_bits(g)[0]),
+                        "loss": float(setup.fitness(g[None])[0]),
+                        "holdout_loss": float(setup.holdout(g[None])[0]) if setup.holdout is not None else None})
+    search_seconds = time.perf_counter() - t0
+    del setup  # the proxy and its tables are not needed for the final model
+    final_quant = dataclasses.replace(quant, layer_bits=bits)
+    qmodel = prepare_model(model, fit_x, final_quant, arch=arch, progress=config.progress, checkpoint_dir=folder,
+                           resume=resume, holdout=hold_x)
+    report_search = None
+    if search is not None and search.passes > 0:
+        search = dataclasses.replace(search, holdout=config.holdout, seed=config.seed)  # the same hold-out
+        qmodel, report_search = quantize_model(qmodel, x, EvolQConfig(final_quant, search), arch=arch,
+                                               checkpoint_dir=folder, resume=resume)
+    chosen = result["front"][result["chosen"]]
+    report = {"allocation": bits, "avg_bits": chosen["avg_bits"], "size_bytes": chosen["size_bytes"],
+              "budget": {"kind": config.budget_kind[0], "value": config.budget_kind[1]},
+              "chosen": chosen, "chosen_index": result["chosen"], "front": result["front"], "uniform": uniform,
+              "search": {k: v for k, v in result.items() if k not in ("front", "chosen")},
+              "config": {"quant": dataclasses.asdict(final_quant), "allocation": config.to_dict()},
+              "calibration": {"fitness_images": min(config.fitness_images, int(fit_x.shape[0])),
+                              "calibration_images": int(fit_x.shape[0]), "holdout_images": int(hold_x.shape[0])},
+              "search_seconds": search_seconds, "seconds": time.perf_counter() - t0}
+    if qmodel.start_report is not None:
+        report["start"] = qmodel.start_report
+    if report_search is not None:
+        report["evolq"] = report_search
+    return qmodel, report
+
+
+def check_alloc_folder(folder, resume: bool):
+    """The run folder of an allocation (None: memory only); refuses a folder holding another run
+    unless resuming."""
+    from pathlib import Path
+
+    from .allocation.engine import ALLOC_CKPT_NAME
+    from .errors import CheckpointError
+
+    if folder is None:
+        if resume:
+            raise ConfigError("resume needs the folder of the run to continue")
+        return None
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{str(folder)!r} exists and is not a folder")
+    if (folder / ALLOC_CKPT_NAME).exists() and not resume:
+        raise CheckpointError(f"{str(folder)!r} already holds an allocation run: resume it or choose another folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

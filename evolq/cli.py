@@ -1,4 +1,5 @@
-"""Command line: ``evolq eval``, ``evolq quantize``, ``evolq demo``, ``evolq landscape``, ``evolq export``.
+"""Command line: ``evolq eval``, ``evolq quantize``, ``evolq allocate``, ``evolq demo``, ``evolq landscape``,
+``evolq export``.
 
 User mistakes print one line (``evolq: error: ...``) and exit with code 2;
 Ctrl-C exits with 130 after the last finished block has been checkpointed.
@@ -15,7 +16,7 @@ from pathlib import Path
 from .config import QuantConfig, SearchConfig, field_default
 from .errors import EvolQError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "quant_config"]
 
 
 def _q(name):
@@ -74,14 +75,16 @@ def add_scale_out_args(p):
                         "machine's cores")
 
 
-def _add_model_args(p, quantize: bool):
+def _add_model_args(p, quantize: bool, w_default=8):
     p.add_argument("--model", required=True, help="timm model name (or torchvision:NAME)")
     p.add_argument("--weights", help="local weights file (.safetensors or tensors-only .pth); "
                                      "default: the assets folder, else timm's hub")
     p.add_argument("--data", help="image folder: labels.csv layout (even labels calibrate, odd labels "
                                   "evaluate) or ImageFolder tree; default: the bundled ImageNet sample")
-    p.add_argument("--w-bits", type=int, default=8 if not quantize else None, required=quantize,
-                   help="weight bits (2-8)")
+    p.add_argument("--w-bits", type=int, default=w_default if not quantize else None, required=quantize,
+                   help="weight bits (2-8)" if w_default is not None else
+                   "weight bits of layers the allocation does not name, and what the regime's strengths follow "
+                   "(default: the avg-bits budget rounded down, else 4)")
     p.add_argument("--a-bits", type=int, default=8 if not quantize else None, required=quantize,
                    help="activation bits (4-8)")
     p.add_argument("--calib-size", type=int, default=500, help="calibration images (default 500)")
@@ -111,6 +114,10 @@ def _add_model_args(p, quantize: bool):
     p.add_argument("--edge-bits", type=int, default=None,
                    help="at least this many bits for the first layer and the classifier, weights and inputs "
                         "(e.g. 8, as BRECQ/QDrop do; default or 0: every layer alike)")
+    p.add_argument("--layer-bits", default=None, metavar="FILE.json",
+                   help="per-layer widths: a JSON object of layer names or glob patterns -> weight bits, \"float\" "
+                        "or {\"w_bits\": .., \"a_bits\": ..} (QuantConfig.layer_bits; evolq allocate writes one "
+                        "in its report)")
     _add_start_args(p)
 
 
@@ -175,6 +182,43 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--quiet", action="store_true", help="no progress bars")
     add_scale_out_args(pq)
 
+    pa = sub.add_parser("allocate", help="choose bits per layer under a size budget by evolutionary search (NSGA-II "
+                                         "on [loss, size]), then build, evaluate and save that model")
+    _add_model_args(pa, quantize=False, w_default=None)
+    from .config import AllocationConfig
+    from .search.allocators import list_allocators
+
+    def _a(name):
+        return field_default(AllocationConfig, name)
+
+    pa.add_argument("--menu", default=_a("menu"), help=f"the widths a layer may take, comma-separated (2..8 and "
+                                                       f"float; default {_a('menu')})")
+    pa.add_argument("--budget", default=_a("budget"),
+                    help=f"avg-bits=B (parameter-weighted mean weight bits), size-mb=S (packed size) or latency-ms=T "
+                         f"(default {_a('budget')})")
+    pa.add_argument("--searcher", default=_a("searcher"), choices=list_allocators(),
+                    help="nsga2 (evolutionary, default), ilp (sensitivity + integer linear program), greedy (bit "
+                         "dropping) or random")
+    pa.add_argument("--searcher-arg", type=_searcher_arg, action="append", default=[], metavar="KEY=VALUE",
+                    help="extra searcher argument, repeatable (nsga2: rate=0.05, neighbour=0.7, ilp_seeds=12)")
+    pa.add_argument("--evaluations", type=int, default=_a("evaluations"),
+                    help=f"fitness evaluations of the search, the sensitivities included (default {_a('evaluations')})")
+    pa.add_argument("--popsize", type=int, default=_a("popsize"), help=f"population (default {_a('popsize')})")
+    pa.add_argument("--fitness-images", type=int, default=_a("fitness_images"),
+                    help=f"calibration images of the fitness (default {_a('fitness_images')})")
+    pa.add_argument("--holdout", type=float, default=_a("holdout"),
+                    help=f"calibration fraction kept out of everything; it chooses among the front (default "
+                         f"{_a('holdout')})")
+    pa.add_argument("--loss", default=_a("loss"), choices=list_losses(), help="the fitness loss (default kl)")
+    pa.add_argument("--tables", default=_a("tables"), choices=("auto", "gptq", "rtn"),
+                    help="how the fitness quantizes each layer at each width (auto: rtn for the rtn start, else gptq)")
+    pa.add_argument("--passes", type=int, default=0, help="Evol-Q scale-search passes on the chosen model (default 0)")
+    pa.add_argument("--cycles", type=int, default=_s("cycles"), help="with --passes: evaluations per block and pass")
+    pa.add_argument("--seed", type=int, default=_a("seed"))
+    pa.add_argument("--out", required=True, help="output folder (pareto.json, pareto.png, report.json, model/)")
+    pa.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
+    pa.add_argument("--quiet", action="store_true", help="no progress bars")
+
     pd = sub.add_parser("demo", help="ViT-Tiny from the assets at W3A8: FP32 vs start vs Evol-Q (< 5 min)")
     pd.add_argument("--w-bits", type=int, default=3)
     pd.add_argument("--passes", type=int, default=2)
@@ -233,12 +277,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quant_config(args):
+def _read_layer_bits(path) -> dict:
+    try:
+        spec = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise EvolQError(f"--layer-bits: cannot read {str(path)!r} ({e.strerror or e})") from None
+    except ValueError as e:
+        raise EvolQError(f"--layer-bits: {str(path)!r} is not JSON ({str(e).splitlines()[0][:80]})") from None
+    if isinstance(spec, dict) and isinstance(spec.get("allocation"), dict):  # an evolq allocate report.json
+        spec = spec["allocation"]
+    if not isinstance(spec, dict):
+        raise EvolQError(f"--layer-bits: {str(path)!r} must hold a JSON object of layer names to bits")
+    return spec
+
+
+def quant_config(args) -> QuantConfig:
+    """The ``QuantConfig`` that parsed ``eval`` / ``quantize`` arguments describe."""
     extra = {} if args.linear_input_strength is None else {"linear_input_strength": args.linear_input_strength}
     if args.smooth_strength is not None:
         extra["smooth_strength"] = args.smooth_strength
     if args.deploy_weights is not None:
         extra["deploy_weights"] = args.deploy_weights
+    if getattr(args, "layer_bits", None):
+        extra["layer_bits"] = _read_layer_bits(args.layer_bits)
     return QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, act_observer=args.act_observer,
                               attn_probs=args.attn_probs, ptf=not args.no_ptf,
                               bias_correction=not args.no_bias_correction and args.preset != "deploy", start=args.start,
@@ -249,7 +310,7 @@ def _load(args, quiet=False):
     from .data import assets_dir, load_images
     from .models import load_model, model_transform
 
-    quant = _quant_config(args)
+    quant = quant_config(args)
     for name in ("calib_size", "limit"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -346,7 +407,7 @@ def cmd_quantize(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EvolQError(f"--out {str(out)!r} exists and is not a folder")
-    check_run_folder(out, EvolQConfig(_quant_config(args), search), args.resume)  # before any expensive work
+    check_run_folder(out, EvolQConfig(quant_config(args), search), args.resume)  # before any expensive work
     with ray_connected(search):
         model, quant, xc, xe, ye = _load(args, quiet=args.quiet)
         report = _run_quantize(model, args.model, quant, search, xc, xe, ye, out, args.resume)
@@ -376,6 +437,72 @@ def ray_connected(search):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=ScaleOutWarning)  # quantize_model's connect_ray finds Ray up
         yield
+
+
+def _alloc_w_bits(args, budget: str) -> int:
+    from .config import parse_budget
+
+    if args.w_bits is not None:
+        return args.w_bits
+    kind, value = parse_budget(budget)
+    return max(2, min(8, int(value))) if kind == "avg-bits" else 4
+
+
+def cmd_allocate(args) -> int:
+    from .api import allocate_bits
+    from .config import AllocationConfig, parse_budget
+    from .evaluate import evaluate_qmodel
+    from .io import save_quantized, write_json
+
+    config = AllocationConfig(menu=args.menu, budget=args.budget, searcher=args.searcher,
+                              searcher_kwargs=dict(args.searcher_arg), evaluations=args.evaluations,
+                              popsize=args.popsize, fitness_images=args.fitness_images, holdout=args.holdout,
+                              loss=args.loss, tables=args.tables, seed=args.seed, progress=not args.quiet)
+    parse_budget(args.budget)
+    args.w_bits = _alloc_w_bits(args, args.budget)
+    quant = quant_config(args)
+    search = None
+    if args.passes:
+        search = SearchConfig(passes=args.passes, cycles=args.cycles, progress=not args.quiet)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EvolQError(f"--out {str(out)!r} exists and is not a folder")
+    from .api import check_alloc_folder
+
+    check_alloc_folder(out, args.resume)  # before any expensive work
+    model, quant, xc, xe, ye = _load(args, quiet=args.quiet)
+    t0 = time.perf_counter()
+    qmodel, rep = allocate_bits(model, xc, quant, config, arch=args.model, checkpoint_dir=out, resume=args.resume,
+                                search=search)
+    res, _ = evaluate_qmodel(qmodel, xe, ye, progress=not args.quiet)
+    rep.update({"model": args.model, "fp32": _short(res["fp32"]), "final": _short(res["quantized"]),
+                "calib_images": int(xc.shape[0]), "eval_images": int(xe.shape[0]),
+                "seconds": time.perf_counter() - t0})
+    save_quantized(qmodel, out / "model")
+    pareto = {"model": args.model, "budget": rep["budget"], "menu": config.menu,
+              "layers": list(rep["allocation"]), "front": rep["front"], "uniform": rep["uniform"],
+              "chosen": rep["chosen_index"]}
+    write_json(out / "pareto.json", pareto)
+    from .allocation.plot import plot_fronts
+
+    bud = rep["budget"]
+    plot_fronts({config.searcher if isinstance(config.searcher, str) else "search": rep["front"]}, out / "pareto.png",
+                uniform=rep["uniform"], chosen=rep["chosen"],
+                budget_bytes=bud["value"] * 1e6 if bud["kind"] == "size-mb" else None,
+                title=f"{args.model} {bud['kind']}={bud['value']:g} ({config.searcher}, "
+                      f"{rep['search']['evaluations']} evaluations)")
+    write_json(out / "report.json", rep)
+    print(_table([("fp32", rep["fp32"]), ("allocated", rep["final"])]))
+    counts = {}
+    for o in rep["allocation"].values():
+        counts[o] = counts.get(o, 0) + 1
+    mix = ", ".join(f"{n} layers at {o}" for o, n in sorted(counts.items(), key=lambda kv: str(kv[0])))
+    print(f"allocation: {mix}; {rep['avg_bits']:.3f} mean weight bits, {rep['size_bytes'] / 1e6:.3f} MB packed "
+          f"({bud['kind']}={bud['value']:g})")
+    print(f"{rep['search']['evaluations']} fitness evaluations, search {rep['search_seconds']:.0f} s, total "
+          f"{rep['seconds']:.0f} s; wrote {out / 'report.json'}, {out / 'pareto.json'}, {out / 'pareto.png'} and "
+          f"{out / 'model'} (evolq export {out / 'model'} --out model.onnx)")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -493,7 +620,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"eval": cmd_eval, "quantize": cmd_quantize, "demo": cmd_demo,
+        return {"eval": cmd_eval, "quantize": cmd_quantize, "allocate": cmd_allocate, "demo": cmd_demo,
                 "landscape": cmd_landscape, "export": cmd_export}[args.command](args)
     except EvolQError as e:
         print(f"evolq: error: {e}", file=sys.stderr)

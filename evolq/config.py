@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-__all__ = ["QuantConfig", "SearchConfig", "EvolQConfig", "SCOPES", "REGIMES", "STARTS", "UNITS", "field_default"]
+__all__ = ["QuantConfig", "SearchConfig", "EvolQConfig", "AllocationConfig", "parse_budget", "SCOPES", "REGIMES",
+           "STARTS", "UNITS", "BUDGET_KINDS", "field_default"]
 
 SCOPES = ("attn-weights", "weights", "activations", "block")
 REGIMES = ("fq-vit", "deploy")
@@ -91,6 +92,12 @@ class QuantConfig:
     many bits, weights and input alike: BRECQ, QDrop and Brevitas' PTQ example keep these
     two layers at 8 bits. The input of the first layer is the image, which 4-bit
     activations cut to 16 levels.
+
+    ``layer_bits`` (default empty) gives single layers other widths, after ``edge_bits``: a
+    mapping from layer names or glob patterns (``"blocks.*.mlp.fc2"``) to weight bits (2..8),
+    ``"float"`` (the layer stays unquantized) or ``{"w_bits": ..., "a_bits": ...}``; later
+    entries override earlier ones (``evolq.qnn.layer_bits``; ``evolq allocate`` writes one).
+    ``w_bits`` and ``a_bits`` stay the widths of every layer it does not name.
     """
 
     w_bits: int = 8
@@ -111,6 +118,7 @@ class QuantConfig:
     regime: str = "fq-vit"  # "fq-vit" (the authors' fake-quantized regime) or "deploy" (what integer kernels run)
     smooth_strength: float | None = None  # deploy: SmoothQuant migration strength (0 = off; None: deploy_strength)
     deploy_weights: str = "auto"  # deploy, weights below 8 bits: "asymmetric", "symmetric"; "auto": asymmetric
+    layer_bits: dict = field(default_factory=dict)  # layer name or glob -> bits, "float" or {w_bits, a_bits}
 
     PRESETS = {
         "fq-vit": {},
@@ -121,7 +129,7 @@ class QuantConfig:
     @staticmethod
     def deploy_strength(w_bits: int) -> float:
         """The deploy regime's SmoothQuant strength for ``w_bits`` (``smooth_strength=None``),
-        chosen by KL on calibration-pool images (``benchmarks/deploy.py --strengths``, ViT-Tiny,
+        chosen by KL on calibration-pool images (``python -m benchmarks deploy_strengths``, ViT-Tiny,
         rtn start): 1.0 at 8 bits, 0.8 at 4 (re-checked under GPTQ with the asymmetric 4-bit
         grid: 0.8 again, against 0.5, 0.9 and 1.0); other widths were not measured and take 0.5."""
         return DEPLOY_STRENGTH.get(w_bits, 0.5)
@@ -130,10 +138,10 @@ class QuantConfig:
     def outlier_strength(w_bits: int, start: str = "rtn") -> float:
         """The outlier-aware preset's ``linear_input_strength`` for ``w_bits`` and ``start``:
         the lowest KL on calibration-pool images. Round-to-nearest
-        (``benchmarks/preset_strength.py``, ViT-Tiny): 0.75 at 8 bits, 0.25 at 4 and 3 bits;
+        (``benchmarks/suites/preset_strength.py``, ViT-Tiny): 0.75 at 8 bits, 0.25 at 4 and 3 bits;
         5-7 bits were not measured and get 0.5. With a gptq or brecq start the rounding
         error is compensated, so more of each channel's range can move into the weights:
-        0.625 at 4 bits and 0.5 at 3 bits and below (``benchmarks/start_choices.py``,
+        0.625 at 4 bits and 0.5 at 3 bits and below (``benchmarks/suites/start_choices.py``,
         calibration pool only; measured with gptq, brecq assumed alike)."""
         if w_bits >= 8:
             return 0.75
@@ -186,6 +194,9 @@ class QuantConfig:
                               f"{self.regime!r} regime's weights are asymmetric already")
         if self.edge_bits is not None:
             _check_int("edge_bits", self.edge_bits, 2, 8)
+        from .qnn.layer_bits import normalize_layer_bits
+
+        normalize_layer_bits(self.layer_bits)  # types and ranges; names are checked against the model at wrap time
         if not isinstance(self.start_options, dict):
             raise ConfigError(f"start_options must be a dict, got {type(self.start_options).__name__}")
         if self.start_options:
@@ -209,7 +220,7 @@ class QuantConfig:
         symmetric grid's 2^b - 1, and the grid follows each row's range). 8-bit weights stay
         symmetric: their q - z would not fit in s8. ``"auto"`` (the default) is asymmetric:
         at ViT-Tiny W4A8 under GPTQ its calibration-pool dev KL was 0.343 against the
-        symmetric grid's 0.479 (``benchmarks/deploy.py --strengths``)."""
+        symmetric grid's 0.479 (``python -m benchmarks deploy_strengths``)."""
         return bits >= 8 or self.deploy_weights == "symmetric"
 
     @property
@@ -342,4 +353,119 @@ class EvolQConfig:
         d = dataclasses.asdict(self)
         if not isinstance(self.search.searcher, str):
             d["search"]["searcher"] = getattr(self.search.searcher, "__name__", "custom")
+        return d
+
+
+BUDGET_KINDS = ("avg-bits", "size-mb", "latency-ms")
+TABLE_METHODS = ("auto", "gptq", "rtn")
+
+
+def parse_budget(text) -> tuple[str, float]:
+    """``"avg-bits=3.3"`` / ``"size-mb=2.7"`` / ``"latency-ms=12"`` -> (kind, value)."""
+    if isinstance(text, tuple) and len(text) == 2:
+        kind, value = text
+    else:
+        kind, sep, value = str(text).partition("=")
+        if not sep:
+            raise ConfigError(f"a budget is KIND=VALUE with KIND one of {', '.join(BUDGET_KINDS)}, got {text!r}")
+    kind = kind.strip()
+    _check_choice("budget kind", kind, BUDGET_KINDS)
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"the {kind} budget must be a number, got {value!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise ConfigError(f"the {kind} budget must be positive, got {value!r}")
+    return kind, v
+
+
+@dataclass
+class AllocationConfig:
+    """Per-layer bit allocation (``evolq.allocate_bits``, ``evolq allocate``): which widths a layer
+    may take, under what budget, searched how.
+
+    ``menu``: the options, e.g. ``"2,3,4,8"`` (widths 2..8, optionally ``float``). ``budget``:
+    ``"avg-bits=3.3"`` (parameter-weighted mean weight bits), ``"size-mb=2.7"`` (the packed size,
+    ``evolq.allocation.menu.SizeModel``) or ``"latency-ms=12"`` (a per-layer latency table measured
+    in the deploy runtime). ``searcher``: a registered allocation searcher
+    (``evolq.search.allocators``: nsga2, ilp, greedy, random) or an EvoTorch ``SearchAlgorithm``
+    class. ``evaluations``: the fitness evaluations the search may spend, the sensitivity
+    measurement included. The fitness is the ``loss`` (KL to the float logits by default) on
+    ``fitness_images`` calibration images; ``holdout`` of the calibration images is kept out of
+    everything (calibration, tables, fitness) and chooses the allocation among the ``select``
+    best front points under the budget. ``tables``: how each layer is quantized at each width for
+    the fitness (``"gptq"``, ``"rtn"``; ``"auto"``: rtn for the rtn start, gptq otherwise). The
+    front spans ``[front * budget, budget]``: below it, the cost no longer counts as better.
+    """
+
+    menu: str = "2,3,4,8"
+    budget: str = "avg-bits=3.3"
+    searcher: object = "nsga2"
+    searcher_kwargs: dict = field(default_factory=dict)
+    evaluations: int = 500
+    popsize: int = 24
+    fitness_images: int = 64
+    holdout: float = 0.2
+    loss: str = "kl"
+    tables: str = "auto"
+    sensitivity: str = "max"  # reference of the single-layer sensitivities: "max" (HAWQ/ModelOpt) or "budget"
+    front: float = 0.95  # chosen on the hold-out KL (calibration pool): 0.95 < 1.0 < 0.85 < ilp, benchmarks dev
+    select: int = 6
+    chunk: int = 32
+    cache_mb: float = 1024.0
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        from .allocation.menu import parse_menu
+        from .losses import LOSSES
+
+        parse_menu(self.menu)
+        parse_budget(self.budget)
+        if isinstance(self.searcher, str):
+            from .search.allocators import ALLOCATORS
+
+            _check_choice("allocation searcher", self.searcher, ALLOCATORS.names())
+        elif not isinstance(self.searcher, type):
+            raise ConfigError(f"searcher must be an allocation searcher's name or an EvoTorch SearchAlgorithm "
+                              f"class, got {type(self.searcher).__name__}")
+        if not isinstance(self.searcher_kwargs, dict) or not all(isinstance(k, str) for k in self.searcher_kwargs):
+            raise ConfigError("searcher_kwargs must be a dict with string keys")
+        _check_int("evaluations", self.evaluations, 1, 10_000_000)
+        _check_int("popsize", self.popsize, 2, 100_000)
+        _check_int("fitness_images", self.fitness_images, 1, 10_000_000)
+        _check_int("select", self.select, 1, 100_000)
+        _check_int("chunk", self.chunk, 1, 1 << 20)
+        _check_int("seed", self.seed, 0, 2**63 - 1)
+        _check_choice("loss", self.loss, LOSSES.names())
+        _check_choice("tables", self.tables, TABLE_METHODS)
+        _check_choice("sensitivity", self.sensitivity, ("max", "budget"))
+        if not 0.0 <= self.holdout < 1.0:
+            raise ConfigError(f"holdout must be in [0, 1), got {self.holdout!r}")
+        if isinstance(self.front, bool) or not isinstance(self.front, (int, float)) or not 0.0 <= self.front <= 1.0:
+            raise ConfigError(f"front must be a fraction in [0, 1], got {self.front!r}")
+        if isinstance(self.cache_mb, bool) or not isinstance(self.cache_mb, (int, float)) or self.cache_mb < 0:
+            raise ConfigError(f"cache_mb must be a non-negative number, got {self.cache_mb!r}")
+
+    @property
+    def menu_options(self):
+        from .allocation.menu import parse_menu
+
+        return parse_menu(self.menu)
+
+    @property
+    def budget_kind(self) -> tuple[str, float]:
+        return parse_budget(self.budget)
+
+    def table_method(self, start: str) -> str:
+        return ("rtn" if start == "rtn" else "gptq") if self.tables == "auto" else self.tables
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if not isinstance(self.searcher, str):
+            d["searcher"] = getattr(self.searcher, "__name__", "custom")
         return d

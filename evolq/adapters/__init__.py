@@ -27,6 +27,7 @@ def wrap_model(model, quant, arch: str = ""):
     can be built on (checked before anything is wrapped)."""
     from ..errors import ConfigError, EvolQError
     from ..qnn.builder import apply_edge_bits, qkr_requested
+    from ..qnn.layer_bits import apply_layer_bits
     from ..qnn.layers import quantizers_of
 
     if quantizers_of(model):
@@ -37,6 +38,7 @@ def wrap_model(model, quant, arch: str = ""):
                           f"qkv Linear); {adapter.name} models ({adapter.description}) have none: use qkr=false")
     qmodel = adapter.wrap(model, quant, arch=arch)
     apply_edge_bits(qmodel.model, quant)
+    apply_layer_bits(qmodel, quant)  # after edge_bits: an explicit entry wins
     return qmodel
 
 

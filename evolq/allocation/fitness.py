@@ -1,0 +1,158 @@
+"""The bit-allocation fitness: a candidate allocation's loss against cached float outputs.
+
+A candidate is a vector of option indices, one per quantized layer (``WeightTables`` gene
+order). Evaluating it swaps the layers' table weights in and runs the calibration subset
+through the model's blocks; the loss (KL by default, any ``evolq.losses`` loss) compares the
+output with the float model's, computed once.
+
+What does not change is not recomputed:
+
+* the float outputs (once);
+* each distinct allocation's loss (memoised: a searcher that proposes an allocation twice
+  pays once);
+* the activations entering block b depend only on the options of the layers before it, so
+  they are cached (LRU, ``cache_mb``) under that prefix and a candidate runs only from the
+  deepest cached block on. Candidates of one call are evaluated in lexicographic order of
+  their genes, so those that share a prefix (children of one parent, one-point crossovers)
+  run the shared part once.
+
+Every block runs on fixed chunks of ``chunk`` images, cached or not, so a candidate's loss
+is bit-identical whatever else is evaluated with it, in whatever order, and whatever the
+cache holds.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import torch
+
+from ..losses import LOSSES
+from ..quant import Quantizer
+from .tables import WeightTables
+
+__all__ = ["AllocationFitness"]
+
+
+class AllocationFitness:
+    """Losses of allocations on ``inputs`` against ``ref`` (float outputs of ``inputs``).
+
+    Args:
+        tables: the per-layer, per-option weights (their ``qmodel`` is run).
+        inputs: fitness inputs (N, ...).
+        ref: float outputs of ``inputs`` (N, K); computed when None.
+        loss: a registered loss name (``"kl"`` default) or ``fn(out (P, N, K), ref (N, K)) -> (P,)``.
+        chunk: images per block forward.
+        cache_mb: memory for cached block inputs.
+    """
+
+    def __init__(self, tables: WeightTables, inputs: torch.Tensor, ref: torch.Tensor | None = None, loss="kl",
+                 chunk: int = 32, cache_mb: float = 1024.0):
+        self.tables, self.qmodel = tables, tables.qmodel
+        self.inputs = inputs
+        self.loss = LOSSES.get(loss) if isinstance(loss, str) else loss
+        self.chunk = max(1, int(chunk))
+        self.cache_bytes = int(cache_mb * 2**20)
+        blocks = self.qmodel.blocks
+        owner = {}
+        for b, blk in enumerate(blocks):
+            for q in blk.quantizers.values():
+                owner.setdefault(id(q), b)
+        mods = tables._mods
+        # the block that runs each layer (0, i.e. "changes everything", when no block owns its quantizer)
+        self.block_of = [owner.get(id(mods[n].weight_quant), 0) if isinstance(mods[n].weight_quant, Quantizer)
+                         else 0 for n in tables.layers]
+        self.layers_of = [[i for i, b in enumerate(self.block_of) if b == j] for j in range(len(blocks))]
+        self.prefix_len = [sum(1 for b in self.block_of if b < j) for j in range(len(blocks) + 1)]
+        order = sorted(range(len(tables.layers)), key=lambda i: (self.block_of[i], i))
+        self.order = torch.tensor(order)  # genes in block order: the prefix of block j is order[:prefix_len[j]]
+        self.ref = ref if ref is not None else self._float_outputs()
+        self.memo: dict[tuple, float] = {}
+        self._cache: OrderedDict = OrderedDict()
+        self._cached = 0
+        self.evaluations = 0  # allocations whose loss was computed (memo misses)
+        self.requests = 0  # allocations asked for
+        self.blocks_run = 0
+        self.blocks_full = 0  # blocks a run without any cache would have run
+        self.seconds = 0.0
+        self.on_evaluation: list = []  # callables f(fitness) after each computed allocation (progress bars)
+
+    @torch.no_grad()
+    def _float_outputs(self) -> torch.Tensor:
+        from ..fitness import reference_outputs
+
+        return reference_outputs(self.qmodel, self.inputs, self.chunk)
+
+    def _key(self, genes_sorted: tuple, j: int) -> tuple:
+        return j, genes_sorted[: self.prefix_len[j]]
+
+    def _get(self, key):
+        x = self._cache.get(key)
+        if x is not None:
+            self._cache.move_to_end(key)
+        return x
+
+    def _put(self, key, x: torch.Tensor) -> None:
+        if key in self._cache:
+            return
+        n = x.numel() * x.element_size()
+        if n > self.cache_bytes:
+            return
+        self._cache[key] = x
+        self._cached += n
+        while self._cached > self.cache_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._cached -= old.numel() * old.element_size()
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+        self._cached = 0
+
+    @torch.no_grad()
+    def _run_block(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        run = self.qmodel.blocks[j].run
+        outs = [run(x[i:i + self.chunk]) for i in range(0, x.shape[0], self.chunk)]
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def _compute(self, genes: torch.Tensor) -> float:
+        gs = tuple(int(v) for v in genes[self.order])
+        nb = len(self.qmodel.blocks)
+        start, x = 0, self.inputs
+        for j in range(nb - 1, 0, -1):
+            hit = self._get(self._key(gs, j))
+            if hit is not None:
+                start, x = j, hit
+                break
+        self.tables.set(genes)
+        for j in range(start, nb):
+            x = self._run_block(j, x)
+            if j + 1 < nb:
+                self._put(self._key(gs, j + 1), x)
+        self.blocks_run += nb - start
+        self.blocks_full += nb
+        return float(self.loss(x.float().unsqueeze(0), self.ref)[0])
+
+    def __call__(self, genes: torch.Tensor) -> torch.Tensor:
+        """Losses (P,) float64 of allocations ``genes`` (P, layers) (option indices)."""
+        t0 = time.perf_counter()
+        genes = torch.as_tensor(genes).long().reshape(-1, len(self.tables.layers))
+        keys = [tuple(int(v) for v in g) for g in genes]
+        self.requests += len(keys)
+        todo = sorted({k for k in keys if k not in self.memo}, key=lambda k: tuple(k[i] for i in self.order))
+        if todo:
+            with self.tables.installed():
+                for k in todo:
+                    self.memo[k] = self._compute(torch.tensor(k))
+                    self.evaluations += 1
+                    for f in self.on_evaluation:
+                        f(self)
+        self.seconds += time.perf_counter() - t0
+        return torch.tensor([self.memo[k] for k in keys], dtype=torch.float64)
+
+    def stats(self) -> dict:
+        return {"evaluations": self.evaluations, "requests": self.requests, "blocks_run": self.blocks_run,
+                "blocks_full": self.blocks_full,
+                "block_reuse": 1 - self.blocks_run / self.blocks_full if self.blocks_full else 0.0,
+                "seconds": self.seconds,
+                "evaluations_per_s": self.evaluations / self.seconds if self.seconds else 0.0}

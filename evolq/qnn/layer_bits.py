@@ -1,0 +1,191 @@
+"""Per-layer bit widths: ``QuantConfig.layer_bits``.
+
+A mapping from layer names (or glob patterns, ``fnmatch`` style) to what that Linear/Conv
+gets, in place of the config's ``w_bits`` / ``a_bits``:
+
+* an integer 2..8: its weight bits;
+* ``"float"``: the layer is left unquantized (no weight or input quantizer);
+* a dict ``{"w_bits": 2..8 | "float", "a_bits": 4..8}``: weight and input bits apart.
+
+Entries apply in order, after ``edge_bits``: a later entry overrides an earlier one for the
+layers both match, and an explicit entry overrides ``edge_bits``. Names are the modules'
+dotted paths in the model (``blocks.3.mlp.fc2``, ``patch_embed.proj``, ``head``);
+``quantized_layers`` lists them. A pattern that matches no layer is a ``ConfigError`` naming
+the closest names. The QKR form's merged ``attn.qkr.qk`` (``evolq.qnn.qkr``) follows its
+``attn.qkv`` unless named itself.
+
+``apply_layer_bits`` runs at wrap time, before calibration, so every start (rtn, gptq, brecq,
+ofq), saving and loading (the config is saved with the model) and the exports see the
+per-layer widths without knowing about them.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+from collections.abc import Mapping
+
+from torch import nn
+
+from ..errors import ConfigError
+from ..quant import Quantizer, UniformQuantizer
+from ..quant.range import int_range
+from .layers import QConv2d, QLinear
+
+__all__ = ["FLOAT", "normalize_layer_bits", "quantized_layers", "resolve_layer_bits", "apply_layer_bits",
+           "layer_bits_summary", "is_float_layer", "tied_layer"]
+
+FLOAT = "float"
+W_RANGE, A_RANGE = (2, 8), (4, 8)
+_KEYS = ("w_bits", "a_bits")
+
+
+def _bits(value, what: str, lo: int, hi: int, allow_float: bool):
+    if allow_float and value == FLOAT:
+        return FLOAT
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        extra = ' or "float"' if allow_float else ""
+        raise ConfigError(f"layer_bits[{what}] must be an integer in {lo}..{hi}{extra}, got {value!r}")
+    return int(value)
+
+
+def normalize_layer_bits(spec) -> dict[str, dict]:
+    """``spec`` as ``{pattern: {"w_bits": int | "float", "a_bits": int (optional)}}``, validated
+    (types and ranges only: names are checked against a model by ``resolve_layer_bits``)."""
+    if spec is None:
+        return {}
+    if not isinstance(spec, Mapping):
+        raise ConfigError(f"layer_bits must be a mapping of layer names (or glob patterns) to bits, "
+                          f"got {type(spec).__name__}")
+    out = {}
+    for pattern, value in spec.items():
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"layer_bits keys must be non-empty layer names or patterns, got {pattern!r}")
+        if isinstance(value, Mapping):
+            unknown = set(value) - set(_KEYS)
+            if unknown or not value:
+                raise ConfigError(f"layer_bits[{pattern!r}] takes the keys w_bits and a_bits, got "
+                                  f"{sorted(map(str, value)) or 'none'}")
+            entry = {}
+            if "w_bits" in value:
+                entry["w_bits"] = _bits(value["w_bits"], f"{pattern!r}].w_bits", *W_RANGE, allow_float=True)
+            if "a_bits" in value:
+                entry["a_bits"] = _bits(value["a_bits"], f"{pattern!r}].a_bits", *A_RANGE, allow_float=False)
+            if entry.get("w_bits") == FLOAT and "a_bits" in entry:
+                raise ConfigError(f"layer_bits[{pattern!r}]: a float layer has no input quantizer to give a_bits")
+        else:
+            entry = {"w_bits": _bits(value, repr(pattern), *W_RANGE, allow_float=True)}
+        out[pattern] = entry
+    return out
+
+
+def tied_layer(name: str) -> str | None:
+    """The layer whose widths ``name`` follows (the QKR form's ``attn.qkr.qk`` follows ``attn.qkv``)."""
+    suffix = ".qkr.qk"
+    return name[: -len(suffix)] + ".qkv" if name.endswith(suffix) else None
+
+
+def is_float_layer(layer: nn.Module) -> bool:
+    """True for a quantized-layer wrapper whose weights stay float (``layer_bits`` "float")."""
+    return isinstance(layer, (QLinear, QConv2d)) and not isinstance(layer.weight_quant, Quantizer)
+
+
+def quantized_layers(model: nn.Module, tied: bool = False) -> dict[str, nn.Module]:
+    """The model's quantized Linear/Conv wrappers by name, in module order (the names
+    ``layer_bits`` takes). ``tied``: also the layers that follow another (``tied_layer``)."""
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, (QLinear, QConv2d)) and (tied or tied_layer(n) is None)}
+
+
+def resolve_layer_bits(model: nn.Module, spec) -> dict[str, dict]:
+    """``{layer name: {"w_bits": ..., "a_bits": ...}}`` for the layers ``spec`` names, the
+    entries merged in order. Raises ``ConfigError`` for a pattern that matches no layer."""
+    spec = normalize_layer_bits(spec)
+    names = list(quantized_layers(model))
+    out: dict[str, dict] = {}
+    for pattern, entry in spec.items():
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+            hint = f"; closest: {', '.join(close)}" if close else f"; layers are named like {names[0]!r}" \
+                if names else ""
+            raise ConfigError(f"layer_bits names {pattern!r}, which matches no quantized layer of this model{hint}")
+        for n in hits:
+            merged = dict(out.get(n, {}))
+            merged.update(entry)
+            if merged.get("w_bits") == FLOAT:
+                merged.pop("a_bits", None)
+            out[n] = merged
+    return out
+
+
+def _set_input_bits(q, bits: int) -> None:
+    if isinstance(q, UniformQuantizer):
+        q.set_bits(bits)
+    elif isinstance(q, Quantizer) and hasattr(q, "qmin"):  # per-channel factor quantizers (unsigned)
+        q.bits = bits
+        q.qmin, q.qmax = int_range(bits, signed=False)
+
+
+def _drop_quantizers(qmodel, dropped: set[int]) -> None:
+    """Forget quantizers that were removed from the model in every block's view."""
+    for b in qmodel.blocks:
+        gone = {n for n, q in b.quantizers.items() if id(q) in dropped}
+        if not gone:
+            continue
+        b.quantizers = {n: q for n, q in b.quantizers.items() if n not in gone}
+        b.scopes = {s: [n for n in names if n not in gone] for s, names in b.scopes.items()}
+
+
+def apply_layer_bits(qmodel, quant) -> dict[str, dict]:
+    """Give the layers that ``quant.layer_bits`` names their widths (before calibration);
+    "float" layers lose their weight and input quantizers. Returns the resolved entries."""
+    spec = getattr(quant, "layer_bits", None)
+    if not spec:
+        return {}
+    model = qmodel.model
+    resolved = resolve_layer_bits(model, spec)
+    every = quantized_layers(model, tied=True)
+    for name in every:  # tied layers follow their leader unless named themselves
+        lead = tied_layer(name)
+        if lead is not None and lead in resolved and name not in resolved:
+            resolved[name] = dict(resolved[lead])
+    dropped: set[int] = set()
+    deploy = getattr(quant, "regime", "fq-vit") == "deploy"
+    for name, entry in resolved.items():
+        layer = every[name]
+        w = entry.get("w_bits")
+        if w == FLOAT:
+            for attr in ("weight_quant", "input_quant"):
+                q = getattr(layer, attr)
+                if isinstance(q, Quantizer):
+                    dropped.add(id(q))
+                setattr(layer, attr, nn.Identity())
+            continue
+        wq = layer.weight_quant
+        if w is not None and isinstance(wq, UniformQuantizer):
+            if deploy:
+                wq.symmetric = quant.deploy_symmetric(w)
+            wq.set_bits(w)
+        if "a_bits" in entry:
+            _set_input_bits(layer.input_quant, entry["a_bits"])
+    if dropped:
+        # a quantizer shared with a layer that stays quantized (QKR's qk reads qkv's input) is kept
+        kept = {id(q) for m in every.values() for q in (m.weight_quant, m.input_quant) if isinstance(q, Quantizer)}
+        _drop_quantizers(qmodel, dropped - kept)
+    return resolved
+
+
+def layer_bits_summary(model: nn.Module) -> dict:
+    """What the layers hold now: ``{"layers": {name: {"w_bits", "a_bits", "params"}}, "avg_w_bits"}``
+    (float layers count 32 bits; ``a_bits`` None where the input is not quantized there)."""
+    layers, tot, bits = {}, 0, 0.0
+    for name, m in quantized_layers(model).items():
+        wq, iq = m.weight_quant, m.input_quant
+        w = wq.bits if isinstance(wq, Quantizer) and hasattr(wq, "bits") else FLOAT
+        a = iq.bits if isinstance(iq, Quantizer) and hasattr(iq, "bits") else None
+        n = m.weight.numel()
+        layers[name] = {"w_bits": w, "a_bits": a, "params": n}
+        tot += n
+        bits += n * (32 if w == FLOAT else w)
+    return {"layers": layers, "avg_w_bits": bits / tot if tot else math.nan}

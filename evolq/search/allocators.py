@@ -1,0 +1,214 @@
+"""Searchers of a ``BitAllocationProblem``, by name: *how* to choose bits per layer.
+
+Each is an EvoTorch ``SearchAlgorithm`` whose ``step()`` evaluates one batch of allocations
+through ``problem.evaluate`` (so the budget repair, the archive, the memo and Ray actors apply
+to all alike), built by a factory registered in ``ALLOCATORS``:
+``factory(problem, *, popsize, sensitivity, seed, **kwargs) -> SearchAlgorithm``.
+
+* ``nsga2``: EvoTorch's ``GeneticAlgorithm`` (elitist; Pareto ranks and crowding on the
+  objectives, NSGA-II), two-point cross-over and ``IntegerMutation``, its first population
+  seeded with the sensitivity + ILP solutions across the front's range and uniform widths.
+* ``ilp``: the standard answer (HAWQ-V3, ModelOpt ``auto_quantize``): per-layer sensitivities
+  summed as if they were additive, minimised by an integer linear program
+  (``scipy.optimize.milp``) under each of ``popsize`` budgets spread over the front's range.
+* ``greedy``: bit dropping from the widest allocation: each step evaluates the ``popsize``
+  single-layer drops with the least sensitivity per byte saved and takes the one whose real
+  loss grew least per byte, until the budget is met, then spends what is left raising layers
+  the same way while they fit.
+* ``random``: uniformly random options per layer, repaired to the budget.
+
+Any other EvoTorch ``SearchAlgorithm`` class that takes ``(problem, operators=..., popsize=...)``
+(``SteadyStateGA``, say) can be passed instead of a name. ``sensitivity`` is the (L, M) table
+of single-layer loss changes (``BitAllocationProblem.sensitivity``): searchers that need it
+name it in ``NEEDS_SENSITIVITY``; its evaluations count against their budget.
+"""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError
+from ..registry import Registry
+
+__all__ = ["ALLOCATORS", "NEEDS_SENSITIVITY", "register_allocator", "list_allocators", "make_allocator",
+           "ilp_allocation", "budget_ladder"]
+
+ALLOCATORS: Registry = Registry("allocation searcher")
+NEEDS_SENSITIVITY = {"nsga2", "ilp", "greedy"}
+
+
+def register_allocator(name: str, factory=None, needs_sensitivity: bool = False):
+    """Register an allocation searcher factory (decorator or direct call)."""
+    if needs_sensitivity:
+        NEEDS_SENSITIVITY.add(name)
+    return ALLOCATORS.register(name, factory)
+
+
+def list_allocators() -> tuple[str, ...]:
+    return ALLOCATORS.names()
+
+
+def ilp_allocation(sens: torch.Tensor, cost: torch.Tensor, budget: float, allowed: torch.Tensor | None = None,
+                   constant: float = 0.0) -> torch.Tensor | None:
+    """The option per layer minimising ``sum sens[l, k]`` subject to ``sum cost[l, k] + constant <=
+    budget`` (one option per layer, only allowed ones): a binary integer linear program solved by
+    ``scipy.optimize.milp`` (HiGHS). None when no allocation fits."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    n_layers, n_opts = sens.shape
+    allowed = torch.ones_like(sens, dtype=torch.bool) if allowed is None else allowed
+    c = torch.where(allowed, sens.double(), torch.zeros((), dtype=torch.float64)).numpy().reshape(-1)
+    one = np.zeros((n_layers, n_layers * n_opts))
+    for i in range(n_layers):
+        one[i, i * n_opts:(i + 1) * n_opts] = 1.0
+    cons = [LinearConstraint(one, 1, 1),
+            LinearConstraint(cost.double().numpy().reshape(1, -1), -np.inf, budget - constant)]
+    upper = allowed.double().numpy().reshape(-1)
+    res = milp(c, constraints=cons, integrality=np.ones_like(c), bounds=Bounds(0, upper))
+    if res.x is None or res.status != 0:
+        return None
+    return torch.from_numpy(res.x.reshape(n_layers, n_opts).argmax(1)).long()
+
+
+def budget_ladder(lo: float, hi: float, n: int) -> list[float]:
+    """``n`` budgets from ``hi`` down to ``lo`` (the budget itself first)."""
+    if n <= 1 or hi <= lo:
+        return [hi]
+    return [hi - (hi - lo) * i / (n - 1) for i in range(n)]
+
+
+def ilp_points(problem, sens: torch.Tensor, n: int) -> torch.Tensor:
+    cost = problem.costs[problem.budget_index]
+    lo = max(cost.floor, cost.range(problem.allowed)[0])
+    out = []
+    for b in budget_ladder(lo, problem.budget, n):
+        g = ilp_allocation(sens, cost.table, b, problem.allowed, cost.constant)
+        if g is not None and not any(torch.equal(g, o) for o in out):
+            out.append(g)
+    return torch.stack(out) if out else torch.empty(0, problem.n_layers, dtype=torch.long)
+
+
+def _uniform_points(problem) -> list[torch.Tensor]:
+    """Each option for every layer that allows it (the nearest allowed elsewhere), repaired."""
+    n_opts = problem.allowed.shape[1]
+    pts = []
+    for k in range(n_opts):
+        g = torch.full((problem.n_layers,), k, dtype=torch.long)
+        pts.append(problem.repair(g[None])[0])
+    uniq = []
+    for g in pts:
+        if not any(torch.equal(g, u) for u in uniq):
+            uniq.append(g)
+    return uniq
+
+
+@register_allocator("nsga2", needs_sensitivity=True)
+def nsga2(problem, *, popsize: int = 24, sensitivity=None, seed: int = 0, rate: float | None = None,
+          neighbour: float = 0.7, tournament_size: int = 2, ilp_seeds: int | None = None):
+    """EvoTorch ``GeneticAlgorithm`` (NSGA-II on [loss, size]) with two-point cross-over and
+    ``IntegerMutation``; the first population holds ``ilp_seeds`` (default half the population)
+    ILP solutions across the front's range and the uniform widths, the rest random."""
+    from evotorch.algorithms import GeneticAlgorithm
+    from evotorch.operators import TwoPointCrossOver
+
+    from .._evotorch import evotorch  # noqa: F401  (quiet import)
+    from .operators import IntegerMutation
+
+    seeds = []
+    if sensitivity is not None:
+        k = popsize // 2 if ilp_seeds is None else int(ilp_seeds)
+        seeds += list(ilp_points(problem, sensitivity, k))
+    for u in _uniform_points(problem):
+        if not any(torch.equal(u, s) for s in seeds):
+            seeds.append(u)
+    problem.seeds = torch.stack(seeds[:popsize]) if seeds else None
+    ops = [TwoPointCrossOver(problem, tournament_size=tournament_size),
+           IntegerMutation(problem, rate=rate, neighbour=neighbour, allowed=problem.allowed)]
+    return GeneticAlgorithm(problem, operators=ops, popsize=popsize, re_evaluate=False)
+
+
+@register_allocator("random")
+def random_search(problem, *, popsize: int = 24, sensitivity=None, seed: int = 0):
+    """Random allocations (uniform options per layer), repaired to the budget."""
+    from .baselines import RandomAllocation
+
+    return RandomAllocation(problem, popsize)
+
+
+@register_allocator("ilp", needs_sensitivity=True)
+def ilp(problem, *, popsize: int = 24, sensitivity=None, seed: int = 0):
+    """Sensitivity + integer linear program at ``popsize`` budgets over the front's range."""
+    if sensitivity is None:
+        raise ConfigError("the ilp allocator needs a sensitivity table")
+    from .baselines import ILPAllocation
+
+    return ILPAllocation(problem, popsize, sensitivity)
+
+
+@register_allocator("greedy", needs_sensitivity=True)
+def greedy(problem, *, popsize: int = 24, sensitivity=None, seed: int = 0):
+    """Greedy bit dropping with the real loss, ``popsize`` sensitivity-ranked moves per step."""
+    if sensitivity is None:
+        raise ConfigError("the greedy allocator needs a sensitivity table")
+    from .baselines import GreedyAllocation
+
+    return GreedyAllocation(problem, popsize, sensitivity)
+
+
+def make_allocator(searcher, problem, *, popsize: int, sensitivity=None, seed: int = 0, searcher_kwargs=None):
+    """Build ``searcher`` (a registered name or an EvoTorch ``SearchAlgorithm`` class) on ``problem``."""
+    kwargs = dict(searcher_kwargs or {})
+    if isinstance(searcher, str):
+        factory = ALLOCATORS.get(searcher)
+        params = inspect.signature(factory).parameters
+        unknown = [k for k in kwargs if k not in params]
+        if unknown:
+            raise ConfigError(f"the {searcher} allocator takes no argument {', '.join(unknown)}")
+        return factory(problem, popsize=popsize, sensitivity=sensitivity, seed=seed, **kwargs)
+    if isinstance(searcher, type):
+        from evotorch.operators import TwoPointCrossOver
+
+        from .operators import IntegerMutation
+
+        ops = [TwoPointCrossOver(problem, tournament_size=2), IntegerMutation(problem, allowed=problem.allowed)]
+        try:
+            return searcher(problem, operators=ops, popsize=popsize, **kwargs)
+        except TypeError as e:
+            raise ConfigError(f"cannot build {searcher.__name__} on a bit allocation: {e}") from None
+    raise ConfigError(f"an allocation searcher is a name ({', '.join(ALLOCATORS.names())}) or an EvoTorch "
+                      f"SearchAlgorithm class, got {type(searcher).__name__}")
+
+
+def allocator_state(searcher) -> tuple[dict, dict]:
+    """(tensors, JSON-able meta) that ``load_allocator_state`` needs to continue ``searcher``
+    exactly: its step count, population (values and evaluations) and its own ``state_dict``."""
+    tensors, meta = {}, {"steps": int(searcher.step_count)}
+    pop = getattr(searcher, "population", None)
+    if pop is not None and len(pop) and not bool(torch.isnan(pop.evals.as_subclass(torch.Tensor)).any()):
+        tensors["population_values"] = pop.values.as_subclass(torch.Tensor).clone()
+        tensors["population_evals"] = pop.evals.as_subclass(torch.Tensor).clone()
+    if hasattr(searcher, "_first_iter"):
+        meta["first_iter"] = bool(searcher._first_iter)
+    if hasattr(searcher, "state_dict"):
+        t, m = searcher.state_dict()
+        tensors.update({f"searcher.{k}": v for k, v in t.items()})
+        meta["own"] = m
+    return tensors, meta
+
+
+def load_allocator_state(searcher, tensors: dict, meta: dict) -> None:
+    """Put ``searcher`` back in the state ``allocator_state`` saved."""
+    searcher._steps_count = int(meta.get("steps", 0))
+    if "population_values" in tensors:
+        vals = tensors["population_values"]
+        batch = searcher.problem.generate_batch(vals.shape[0])
+        batch.set_values(vals)
+        batch.set_evals(tensors["population_evals"])
+        searcher._population = batch
+    if "first_iter" in meta:
+        searcher._first_iter = bool(meta["first_iter"])
+    if hasattr(searcher, "load_state_dict"):
+        own = {k[len("searcher."):]: v for k, v in tensors.items() if k.startswith("searcher.")}
+        searcher.load_state_dict(own, meta.get("own") or {})
