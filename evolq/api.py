@@ -156,21 +156,23 @@ def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | 
     return qmodel, report
 
 
-def connect_ray(search):
-    """Start or join Ray for ``search.actors`` (``evolq.scaleout.connect``): the ``Placement``,
-    or None in-process. Warns (``ScaleOutWarning``) when the searcher is steady-state."""
-    if search.actors == 0:
+def connect_ray(config):
+    """Start or join Ray for ``config.actors`` (a ``SearchConfig`` or ``AllocationConfig``;
+    ``evolq.scaleout.connect``): the ``Placement``, or None in-process. Warns
+    (``ScaleOutWarning``) when a scale search's searcher is steady-state."""
+    if config.actors == 0:
         return None
     import warnings
 
+    from .config import SearchConfig
     from .scaleout import ScaleOutWarning, connect
     from .search import is_steady_state
 
-    if is_steady_state(search.searcher):
-        warnings.warn(ScaleOutWarning(f"the {search.searcher} searcher evaluates one candidate per step, so its "
+    if isinstance(config, SearchConfig) and is_steady_state(config.searcher):
+        warnings.warn(ScaleOutWarning(f"the {config.searcher} searcher evaluates one candidate per step, so its "
                                       f"actors take turns instead of sharing work; use a population searcher "
                                       f"(batched-tournament, cmaes, snes, pgpe) to gain from actors"), stacklevel=3)
-    return connect(search.actors, search.ray_address)
+    return connect(config.actors, config.ray_address)
 
 
 def allocate_bits(model: nn.Module, calib_data, quant: QuantConfig | None = None, config=None, *, arch: str = "",
@@ -183,7 +185,9 @@ def allocate_bits(model: nn.Module, calib_data, quant: QuantConfig | None = None
     allocations on ``config.fitness_images`` of its images against the float outputs. The searcher
     (``config.searcher``, NSGA-II by default) spends ``config.evaluations`` evaluations on the front
     of [loss, size] under the budget; the hold-out chooses one allocation among the best front
-    points. The final model is then built as ``prepare_model`` builds any model, with
+    points. With ``config.actors`` the fitness runs on Ray actors (``evolq.scaleout``; Ray is
+    started or joined before anything is prepared or written) with the in-process result. The
+    final model is then built as ``prepare_model`` builds any model, with
     ``quant.layer_bits`` set to that allocation and ``quant.start`` (rtn, gptq, brecq, ofq) as its
     start; ``search`` (a ``SearchConfig`` with ``passes > 0``) runs Evol-Q's scale search on top.
 
@@ -220,13 +224,16 @@ def allocate_bits(model: nn.Module, calib_data, quant: QuantConfig | None = None
     fit_x, hold_x = split_calibration(x, config.holdout, config.seed)
     if fit_x.shape[0] == 0:
         raise DataError("no calibration images are left after the hold-out: give more or lower holdout")
+    check_alloc_folder(checkpoint_dir, resume, create=False)
+    placement = connect_ray(config)  # before anything is prepared or written
     folder = check_alloc_folder(checkpoint_dir, resume)
     t0 = time.perf_counter()
     model.eval()
-    setup = prepare_allocation(model, fit_x, hold_x, quant, config, arch=arch, progress=config.progress)
+    setup = prepare_allocation(model, fit_x, hold_x, quant, config, arch=arch, progress=config.progress,
+                               placement=placement)
     settings = {"quant": dataclasses.asdict(quant), "allocation": config.to_dict(), "arch": arch,
                 "data": fingerprint(x[:: max(1, x.shape[0] // 16)])}
-    for k in ("progress", "device", "cache_mb"):
+    for k in ("progress", "device", "cache_mb", "actors", "ray_address"):  # free to differ on resume
         settings["allocation"].pop(k, None)
     engine = AllocationEngine(setup.problem, setup.fitness, searcher=config.searcher,
                               searcher_kwargs=config.searcher_kwargs, popsize=config.popsize,
@@ -237,7 +244,13 @@ def allocate_bits(model: nn.Module, calib_data, quant: QuantConfig | None = None
         AllocationProgress().subscribe(engine)
     for s in subscribers:
         s.subscribe(engine) if hasattr(s, "subscribe") else s(engine)
-    result = engine.run(resume=resume)
+    try:
+        result = engine.run(resume=resume)
+    finally:
+        setup.problem.close()
+    scale_out = None
+    if placement is not None:
+        scale_out = {**placement.as_dict(), **setup.problem.stats.as_dict()}
     if result["chosen"] is None:
         raise ConfigError("the search found no allocation under the budget")  # pragma: no cover (repair guarantees)
     genes = torch.tensor(result["front"][result["chosen"]]["genes"])
@@ -275,12 +288,14 @@ def allocate_bits(model: nn.Module, calib_data, quant: QuantConfig | None = None
         report["start"] = qmodel.start_report
     if report_search is not None:
         report["evolq"] = report_search
+    if scale_out is not None:
+        report["scale_out"] = scale_out
     return qmodel, report
 
 
-def check_alloc_folder(folder, resume: bool):
+def check_alloc_folder(folder, resume: bool, create: bool = True):
     """The run folder of an allocation (None: memory only); refuses a folder holding another run
-    unless resuming."""
+    unless resuming; ``create``: make it (else only check)."""
     from pathlib import Path
 
     from .allocation.engine import ALLOC_CKPT_NAME
@@ -295,5 +310,6 @@ def check_alloc_folder(folder, resume: bool):
         raise CheckpointError(f"{str(folder)!r} exists and is not a folder")
     if (folder / ALLOC_CKPT_NAME).exists() and not resume:
         raise CheckpointError(f"{str(folder)!r} already holds an allocation run: resume it or choose another folder")
-    folder.mkdir(parents=True, exist_ok=True)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
     return folder

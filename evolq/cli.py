@@ -63,13 +63,14 @@ def _actors_arg(text: str):
     return n
 
 
-def add_scale_out_args(p):
-    """``--actors`` and ``--ray-address`` (``SearchConfig.actors`` / ``ray_address``), for every command
-    that searches."""
+def add_scale_out_args(p, what: str = ""):
+    """``--actors`` and ``--ray-address`` (``SearchConfig``/``AllocationConfig`` ``actors`` and
+    ``ray_address``), for every command that searches."""
     p.add_argument("--actors", type=_actors_arg, default=_s("actors"), metavar="N|max|num_gpus",
-                   help="evaluate the fitness on N Ray actors (one CPU each; max: one per free CPU; num_gpus: one per "
-                        "GPU); 0 (default): in this process. The result is the same; only population searchers "
-                        "(batched-tournament, cmaes, snes, pgpe) gain from actors (docs/scale-out.md)")
+                   help=f"evaluate {what or 'the fitness'} on N Ray actors (one CPU each; max: one per free CPU; "
+                        f"num_gpus: one per GPU); 0 (default): in this process. The result is the same" +
+                        ("" if what else "; only population searchers (batched-tournament, cmaes, snes, pgpe) gain "
+                                         "from actors") + " (docs/scale-out.md)")
     p.add_argument("--ray-address", default=_s("ray_address"), metavar="auto|HOST:PORT",
                    help="join a running Ray cluster (ray start --head ...) instead of starting a local Ray with this "
                         "machine's cores")
@@ -218,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--out", required=True, help="output folder (pareto.json, pareto.png, report.json, model/)")
     pa.add_argument("--resume", action="store_true", help="finish an interrupted run in --out")
     pa.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_scale_out_args(pa, what="the allocation search's fitness")
 
     pd = sub.add_parser("demo", help="ViT-Tiny from the assets at W3A8: FP32 vs start vs Evol-Q (< 5 min)")
     pd.add_argument("--w-bits", type=int, default=3)
@@ -417,10 +419,10 @@ def cmd_quantize(args) -> int:
 
 
 @contextmanager
-def ray_connected(search):
-    """Start or join Ray for ``search.actors`` on entering (``evolq.api.connect_ray``), so an
-    unusable cluster fails before anything is loaded or written; its warning is printed once, as
-    one line."""
+def ray_connected(*configs):
+    """Start or join Ray for each config's ``actors`` on entering (``evolq.api.connect_ray``), so
+    an unusable cluster fails before anything is loaded or written; its warning is printed once,
+    as one line."""
     import warnings
 
     from .api import connect_ray
@@ -428,7 +430,8 @@ def ray_connected(search):
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always", ScaleOutWarning)
-        connect_ray(search)
+        for config in configs:
+            connect_ray(config)
     for w in seen:
         if issubclass(w.category, ScaleOutWarning):
             print(f"evolq: warning: {w.message}", file=sys.stderr)
@@ -457,23 +460,26 @@ def cmd_allocate(args) -> int:
     config = AllocationConfig(menu=args.menu, budget=args.budget, searcher=args.searcher,
                               searcher_kwargs=dict(args.searcher_arg), evaluations=args.evaluations,
                               popsize=args.popsize, fitness_images=args.fitness_images, holdout=args.holdout,
-                              loss=args.loss, tables=args.tables, seed=args.seed, progress=not args.quiet)
+                              loss=args.loss, tables=args.tables, seed=args.seed, progress=not args.quiet,
+                              actors=args.actors, ray_address=args.ray_address)
     parse_budget(args.budget)
     args.w_bits = _alloc_w_bits(args, args.budget)
     quant = quant_config(args)
     search = None
     if args.passes:
+        # the tournament of --passes evaluates one candidate per step: it stays in this process (docs/scale-out.md)
         search = SearchConfig(passes=args.passes, cycles=args.cycles, progress=not args.quiet)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EvolQError(f"--out {str(out)!r} exists and is not a folder")
     from .api import check_alloc_folder
 
-    check_alloc_folder(out, args.resume)  # before any expensive work
-    model, quant, xc, xe, ye = _load(args, quiet=args.quiet)
-    t0 = time.perf_counter()
-    qmodel, rep = allocate_bits(model, xc, quant, config, arch=args.model, checkpoint_dir=out, resume=args.resume,
-                                search=search)
+    check_alloc_folder(out, args.resume, create=False)  # before any expensive work
+    with ray_connected(config):
+        model, quant, xc, xe, ye = _load(args, quiet=args.quiet)
+        t0 = time.perf_counter()
+        qmodel, rep = allocate_bits(model, xc, quant, config, arch=args.model, checkpoint_dir=out,
+                                    resume=args.resume, search=search)
     res, _ = evaluate_qmodel(qmodel, xe, ye, progress=not args.quiet)
     rep.update({"model": args.model, "fp32": _short(res["fp32"]), "final": _short(res["quantized"]),
                 "calib_images": int(xc.shape[0]), "eval_images": int(xe.shape[0]),

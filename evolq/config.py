@@ -396,6 +396,8 @@ class AllocationConfig:
     best front points under the budget. ``tables``: how each layer is quantized at each width for
     the fitness (``"gptq"``, ``"rtn"``; ``"auto"``: rtn for the rtn start, gptq otherwise). The
     front spans ``[front * budget, budget]``: below it, the cost no longer counts as better.
+    ``actors``/``ray_address``: the fitness on Ray actors, as ``SearchConfig``'s (docs/scale-out.md);
+    the result is the same.
     """
 
     menu: str = "2,3,4,8"
@@ -416,6 +418,8 @@ class AllocationConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
+    actors: int | str = 0  # Ray actors computing the fitness: 0 (in-process), N, "max" or "num_gpus"
+    ray_address: str | None = None  # None: a local Ray (the machine's cores); "auto" or HOST:PORT: join a cluster
 
     def __post_init__(self):
         self.validate()
@@ -423,6 +427,7 @@ class AllocationConfig:
     def validate(self):
         from .allocation.menu import parse_menu
         from .losses import LOSSES
+        from .scaleout import check_actors
 
         parse_menu(self.menu)
         parse_budget(self.budget)
@@ -450,6 +455,7 @@ class AllocationConfig:
             raise ConfigError(f"front must be a fraction in [0, 1], got {self.front!r}")
         if isinstance(self.cache_mb, bool) or not isinstance(self.cache_mb, (int, float)) or self.cache_mb < 0:
             raise ConfigError(f"cache_mb must be a non-negative number, got {self.cache_mb!r}")
+        check_actors(self.actors, self.ray_address)
 
     @property
     def menu_options(self):

@@ -84,8 +84,7 @@ class ProgressBar:
             out["evals/s"] = f"{(self.engine.fitness.evaluations - self._e0) / dt:.1f}"
         so = getattr(self.engine, "scale_out", None)
         if so is not None:
-            st = so.stats
-            out["actors"] = f"{st.alive}/{st.actors}" + (f" ({st.restarts} restarted)" if st.restarts else "")
+            out["actors"] = _actors_text(so.stats)
         return out
 
     def tick(self, index, cands, losses):
@@ -137,9 +136,15 @@ class FitnessCurve:
         return self
 
 
+def _actors_text(stats) -> str:
+    """``alive/asked`` actors, and how many were restarted."""
+    return f"{stats.alive}/{stats.actors}" + (f" ({stats.restarts} restarted)" if stats.restarts else "")
+
+
 class AllocationProgress:
     """A tqdm bar over the fitness evaluations of a bit-allocation run (``AllocationEngine``):
-    generation, front size, best loss under the budget; tqdm estimates the time left."""
+    generation, front size, best loss under the budget and, on Ray actors, the actors alive (and
+    restarted); tqdm shows the evaluations per second and estimates the time left."""
 
     def __init__(self, desc: str = "allocate"):
         self.desc, self.bar = desc, None
@@ -166,8 +171,15 @@ class AllocationProgress:
     def update(self, info):
         if self.bar is not None:
             self.bar.n = min(info["evaluations"], self.bar.total)
-            self.bar.set_postfix(gen=info["generation"], front=info["front"], best=f"{info['best_loss']:.4f}")
+            self.bar.set_postfix(self.postfix(info))
             self.bar.refresh()
+
+    def postfix(self, info: dict) -> dict:
+        out = {"gen": info["generation"], "front": info["front"], "best": f"{info['best_loss']:.4f}"}
+        so = getattr(self.engine, "scale_out", None)
+        if so is not None:
+            out["actors"] = _actors_text(so.stats)
+        return out
 
     def close(self, state=None):
         if self.bar is not None:

@@ -394,6 +394,11 @@ class ActorProblem:
         return [*super()._nonserialized_attribs, "_shared_local", "_shared_cache", "_versions", "_template",
                 "_state", "actor_info", "stats", "dispatch_hook", *self.driver_only]
 
+    def seed(self, seed: int) -> None:
+        """(Actor) EvoTorch 0.6's ``EvaluationActor`` seeds a problem that has its own generator
+        with ``problem.seed(...)``, a method ``Problem`` does not have (it is ``manual_seed``)."""
+        self.manual_seed(seed)
+
     # -- what actors hold for the whole run -----------------------------------------------
     def share(self, name: str, obj) -> None:
         """Make ``obj`` available as ``self.shared(name)`` wherever this problem evaluates: in this
@@ -541,12 +546,25 @@ class ActorProblem:
 
     # -- evaluation --------------------------------------------------------------------
     def _sync_before(self) -> bool:
-        return False  # the state travels with the pieces (_dispatch), to the actors that need it
+        return False  # the state travels with the pieces (map_rows), to the actors that need it
 
     def _evaluate_all(self, batch):
         if self._actors is None:  # in this process, or on an actor
             return super()._evaluate_all(batch)
-        self._dispatch(batch)
+        import torch
+
+        values = batch.values.as_subclass(torch.Tensor)
+        evals = self.map_rows("_scaleout_evaluate", values, self.piece_multiple)
+        batch.set_evals(evals.to(dtype=batch.eval_dtype, device=batch.device))
+
+    def _scaleout_evaluate(self, values):
+        """(Actor) EvoTorch's evaluation of the solutions ``values``: their evaluation rows."""
+        import torch
+
+        piece = self.generate_batch(values.shape[0], empty=True)
+        piece.set_values(values)
+        self.evaluate(piece)
+        return piece.evals.as_subclass(torch.Tensor).clone()
 
     def _current_state(self) -> tuple:
         """(Driver) the problem's state now: (version, a copy, its pickled size); the version goes up
@@ -561,39 +579,46 @@ class ActorProblem:
             self._state = (version + 1, snap, len(pickle.dumps(snap, protocol=5)))
         return self._state
 
-    def _submit(self, actor, batch, a: int, b: int):
-        """Send rows ``a:b`` of ``batch`` to ``actor``, with the state if it does not hold it yet."""
+    def _submit(self, actor, method: str, rows, a: int, b: int):
+        """Send rows ``a:b`` to ``actor`` for ``method``, with the state if it does not hold it yet."""
         version, state, size = self._state
         key = actor._actor_id.hex()
         send = state is not None and self._versions.get(key) != version
-        piece = batch[a:b]
+        piece = rows[a:b].clone()  # a view would pickle its whole storage
         sent = len(pickle.dumps(piece, protocol=5)) + (size if send else 0)
-        self.stats.bytes_sent += sent
         self.stats.state_bytes += size if send else 0
         self._versions[key] = version  # (a dead actor's replacement has another id: it gets the state)
-        return actor.call.remote("_scaleout_evaluate", [piece, version, state if send else None], {}), sent
+        return actor.call.remote("_scaleout_call", [method, piece, version, state if send else None], {}), sent
 
-    def _scaleout_evaluate(self, piece, version: int, state):
-        """(Actor) apply the state if sent, evaluate ``piece``; returns its evaluations and busy seconds."""
+    def _scaleout_call(self, method: str, rows, version: int, state):
+        """(Actor) apply the state if sent, then ``method(rows)``; returns its result and the busy seconds."""
         t0 = time.perf_counter()
         if state is not None:
             self._use_sync_data_from_main(state)
             self._scaleout_version = version
         elif version != self._scaleout_version:
             raise RuntimeError(f"actor holds state {self._scaleout_version}, the driver sent work for {version}")
-        self.evaluate(piece)
-        return piece.access_evals(), time.perf_counter() - t0
+        self._start_preparations()
+        out = getattr(self, method)(rows)
+        return out, time.perf_counter() - t0
 
-    def _dispatch(self, batch) -> None:
+    def map_rows(self, method: str, rows, multiple: int = 1):
+        """(Driver) ``method(rows[a:b])`` of the actors' problems on contiguous pieces of ``rows``
+        (``split_work``: one per actor, each a multiple of ``multiple`` rows), their results (tensors,
+        one row per input row) concatenated in order. The problem's state goes along to actors that do
+        not hold it yet; a piece whose actor died is evaluated again on its restarted actor. Counts
+        one generation in ``stats``."""
         import ray
+        import torch
 
+        self._parallelize()
         self._current_state()
-        n = len(batch)
-        ranges = split_work(n, len(self._actors), self.piece_multiple)
+        n = rows.shape[0]
+        ranges = split_work(n, len(self._actors), multiple)
         t0 = time.perf_counter()
-        pending, busy, sent, received = {}, {}, 0, 0
+        pending, busy, sent, received, out = {}, {}, 0, 0, None
         for actor, (a, b) in zip(self._actors, ranges):
-            ref, s = self._submit(actor, batch, a, b)
+            ref, s = self._submit(actor, method, rows, a, b)
             pending[ref] = (actor, a, b, 0)
             sent += s
         for hook in list(self.dispatch_hook):
@@ -603,7 +628,7 @@ class ActorProblem:
             ref = done[0]
             actor, a, b, fails = pending.pop(ref)
             try:
-                evals, secs = ray.get(ref)
+                res, secs = ray.get(ref)
             except Exception as e:
                 if not _actor_died(e):
                     _raise_remote(e)
@@ -612,16 +637,29 @@ class ActorProblem:
                     raise ScaleOutError(f"Ray actors died {MAX_FAILURES} times evaluating the same {b - a} "
                                         f"solution(s) ({type(e).__name__}); giving up") from None
                 actor = self._replace(actor)
-                ref, s = self._submit(actor, batch, a, b)
+                ref, s = self._submit(actor, method, rows, a, b)
                 pending[ref] = (actor, a, b, fails + 1)
                 sent += s
                 continue
-            batch._evdata[a:b] = evals.to(batch._evdata)
+            if out is None:
+                out = torch.empty((n, *res.shape[1:]), dtype=res.dtype)
+            out[a:b] = res
             key = actor._actor_id.hex()
             busy[key] = busy.get(key, 0.0) + secs
-            received += evals.numel() * evals.element_size() + 8
+            received += res.numel() * res.element_size() + 8
+        self.stats.bytes_sent += sent
         self.stats.bytes_received += received
         self.stats.record(n, time.perf_counter() - t0, list(busy.values()), sent, received)
+        return out if out is not None else torch.empty(0)
+
+    def call_actors(self, method: str, *args) -> list:
+        """(Driver) ``method(*args)`` of every live actor's problem; their results, in actor order
+        (e.g. counters an actor keeps). Empty without actors."""
+        if self._actors is None:
+            return []
+        import ray
+
+        return ray.get([a.call.remote(method, list(args), {}) for a in self._actors])
 
     def _replace(self, dead):
         """A live actor to take over ``dead``'s piece: its restart, else the first other live actor."""

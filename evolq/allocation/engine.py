@@ -6,6 +6,10 @@ choice of one allocation under the budget by the hold-out.
 problem's archive and random state, the searcher's population and the fitness memo come back,
 so the front is identical to an uninterrupted run's. Progress bars and logs subscribe to the
 hooks, as for the scale search (``evolq.hooks``).
+
+With a problem on Ray actors (``BitAllocationProblem(placement=...)``) the schedule, the
+searcher and its randomness, the repair, the archive, the memo and the checkpoint stay here;
+the actors compute the losses of new allocations and end with the run.
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ class AllocationEngine:
         self.run_start_hook, self.generation_hook, self.run_end_hook = Hook(), Hook(), Hook()
         self.searcher = None
         self.sensitivity = None
+        self.actor_counters: dict = {}  # the actors' fitness counters at the end of the run (block reuse)
 
     @property
     def needs_sensitivity(self) -> bool:
@@ -145,10 +150,19 @@ class AllocationEngine:
 
                 evaluate_values(self.problem, self.problem.repair(self.reference[None]))
                 state["fallback"] = "the searcher found nothing under the budget: the repaired reference"
+            if self.scale_out is not None:
+                self.actor_counters = self.problem.actor_counters()
         finally:
+            if self.scale_out is not None:
+                self.problem.close()  # the actors end with the run
             self.run_end_hook(state)
         state["seconds"] = time.perf_counter() - t0
         return self.result(state)
+
+    @property
+    def scale_out(self):
+        """The problem when it evaluates on Ray actors (``stats``, ``actor_info``, ``dispatch_hook``), else None."""
+        return self.problem if getattr(self.problem, "placement", None) is not None else None
 
     def progress(self, state: dict) -> dict:
         front = self.problem.front()
@@ -178,7 +192,7 @@ class AllocationEngine:
                 "evaluations": self.problem.evaluations,
                 "sensitivity_evaluations": state.get("sensitivity_evaluations", 0),
                 "fallback": state.get("fallback"),
-                "seconds": state["seconds"], "fitness": self.fitness.stats(), "repairs": p.repairs,
+                "seconds": state["seconds"], "fitness": self.fitness.stats(self.actor_counters), "repairs": p.repairs,
                 "archive_size": len(p.archive)}
 
 

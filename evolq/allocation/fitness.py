@@ -18,7 +18,13 @@ What does not change is not recomputed:
 
 Every block runs on fixed chunks of ``chunk`` images, cached or not, so a candidate's loss
 is bit-identical whatever else is evaluated with it, in whatever order, and whatever the
-cache holds.
+cache holds: on one process or split over Ray actors (``compute=``, below), each with its own
+cache, the losses are the same.
+
+On Ray actors (``BitAllocationProblem(placement=...)``) the driver's fitness keeps the memo
+and the counts, and hands the allocations it has not seen to ``compute`` (the actors, each
+with a copy of this object loaded once: pickling drops the cache, the memo and the progress
+callbacks).
 """
 from __future__ import annotations
 
@@ -133,14 +139,30 @@ class AllocationFitness:
         self.blocks_full += nb
         return float(self.loss(x.float().unsqueeze(0), self.ref)[0])
 
-    def __call__(self, genes: torch.Tensor) -> torch.Tensor:
-        """Losses (P,) float64 of allocations ``genes`` (P, layers) (option indices)."""
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(memo={}, _cache=OrderedDict(), _cached=0, on_evaluation=[])
+        return state
+
+    def __call__(self, genes: torch.Tensor, compute=None) -> torch.Tensor:
+        """Losses (P,) float64 of allocations ``genes`` (P, layers) (option indices).
+
+        ``compute``: ``f(todo (Q, layers)) -> (Q,)`` computes the allocations the memo does not
+        hold (in block order, so neighbours share prefixes) instead of this process (Ray actors);
+        the memo and the counts stay here."""
         t0 = time.perf_counter()
         genes = torch.as_tensor(genes).long().reshape(-1, len(self.tables.layers))
         keys = [tuple(int(v) for v in g) for g in genes]
         self.requests += len(keys)
         todo = sorted({k for k in keys if k not in self.memo}, key=lambda k: tuple(k[i] for i in self.order))
-        if todo:
+        if todo and compute is not None:
+            losses = compute(torch.tensor(todo, dtype=torch.long)).tolist()
+            for k, v in zip(todo, losses):
+                self.memo[k] = float(v)
+                self.evaluations += 1
+                for f in self.on_evaluation:
+                    f(self)
+        elif todo:
             with self.tables.installed():
                 for k in todo:
                     self.memo[k] = self._compute(torch.tensor(k))
@@ -150,9 +172,15 @@ class AllocationFitness:
         self.seconds += time.perf_counter() - t0
         return torch.tensor([self.memo[k] for k in keys], dtype=torch.float64)
 
-    def stats(self) -> dict:
-        return {"evaluations": self.evaluations, "requests": self.requests, "blocks_run": self.blocks_run,
-                "blocks_full": self.blocks_full,
-                "block_reuse": 1 - self.blocks_run / self.blocks_full if self.blocks_full else 0.0,
-                "seconds": self.seconds,
+    def counters(self) -> dict:
+        """The work counts of this process (an actor's share, summed by the driver)."""
+        return {"blocks_run": self.blocks_run, "blocks_full": self.blocks_full, "computed": self.evaluations}
+
+    def stats(self, actors: dict | None = None) -> dict:
+        """Evaluations, requests, block reuse and time; ``actors``: the actors' summed ``counters()``
+        (their block counts replace this process's, which then computed nothing)."""
+        run, full = (actors.get("blocks_run", 0), actors.get("blocks_full", 0)) if actors else \
+            (self.blocks_run, self.blocks_full)
+        return {"evaluations": self.evaluations, "requests": self.requests, "blocks_run": run, "blocks_full": full,
+                "block_reuse": 1 - run / full if full else 0.0, "seconds": self.seconds,
                 "evaluations_per_s": self.evaluations / self.seconds if self.seconds else 0.0}

@@ -97,9 +97,10 @@ def reference_genes(problem, kind: str) -> torch.Tensor:
 
 
 def prepare_allocation(model, fit_x: torch.Tensor, hold_x: torch.Tensor, quant, config, arch: str = "",
-                       progress: bool = False) -> AllocationSetup:
+                       progress: bool = False, placement=None) -> AllocationSetup:
     """Build the proxy, its tables, the fitness and the problem (see the module docstring).
-    ``model`` is not modified (a copy is quantized)."""
+    ``model`` is not modified (a copy is quantized). ``placement`` (``evolq.scaleout.connect``):
+    the problem's fitness runs on those Ray actors (each loads the fitness once)."""
     from ..api import prepare_model
 
     menu = config.menu_options
@@ -119,7 +120,8 @@ def prepare_allocation(model, fit_x: torch.Tensor, hold_x: torch.Tensor, quant, 
     lo, hi = bud.range(allowed)
     if limit < lo or limit > hi * (1 + 1e-12):
         raise _range_error(kind, value, lo, hi, menu)
-    problem = BitAllocationProblem(fitness, costs, limit, budget_cost=name, allowed=allowed, seed=config.seed)
+    problem = BitAllocationProblem(fitness, costs, limit, budget_cost=name, allowed=allowed, seed=config.seed,
+                                   placement=placement)
     ref = reference_genes(problem, config.sensitivity)
     return AllocationSetup(proxy, tables, fitness, holdout, sizes, problem, ref,
                            {"kind": kind, "value": value, "cost": name, "limit": limit})

@@ -21,15 +21,25 @@ Like ``BlockScaleProblem`` it knows nothing about the model behind the quality c
 serves ViTs, CNNs, LSTMs and GNNs alike. NaN/inf losses become ``penalty`` (EvoTorch's sorting
 cannot take NaN). Every evaluated allocation is recorded in ``archive`` on the main process
 (genes -> objective values), from which the engine takes its Pareto front.
+
+On Ray actors (``placement=``, ``evolq.scaleout``): the quality callable goes to Ray's object
+store once and each actor loads it once (for ``AllocationFitness``: the proxy model, its
+weight tables, the fitness inputs and their float outputs); a generation then sends only the
+genes of the allocations the driver has not evaluated yet (the quality's memo stays on the
+driver when it takes ``compute=``, as ``AllocationFitness`` does) and receives their losses.
+The repair (``before_eval_hook``), the costs, the archive (``after_eval_hook``), the random
+generator and so ``evaluations`` stay on the driver: the same in one process or on actors.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
 
 from .._evotorch import evotorch
+from ..scaleout import ActorProblem, Placement
 from .block_scale import PENALTY
 
 __all__ = ["BitAllocationProblem", "Cost", "pareto_front"]
@@ -70,7 +80,7 @@ def pareto_front(points: torch.Tensor) -> torch.Tensor:
     return torch.tensor(keep, dtype=torch.long)
 
 
-class BitAllocationProblem(evotorch.Problem):
+class BitAllocationProblem(ActorProblem, evotorch.Problem):
     """Minimise ``[quality, *costs]`` over one option index per layer, under ``budget``.
 
     Args:
@@ -82,13 +92,17 @@ class BitAllocationProblem(evotorch.Problem):
         seeds: allocations (K, L) that start the population (the rest is random).
         penalty: objective value of a NaN/inf loss.
         seed: the problem's random generator seed (initial population, operators).
-        **problem_kwargs: further EvoTorch ``Problem`` arguments (``num_actors`` ...).
+        placement: Ray actors for the quality (``evolq.scaleout.connect``); None: this process.
+        **problem_kwargs: further EvoTorch ``Problem`` arguments.
     """
+
+    driver_only = ("quality", "archive")  # the quality reaches actors through the object store
 
     def __init__(self, quality: Callable[[torch.Tensor], torch.Tensor], costs: list[Cost], budget: float, *,
                  budget_cost: str | None = None, allowed: torch.Tensor | None = None,
                  priority: torch.Tensor | None = None, seeds: torch.Tensor | None = None,
-                 penalty: float = PENALTY, seed: int | None = None, **problem_kwargs):
+                 penalty: float = PENALTY, seed: int | None = None, placement: Placement | None = None,
+                 **problem_kwargs):
         if not costs:
             raise ValueError("a bit allocation needs at least one cost (the size)")
         self.costs = list(costs)
@@ -109,8 +123,15 @@ class BitAllocationProblem(evotorch.Problem):
         self.repairs = 0
         self._constrained = True
         self.objective_costs = [c for c in self.costs if c.objective]
+        try:
+            self._computes = "compute" in inspect.signature(quality).parameters
+        except (TypeError, ValueError):  # a callable without a signature
+            self._computes = False
         super().__init__(["min"] * (1 + len(self.objective_costs)), solution_length=n_layers, dtype=torch.int64,
-                         bounds=(0, n_options - 1), eval_dtype=torch.float64, seed=seed, **problem_kwargs)
+                         bounds=(0, n_options - 1), eval_dtype=torch.float64, seed=seed, placement=placement,
+                         **problem_kwargs)
+        self.quality = quality
+        self.share("quality", quality)
         self.before_eval_hook.append(self._repair_batch)
         self.after_eval_hook.append(self._record)
 
@@ -226,9 +247,45 @@ class BitAllocationProblem(evotorch.Problem):
         cols = [losses] + [c(genes).clamp_min(c.floor) for c in self.objective_costs]
         return torch.stack(cols, dim=1)
 
-    def _evaluate_batch(self, batch) -> None:
+    def _evaluate_batch(self, batch) -> None:  # in this process, or on an actor
         genes = batch.values.as_subclass(torch.Tensor).long()
         batch.set_evals(self.objectives(genes, self.quality(genes)))
+
+    # -- on Ray actors ---------------------------------------------------------------------
+    def _prepare(self) -> None:
+        self.quality = self.shared("quality")  # this process: the object itself; an actor: loaded once
+
+    def _evaluate_all(self, batch) -> None:
+        if self._actors is None:  # in this process, or on an actor
+            return super()._evaluate_all(batch)
+        genes = batch.values.as_subclass(torch.Tensor).long()
+        if self._computes:  # the quality's memo decides what is new; the actors compute only that
+            losses = self.quality(genes, compute=self._actor_losses)
+        else:
+            losses = self._actor_losses(genes)
+        batch.set_evals(self.objectives(genes, losses))
+
+    def _actor_losses(self, genes: torch.Tensor) -> torch.Tensor:
+        """(Driver) the losses of ``genes`` (P, L), computed by the actors (contiguous pieces)."""
+        if genes.shape[0] == 0:
+            return torch.empty(0, dtype=torch.float64)
+        return self.map_rows("_losses_here", genes.long()).reshape(-1)
+
+    def _losses_here(self, genes: torch.Tensor) -> torch.Tensor:
+        """(Actor) the losses of ``genes`` by this actor's quality (its own memo and caches)."""
+        return torch.as_tensor(self.quality(genes), dtype=torch.float64).reshape(-1)
+
+    def actor_counters(self) -> dict:
+        """(Driver) the quality's ``counters()`` summed over the live actors ({} in this process)."""
+        out: dict = {}
+        for c in self.call_actors("_counters_here"):
+            for k, v in c.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def _counters_here(self) -> dict:
+        f = getattr(self.quality, "counters", None)
+        return f() if f is not None else {}
 
     def _record(self, batch) -> None:
         genes = batch.values.as_subclass(torch.Tensor).long()
