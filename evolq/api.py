@@ -150,7 +150,7 @@ def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | 
         "fitness_curve": curve.values,
     }
     if engine.scale_out is not None:
-        report["scale_out"] = {**placement.as_dict(), **engine.scale_out.stats.as_dict()}
+        report["scale_out"] = engine.scale_out.scale_out_report()
     if qmodel.start_report is not None:
         report["start"] = qmodel.start_report
     return qmodel, report
@@ -250,7 +250,7 @@ def allocate_bits(model: nn.Module, calib_data, quant: QuantConfig | None = None
         setup.problem.close()
     scale_out = None
     if placement is not None:
-        scale_out = {**placement.as_dict(), **setup.problem.stats.as_dict()}
+        scale_out = setup.problem.scale_out_report()
     if result["chosen"] is None:
         raise ConfigError("the search found no allocation under the budget")  # pragma: no cover (repair guarantees)
     genes = torch.tensor(result["front"][result["chosen"]]["genes"])

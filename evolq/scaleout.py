@@ -531,6 +531,13 @@ class ActorProblem:
                 pass
             raise ScaleOutError("a restarted actor did not start") from None
 
+    def scale_out_report(self) -> dict:
+        """(Driver) the run's scale-out figures: the placement, ``stats`` and ``actor_nodes``, the
+        number of nodes the actors ran on."""
+        nodes = {i.get("node") for i in self.actor_info if i}
+        return {**(self.placement.as_dict() if self.placement else {}), **self.stats.as_dict(),
+                "actor_nodes": len(nodes)}
+
     def close(self) -> None:
         """End the actors (a later evaluation creates new ones)."""
         if getattr(self, "_actors", None) is not None and self.is_main:

@@ -279,13 +279,24 @@ def load_result(out_dir) -> tuple[dict, dict]:
 SCALE_OUT_KEYS = ("actors", "ray_address")  # settings that may differ between runs with the same result
 
 
+# where the work ran, not what it gave: an allocation's actors each cache their own block outputs, and
+# the block counters are the live actors' at the end (a killed actor's counts are gone)
+WORK_KEYS = ("blocks_run", "blocks_full", "block_reuse", "evaluations_per_s")
+
+
 def comparable(report: dict) -> dict:
-    """A report without timings, the scale-out figures and the actor settings: what 0, 1 and N
-    actors must agree on."""
+    """A report (``quantize_model`` or ``allocate_bits``) without timings, the scale-out figures,
+    the actor settings and the allocation fitness's work counters: what 0, 1 and N actors must
+    agree on."""
     rep = json.loads(json.dumps(strip_timings(report)))
     rep.pop("scale_out", None)
-    for k in SCALE_OUT_KEYS:
-        rep.get("config", {}).get("search", {}).pop(k, None)
+    for section in ("search", "allocation"):
+        for k in SCALE_OUT_KEYS:
+            rep.get("config", {}).get(section, {}).pop(k, None)
+    fitness = rep.get("search", {}).get("fitness") if isinstance(rep.get("search"), dict) else None
+    if isinstance(fitness, dict):
+        for k in WORK_KEYS:
+            fitness.pop(k, None)
     return rep
 
 
@@ -329,7 +340,7 @@ def kill_actor_at(dispatch: int, how: str = "ray.kill", actor: int = 0):
 SPAWN_SCRIPT = r"""
 import json, os, sys
 from pathlib import Path
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {root!r}]  # faultkit, and this checkout's evolq
 import torch
 torch.set_num_threads(1)
 import faultkit as fk
@@ -354,8 +365,8 @@ def spawn_quantize(out_dir, cfg: dict):
     import subprocess
     import sys
 
-    tests = str(Path(__file__).resolve().parent)
-    code = SPAWN_SCRIPT.format(tests=tests, out=str(out_dir), cfg=cfg)
+    tests = Path(__file__).resolve().parent
+    code = SPAWN_SCRIPT.format(tests=str(tests), root=str(tests.parent), out=str(out_dir), cfg=cfg)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)

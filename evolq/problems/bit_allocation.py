@@ -276,7 +276,8 @@ class BitAllocationProblem(ActorProblem, evotorch.Problem):
         return torch.as_tensor(self.quality(genes), dtype=torch.float64).reshape(-1)
 
     def actor_counters(self) -> dict:
-        """(Driver) the quality's ``counters()`` summed over the live actors ({} in this process)."""
+        """(Driver) the quality's ``counters()`` summed over the live actors ({} in this process); the counts
+        of an actor that died are gone with it (a work figure, not part of the result)."""
         out: dict = {}
         for c in self.call_actors("_counters_here"):
             for k, v in c.items():
