@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--searcher", default=_s("searcher"), choices=list_searchers(), help="the search algorithm")
     pq.add_argument("--searcher-arg", type=_searcher_arg, action="append", default=[], metavar="KEY=VALUE",
                     help="extra searcher argument, repeatable (e.g. abs_child=false for the tournament)")
+    pq.add_argument("--popsize", type=int, default=_s("popsize"),
+                    help="generation size of cmaes/snes/pgpe (default: their own); the candidates --actors share")
     pq.add_argument("--loss", default=_s("loss"), choices=list_losses(), help="the fitness loss")
     pq.add_argument("--passes", type=int, default=_s("passes"))
     pq.add_argument("--cycles", type=int, default=_s("cycles"), help="fitness evaluations per block and pass")
@@ -397,7 +399,8 @@ def _run_quantize(model, arch, quant, search, xc, xe, ye, out_dir, resume) -> di
 
 
 def cmd_quantize(args) -> int:
-    search = SearchConfig(searcher=args.searcher, searcher_kwargs=dict(args.searcher_arg), loss=args.loss,
+    search = SearchConfig(searcher=args.searcher, searcher_kwargs=dict(args.searcher_arg), popsize=args.popsize,
+                          loss=args.loss,
                           passes=args.passes, cycles=args.cycles, scope=args.scope, unit=args.unit, noise=args.noise,
                           eps=args.eps, infonce_batch=args.infonce_batch, holdout=args.holdout,
                           holdout_metric=args.holdout_metric, max_batch=args.max_batch,

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from .errors import ConfigError, EvolQError, ScaleOutError
 
 __all__ = ["Placement", "ScaleOutStats", "ActorProblem", "ScaleOutWarning", "connect", "check_actors", "split_work",
+           "split_weighted",
            "MAX_FAILURES", "ACTOR_WORDS"]
 
 ACTOR_WORDS = ("max", "num_gpus")  # actors="max": one per free CPU; "num_gpus": one per GPU of the cluster
@@ -254,6 +255,31 @@ def split_work(n: int, actors: int, multiple: int = 1) -> list[tuple[int, int]]:
             out.append((g0 * multiple, min(n, (g0 + g) * multiple)))
         g0 += g
     return out
+
+
+def split_weighted(weights, actors: int) -> list[tuple[int, int]]:
+    """Contiguous ranges ``(start, stop)`` covering the rows of ``weights`` (each row's estimated
+    cost), at most one per actor, of about equal total cost: the cuts fall where the running total
+    crosses ``i / k`` of the whole. The same inputs always give the same split."""
+    w = [max(0.0, float(v)) for v in weights]
+    n = len(w)
+    k = max(1, min(actors, n))
+    total = sum(w)
+    if n == 0:
+        return []
+    if total <= 0:
+        return split_work(n, k)
+    cuts, run = [0], 0.0
+    for piece in range(1, k):
+        target, i = total * piece / k, cuts[-1]
+        run += w[i]  # every piece holds at least one row
+        i += 1
+        while i < n - (k - piece) and run + w[i] / 2 < target:  # a row goes where most of it falls
+            run += w[i]
+            i += 1
+        cuts.append(i)
+    bounds = cuts + [n]
+    return list(zip(bounds, bounds[1:]))
 
 
 # -- accounting --------------------------------------------------------------------------
@@ -609,9 +635,10 @@ class ActorProblem:
         out = getattr(self, method)(rows)
         return out, time.perf_counter() - t0
 
-    def map_rows(self, method: str, rows, multiple: int = 1):
+    def map_rows(self, method: str, rows, multiple: int = 1, weights=None):
         """(Driver) ``method(rows[a:b])`` of the actors' problems on contiguous pieces of ``rows``
-        (``split_work``: one per actor, each a multiple of ``multiple`` rows), their results (tensors,
+        (``split_work``: one per actor, each a multiple of ``multiple`` rows; or, given ``weights``, each
+        row's estimated cost, ``split_weighted``: pieces of about equal cost), their results (tensors,
         one row per input row) concatenated in order. The problem's state goes along to actors that do
         not hold it yet; a piece whose actor died is evaluated again on its restarted actor. Counts
         one generation in ``stats``."""
@@ -621,7 +648,8 @@ class ActorProblem:
         self._parallelize()
         self._current_state()
         n = rows.shape[0]
-        ranges = split_work(n, len(self._actors), multiple)
+        ranges = split_work(n, len(self._actors), multiple) if weights is None else \
+            split_weighted(weights, len(self._actors))
         t0 = time.perf_counter()
         pending, busy, sent, received, out = {}, {}, 0, 0, None
         for actor, (a, b) in zip(self._actors, ranges):

@@ -33,7 +33,7 @@ from evolq.api import connect_ray  # noqa: E402
 from evolq.config import AllocationConfig, SearchConfig  # noqa: E402
 from evolq.errors import ConfigError  # noqa: E402
 from evolq.hooks import ProgressBar  # noqa: E402
-from evolq.scaleout import ScaleOutWarning, connect, split_work  # noqa: E402
+from evolq.scaleout import ScaleOutWarning, connect, split_weighted, split_work  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # group > 1 (max_batch 64 on 21 fitness images: 3 candidates per forward), so pieces must align to groups
@@ -98,6 +98,21 @@ def test_split_work_is_contiguous_even_and_aligned():
         r = split_work(n, a, m)
         assert r[0][0] == 0 and r[-1][1] == n and all(r[i][1] == r[i + 1][0] for i in range(len(r) - 1))
         assert all(s % m == 0 for s, _ in r) and len(r) <= a
+
+
+def test_split_weighted_balances_the_estimated_work():
+    assert split_weighted([1] * 8, 2) == [(0, 4), (4, 8)]
+    assert split_weighted([12, 1, 1, 1, 1, 1, 1, 1, 1, 1], 2) == [(0, 1), (1, 10)]  # 12 | 9, not 16 | 5 by rows
+    assert split_weighted([9, 1, 1, 1], 4) == [(0, 1), (1, 2), (2, 3), (3, 4)]
+    assert split_weighted([5, 5], 4) == [(0, 1), (1, 2)]  # fewer rows than actors
+    assert split_weighted([0, 0, 0], 2) == split_work(3, 2)
+    for w in ([3, 1, 4, 1, 5, 9, 2, 6], [1] * 151, list(range(50))):
+        for k in (1, 2, 3, 7):
+            r = split_weighted(w, k)
+            assert r[0][0] == 0 and r[-1][1] == len(w) and all(a < b for a, b in r) and len(r) <= k
+            assert all(r[i][1] == r[i + 1][0] for i in range(len(r) - 1))
+            if len(w) >= 4 * k:  # no piece holds much more than its share (plus one row)
+                assert max(sum(w[a:b]) for a, b in r) <= sum(w) / k + max(w)
 
 
 @pytest.mark.parametrize("kw, needle", [(dict(actors=-1), "actors"), (dict(actors="all"), "actors"),

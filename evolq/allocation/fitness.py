@@ -139,6 +139,23 @@ class AllocationFitness:
         self.blocks_full += nb
         return float(self.loss(x.float().unsqueeze(0), self.ref)[0])
 
+    def work(self, genes: torch.Tensor) -> list[float]:
+        """The blocks each allocation of ``genes`` (P, layers), computed in this order, would run:
+        all of them for the first, then those after the first block whose prefix differs from the
+        allocation before it (the cache holds that one). The cost estimate that splits a batch over
+        Ray actors into pieces of equal work."""
+        nb = len(self.qmodel.blocks)
+        out, prev = [], None
+        for g in torch.as_tensor(genes).long().reshape(-1, len(self.tables.layers)):
+            gs = tuple(int(v) for v in g[self.order])
+            start = 0
+            if prev is not None:
+                start = next((j for j in range(nb - 1, 0, -1) if gs[:self.prefix_len[j]] == prev[:self.prefix_len[j]]),
+                             0)
+            out.append(float(nb - start))
+            prev = gs
+        return out
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state.update(memo={}, _cache=OrderedDict(), _cached=0, on_evaluation=[])

@@ -269,7 +269,8 @@ class BitAllocationProblem(ActorProblem, evotorch.Problem):
         """(Driver) the losses of ``genes`` (P, L), computed by the actors (contiguous pieces)."""
         if genes.shape[0] == 0:
             return torch.empty(0, dtype=torch.float64)
-        return self.map_rows("_losses_here", genes.long()).reshape(-1)
+        work = getattr(self.quality, "work", None)  # pieces of equal work: the blocks each allocation runs
+        return self.map_rows("_losses_here", genes.long(), weights=work(genes) if work else None).reshape(-1)
 
     def _losses_here(self, genes: torch.Tensor) -> torch.Tensor:
         """(Actor) the losses of ``genes`` by this actor's quality (its own memo and caches)."""
