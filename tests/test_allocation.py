@@ -180,6 +180,27 @@ def test_a_loss_is_the_same_alone_in_a_batch_and_from_the_cache(vit_setup):
     assert f.evaluations == 2 and f.blocks_run < f.blocks_full  # a memo hit and a cached prefix
 
 
+def test_work_estimate_counts_the_blocks_each_allocation_runs(vit_setup):
+    """``AllocationFitness.work`` (how a batch is cut into pieces of equal work for Ray actors) is the
+    number of blocks ``_compute`` runs for each allocation computed in that order."""
+    q, tables, x = vit_setup
+    f = AllocationFitness(tables, x[32:], chunk=4)
+    nb, last = len(q.blocks), f.order[-1]
+    g = torch.zeros(4, len(tables.layers), dtype=torch.long)
+    g[1, last] = 1  # differs only in the last block's layer: the blocks before it come from the cache
+    g[2] = g[1]
+    g[2, f.order[0]] = 2  # differs from the start: everything runs again
+    g[3] = g[2]
+    g[3, last] = 3
+    work = f.work(g)
+    runs = []
+    for row in g:
+        before = f.blocks_run
+        f(row[None])  # one at a time, in this order (its cache holds the one before)
+        runs.append(float(f.blocks_run - before))
+    assert work == runs and work[0] == work[2] == nb and work[1] == work[3] < nb
+
+
 def test_size_model_counts_bits_scales_and_float_parameters(vit_setup):
     q, tables, _ = vit_setup
     sizes = SizeModel(q.model, tables.menu)
