@@ -12,7 +12,7 @@ import torch
 
 from .base import Runner, Runtime
 
-__all__ = ["InductorRuntime", "count_kernels"]
+__all__ = ["InductorRuntime", "count_kernels", "compile_module"]
 
 _CALL = re.compile(r"torch\.ops\.(onednn|mkldnn|aten|quantized|torchao)\.(\w+)\.|extern_kernels\.(\w+)\(")
 
@@ -65,6 +65,13 @@ class _CompiledRunner(Runner):
 
     def kernels(self):
         return count_kernels(self.codes[-1:] if self.codes else [])
+
+
+def compile_module(module: torch.nn.Module, threads: int) -> Runner:
+    """``module`` (a ``torch.export`` program's ``.module()``, so that it has code of its own
+    for dynamo to cache) compiled by inductor with freezing at ``threads`` threads, as this
+    runtime compiles a pt2 file: compiled on its first call, once per input shape."""
+    return _CompiledRunner(module, threads)
 
 
 class InductorRuntime(Runtime):
