@@ -68,7 +68,7 @@ def api_docs():
              "Beyond these: `evolq.models` (`load_model`, `model_transform`), `evolq.data` (`assets_dir`, "
              "`load_images`), `evolq.evaluate` (`evaluate_qmodel`), `evolq.fitness` (`BlockFitness`), "
              "`evolq.losses` (`LOSSES`), `evolq.problems` (`BlockScaleProblem`), `evolq.search` "
-             "(`make_searcher`, `SEARCHERS`), `evolq.hooks` (`ProgressBar`, `BlockLog`, `FitnessCurve`), "
+             "(`make_searcher`, `SEARCHERS`), `evolq.hooks` (`ProgressBar`, `BlockLog`, `FitnessCurve`, `StartHooks`), "
              "`evolq.engine` (`SearchEngine`), `evolq.checkpoint` (`RunCheckpoint`), `evolq.io` "
              "(`atomic_write`, `write_json`), `evolq.landscape` (`block_landscape`, `save_landscape`) and "
              "`evolq.adapters` (`ADAPTERS`, `wrap_model`).", ""]

@@ -22,7 +22,8 @@ __all__ = ["prepare_model", "quantize_model", "allocate_bits", "save_quantized",
 
 
 def prepare_model(model: nn.Module, calib_data, quant: QuantConfig | None = None, arch: str = "",
-                  progress: bool = False, checkpoint_dir=None, resume: bool = False, holdout=None) -> QModel:
+                  progress: bool = False, checkpoint_dir=None, resume: bool = False, holdout=None,
+                  subscribers=()) -> QModel:
     """Quantize ``model`` in place (the ``quant`` regime, FQ-ViT by default) and
     calibrate it on ``calib_data``: the start point of the search. In the deploy regime
     SmoothQuant factors are folded into the float model first (``evolq.qnn.smooth``). With
@@ -31,7 +32,10 @@ def prepare_model(model: nn.Module, calib_data, quant: QuantConfig | None = None
     checkpointed after every block in ``checkpoint_dir`` and resumable; with "ofq" the
     quantized weights are fine-tuned on ``calib_data`` (checkpointed after every epoch).
     ``holdout``: inputs kept out of calibration and of the start, on which the ``ofq``
-    start reports the KL to the float model before and after its fine-tune."""
+    start reports the KL to the float model before and after its fine-tune. ``subscribers``:
+    objects with a ``subscribe(hooks)`` method, or callables ``f(hooks)``, attached to the
+    start's hooks (``evolq.hooks.StartHooks``: the ``ofq`` fine-tune's epochs, CGA phase and
+    end of training) before it runs."""
     quant = quant or QuantConfig()
     quant.validate()
     x = as_tensor_data(calib_data)
@@ -44,12 +48,16 @@ def prepare_model(model: nn.Module, calib_data, quant: QuantConfig | None = None
         qmodel.smooth_report = smooth_model(qmodel, x, quant.smoothing)
     calibrate(qmodel, x, progress=progress)
     if quant.start != "rtn":
+        from .hooks import StartHooks
         from .qnn.reconstruct import run_start
 
+        hooks = StartHooks()
+        for s in subscribers:
+            s.subscribe(hooks) if hasattr(s, "subscribe") else s(hooks)
         empty = holdout is None or (isinstance(holdout, torch.Tensor) and holdout.ndim > 0 and holdout.shape[0] == 0)
         hold = None if empty else as_tensor_data(holdout, "hold-out data")
         qmodel.start_report = run_start(qmodel, x, quant, progress=progress, checkpoint_dir=checkpoint_dir,
-                                        resume=resume, holdout=hold)
+                                        resume=resume, holdout=hold, hooks=hooks)
     return qmodel
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from .config import QuantConfig, SearchConfig, field_default
 from .errors import EvolQError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "quant_config"]
 
 
 def _q(name):
@@ -88,6 +88,10 @@ def _add_model_args(p, quantize: bool, w_default=8):
     p.add_argument("--edge-bits", type=int, default=None,
                    help="at least this many bits for the first layer and the classifier, weights and inputs "
                         "(e.g. 8, as BRECQ/QDrop do; default or 0: every layer alike)")
+    p.add_argument("--layer-bits", default=None, metavar="FILE.json",
+                   help="per-layer widths: a JSON object of layer names or glob patterns -> weight bits, \"float\" "
+                        "or {\"w_bits\": .., \"a_bits\": ..} (QuantConfig.layer_bits; evolq allocate writes one "
+                        "in its report)")
     _add_start_args(p)
 
 
@@ -251,12 +255,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _quant_config(args):
+def _read_layer_bits(path) -> dict:
+    try:
+        spec = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise EvolQError(f"--layer-bits: cannot read {str(path)!r} ({e.strerror or e})") from None
+    except ValueError as e:
+        raise EvolQError(f"--layer-bits: {str(path)!r} is not JSON ({str(e).splitlines()[0][:80]})") from None
+    if isinstance(spec, dict) and isinstance(spec.get("allocation"), dict):  # an evolq allocate report.json
+        spec = spec["allocation"]
+    if not isinstance(spec, dict):
+        raise EvolQError(f"--layer-bits: {str(path)!r} must hold a JSON object of layer names to bits")
+    return spec
+
+
+def quant_config(args) -> QuantConfig:
+    """The ``QuantConfig`` that parsed ``eval`` / ``quantize`` arguments describe."""
     extra = {} if args.linear_input_strength is None else {"linear_input_strength": args.linear_input_strength}
     if args.smooth_strength is not None:
         extra["smooth_strength"] = args.smooth_strength
     if args.deploy_weights is not None:
         extra["deploy_weights"] = args.deploy_weights
+    if getattr(args, "layer_bits", None):
+        extra["layer_bits"] = _read_layer_bits(args.layer_bits)
     return QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, act_observer=args.act_observer,
                               attn_probs=args.attn_probs, ptf=not args.no_ptf,
                               bias_correction=not args.no_bias_correction and args.preset != "deploy", start=args.start,
@@ -267,7 +288,7 @@ def _load(args, quiet=False):
     from .data import assets_dir, load_images
     from .models import load_model, model_transform
 
-    quant = _quant_config(args)
+    quant = quant_config(args)
     for name in ("calib_size", "limit"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -363,7 +384,7 @@ def cmd_quantize(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EvolQError(f"--out {str(out)!r} exists and is not a folder")
-    check_run_folder(out, EvolQConfig(_quant_config(args), search), args.resume)  # before any expensive work
+    check_run_folder(out, EvolQConfig(quant_config(args), search), args.resume)  # before any expensive work
     model, quant, xc, xe, ye = _load(args, quiet=args.quiet)
     report = _run_quantize(model, args.model, quant, search, xc, xe, ye, out, args.resume)
     print(_table([("fp32", report["fp32"]), ("start", report["start"]), ("evol-q", report["final"])]))
@@ -393,7 +414,7 @@ def cmd_allocate(args) -> int:
                               latency_threads=args.latency_threads, seed=args.seed, progress=not args.quiet)
     parse_budget(args.budget)
     args.w_bits = _alloc_w_bits(args, args.budget)
-    quant = _quant_config(args)
+    quant = quant_config(args)
     search = None
     if args.passes:
         search = SearchConfig(passes=args.passes, cycles=args.cycles, progress=not args.quiet)

@@ -129,7 +129,7 @@ class QuantConfig:
     @staticmethod
     def deploy_strength(w_bits: int) -> float:
         """The deploy regime's SmoothQuant strength for ``w_bits`` (``smooth_strength=None``),
-        chosen by KL on calibration-pool images (``benchmarks/deploy.py --strengths``, ViT-Tiny,
+        chosen by KL on calibration-pool images (``python -m benchmarks deploy_strengths``, ViT-Tiny,
         rtn start): 1.0 at 8 bits, 0.8 at 4 (re-checked under GPTQ with the asymmetric 4-bit
         grid: 0.8 again, against 0.5, 0.9 and 1.0); other widths were not measured and take 0.5."""
         return DEPLOY_STRENGTH.get(w_bits, 0.5)
@@ -138,10 +138,10 @@ class QuantConfig:
     def outlier_strength(w_bits: int, start: str = "rtn") -> float:
         """The outlier-aware preset's ``linear_input_strength`` for ``w_bits`` and ``start``:
         the lowest KL on calibration-pool images. Round-to-nearest
-        (``benchmarks/preset_strength.py``, ViT-Tiny): 0.75 at 8 bits, 0.25 at 4 and 3 bits;
+        (``benchmarks/suites/preset_strength.py``, ViT-Tiny): 0.75 at 8 bits, 0.25 at 4 and 3 bits;
         5-7 bits were not measured and get 0.5. With a gptq or brecq start the rounding
         error is compensated, so more of each channel's range can move into the weights:
-        0.625 at 4 bits and 0.5 at 3 bits and below (``benchmarks/start_choices.py``,
+        0.625 at 4 bits and 0.5 at 3 bits and below (``benchmarks/suites/start_choices.py``,
         calibration pool only; measured with gptq, brecq assumed alike)."""
         if w_bits >= 8:
             return 0.75
@@ -220,7 +220,7 @@ class QuantConfig:
         symmetric grid's 2^b - 1, and the grid follows each row's range). 8-bit weights stay
         symmetric: their q - z would not fit in s8. ``"auto"`` (the default) is asymmetric:
         at ViT-Tiny W4A8 under GPTQ its calibration-pool dev KL was 0.343 against the
-        symmetric grid's 0.479 (``benchmarks/deploy.py --strengths``)."""
+        symmetric grid's 0.479 (``python -m benchmarks deploy_strengths``)."""
         return bits >= 8 or self.deploy_weights == "symmetric"
 
     @property
@@ -406,7 +406,7 @@ class AllocationConfig:
     loss: str = "kl"
     tables: str = "auto"
     sensitivity: str = "max"  # reference of the single-layer sensitivities: "max" (HAWQ/ModelOpt) or "budget"
-    front: float = 0.85
+    front: float = 0.95  # chosen on the hold-out KL (calibration pool): 0.95 < 1.0 < 0.85 < ilp, benchmarks dev
     select: int = 6
     chunk: int = 32
     cache_mb: float = 1024.0

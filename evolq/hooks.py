@@ -14,10 +14,23 @@ fires hooks in ``step()``, loggers append themselves to them).
   may return replacement losses (fault injection, logging).
 
 A subscriber is any callable; ``subscribe(engine)`` methods below append themselves.
+
+A start point fires ``StartHooks`` (``prepare_model(..., subscribers=[...])``); the ``ofq``
+fine-tune fires:
+
+* ``epoch_start_hook(info)``: ``{"epoch", "epochs"}`` (``epoch`` counts from 1: the epoch about to
+  run) before its first step; an exception raised here stops the run as a kill would, with the
+  checkpoint of the epoch before;
+* ``cga_start_hook(info)``: ``{"epoch", "layers", "deltas", "masks"}`` as CGA's phase begins: the
+  trained layers' names, their weight changes at that point and CGA's masks (True: a confident
+  weight, frozen from here on); for reading only;
+* ``epoch_end_hook(record)``: the epoch's history record, once its checkpoint is written;
+* ``train_end_hook(qmodel)``: after the last step, before the trained changes are frozen into the
+  quantizers: ``qmodel`` still runs the training forwards (which the frozen model reproduces).
 """
 from __future__ import annotations
 
-__all__ = ["Hook", "ProgressBar", "FitnessCurve", "BlockLog", "AllocationProgress"]
+__all__ = ["Hook", "StartHooks", "ProgressBar", "FitnessCurve", "BlockLog", "AllocationProgress"]
 
 
 class Hook(list):
@@ -26,6 +39,14 @@ class Hook(list):
     def __call__(self, *args, **kwargs):
         for f in list(self):
             f(*args, **kwargs)
+
+
+class StartHooks:
+    """The hooks a start point fires (see the module docstring); subscribers append to them."""
+
+    def __init__(self):
+        self.epoch_start_hook, self.cga_start_hook = Hook(), Hook()
+        self.epoch_end_hook, self.train_end_hook = Hook(), Hook()
 
 
 class ProgressBar:
@@ -109,7 +130,7 @@ class AllocationProgress:
         from tqdm.auto import tqdm
 
         e = self.engine
-        self.bar = tqdm(total=e.evaluations, initial=min(e.fitness.evaluations, e.evaluations), desc=self.desc,
+        self.bar = tqdm(total=e.evaluations, initial=min(e.problem.evaluations, e.evaluations), desc=self.desc,
                         unit="eval")
 
     def tick(self, fitness):

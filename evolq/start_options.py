@@ -52,7 +52,7 @@ class BRECQOptions:
     """BRECQ (Li et al., 2021) block reconstruction with AdaRound rounding, QDrop optional.
 
     ``None`` settings take a default by device. CPU: ``iters=200, batch_size=16, lr=1e-2``
-    (ViT-Tiny, 14 blocks, with ``init="gptq"``: 13-15 minutes alone on 2 cores, ``benchmarks/start_points.py``);
+    (ViT-Tiny, 14 blocks, with ``init="gptq"``: 13-15 minutes alone on 2 cores, ``benchmarks/suites/start_points.py``);
     GPU: ``iters=5000, batch_size=32, lr=3e-3``.
     BRECQ's paper runs 20000 iterations at lr 1e-3; with 25-100x fewer steps the
     rounding variables need a larger step to leave their round-to-nearest start before
@@ -132,7 +132,7 @@ class OFQOptions:
     cores. The defaults (12 epochs, lr 2e-5, DeiT-style mixed views, the block-output term at
     weight 1, StatsQ off, CGA on for the last epoch, GPTQ init, QKR with the q bias's exact term
     where the model has q and k) had the lowest KL on
-    calibration-pool dev images at ViT-Tiny W3A8 (``benchmarks/ofq_start.py --mode dev``;
+    calibration-pool dev images at ViT-Tiny W3A8 (``python -m benchmarks ofq_start --mode dev``;
     ``docs/concepts.md``): at lr 1e-4 the fine-tune overfits the few hundred images (dev KL
     above GPTQ's); with flips alone 6 epochs at 2e-5 beat 3 but the train KL falls to 0.15
     against a dev KL of 1.06; mixed views and the block-output term each lower the dev KL,
@@ -198,6 +198,10 @@ class OFQOptions:
             dev split (the case where activations carry the error) 0.005 lowered the dev KL from
             0.280 to 0.264, but the dev top-1 fell from 82.0 to 77.0, the agreement from 86.0 to
             83.0, and the fitness KL did not move (0.146 both).
+        keep: which weights the fine-tune ends with: ``"last"`` (default), the last epoch's, or
+            ``"holdout"``, the epoch's (the GPTQ init counted as epoch 0) with the lowest KL on the
+            hold-out images (``prepare_model(holdout=...)``: kept out of calibration and training; never
+            the evaluation split); without hold-out images, the last.
         seed: order of the images and augmentation; same seed, same weights.
         device: where the fine-tune runs.
         progress: a tqdm bar with the loss.
@@ -218,11 +222,14 @@ class OFQOptions:
     qkr: bool | str = "auto"
     qkr_bias: str = "exact"
     act_lr: float = 0.0
+    keep: str = "last"
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
 
     def __post_init__(self):
+        if self.keep not in ("last", "holdout"):
+            raise ConfigError(f"ofq keep must be 'last' or 'holdout', got {self.keep!r}")
         for name, lo, hi in (("epochs", 1, 1000), ("batch_size", 1, 4096), ("cga_epochs", 1, 1000)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:

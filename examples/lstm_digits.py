@@ -8,7 +8,10 @@ hidden-to-hidden matrices and the classifier in ``QLinear`` (weights per output
 channel, inputs -- including the recurrent hidden state -- per tensor) and declares
 three blocks (LSTM layer 1, LSTM layer 2, classifier); ``quantize_model`` then runs
 the same block-wise search (``BlockScaleProblem`` + tournament searcher) as for
-ViTs. It prints FP32, start-point and searched test accuracy.
+ViTs. It prints FP32, start-point and searched test accuracy. Then the library's second problem
+family on the same adapter: ``allocate_bits`` (``BitAllocationProblem`` + NSGA-II) chooses 2, 3,
+4 or 8 bits per matrix at the uniform model's mean weight bits, and the allocated model's test
+accuracy is printed beside the uniform one.
 
     .venv/bin/python examples/lstm_digits.py                 # ~1 min on 2 cores
     .venv/bin/python examples/lstm_digits.py --quick         # smoke test, a few seconds
@@ -26,7 +29,7 @@ import torch
 from _digits import accuracy, parse, parser, print_result, split, train
 from torch import nn
 
-from evolq import Block, EvolQConfig, QModel, prepare_model, quantize_model
+from evolq import AllocationConfig, Block, EvolQConfig, QModel, allocate_bits, prepare_model, quantize_model
 from evolq.adapters import Adapter, register_adapter
 from evolq.data import fitness_part
 from evolq.qnn.layers import QLinear, quantizers_of
@@ -116,6 +119,7 @@ def load_digits_sequences(seed: int):
 def main(argv=None):
     ap = parser(__doc__, w_bits=3, a_bits=4, epochs=25, passes=4, cycles=60)
     ap.add_argument("--scope", default="block", help="attn-weights (weight scales) or block (all scales)")
+    ap.add_argument("--evaluations", type=int, default=200, help="fitness evaluations of the bit allocation")
     args = parse(ap, argv)
     t0 = time.time()
     (xtr, ytr), xcal, (xte, yte) = load_digits_sequences(args.seed)
@@ -135,7 +139,20 @@ def main(argv=None):
     kept = [p["kept"] for p in report["passes"]]
     print(f"search: {args.passes} pass(es) x {args.cycles} cycles over {len(qmodel.blocks)} blocks, scope "
           f"{args.scope!r}: {report['evaluations']} evaluations in {time.time() - t:.0f}s, passes kept {kept}")
-    return {**print_result(args, fp32, start, searched), "report": report}
+    out = {**print_result(args, fp32, start, searched), "report": report}
+    # per-matrix bit widths at the uniform model's mean weight bits: the same adapter, the second problem family
+    t = time.time()
+    evals = 20 if args.quick else args.evaluations
+    alloc_cfg = AllocationConfig(menu="2,3,4,8", budget=f"avg-bits={args.w_bits}", evaluations=evals, popsize=8,
+                                 fitness_images=64, holdout=0.2, seed=args.seed, progress=False)
+    amodel, arep = allocate_bits(copy.deepcopy(model), xcal, config.quant, alloc_cfg)
+    out["allocated"] = accuracy(amodel.model, xte, yte)
+    out["allocation"] = arep["allocation"]
+    mix = ", ".join(f"{n}: {b}" for n, b in arep["allocation"].items())
+    print(f"bit allocation at {args.w_bits} mean weight bits ({arep['search']['evaluations']} evaluations, "
+          f"{time.time() - t:.0f}s): {mix} ({arep['avg_bits']:.2f} bits); test accuracy {out['allocated']:.2f}% "
+          f"against uniform W{args.w_bits}A{args.a_bits} {start:.2f}%")
+    return out
 
 
 if __name__ == "__main__":

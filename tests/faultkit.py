@@ -1,4 +1,4 @@
-"""Helpers shared by tests/test_reliability.py and benchmarks/faults.py: tiny random
+"""Helpers shared by tests/test_reliability.py and benchmarks/suites/faults.py: tiny random
 ViTs, forked worker processes that can be killed at any moment, and the
 kill-and-resume driver."""
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """CNN adapters (timm EfficientNet, torchvision ResNet): BatchNorm folding, layer
 coverage, block ownership, population mode through CNN blocks (depthwise and
 "same"-padded convs included), an end-to-end search, and save/load. Random
-weights only: mechanics, not accuracy (benchmarks/efficientnet.py has the real model)."""
+weights only: mechanics, not accuracy (benchmarks/suites/efficientnet.py has the real model)."""
 from __future__ import annotations
 
 import copy
@@ -17,12 +17,12 @@ from tiny_models import randomize_bn as _randomize_bn  # noqa: E402  (tests/tiny
 
 from evolq import EvolQConfig, QuantConfig, UnsupportedModelError, load_quantized, quantize_model, save_quantized  # noqa: E402
 from evolq.adapters import wrap_model  # noqa: E402
-from evolq.adapters._cnn import FoldedBNAct, QConv2dSame, fold_bn  # noqa: E402
 from evolq.data import fitness_part  # noqa: E402
 from evolq.fitness import BlockFitness, reference_outputs  # noqa: E402
 from evolq.losses import mse  # noqa: E402
 from evolq.qnn.calibrate import calibrate  # noqa: E402
-from evolq.qnn.layers import QConv2d, QLinear, quantizers_of  # noqa: E402
+from evolq.qnn.fold import FoldedBNAct, fold_bn  # noqa: E402
+from evolq.qnn.layers import QConv2d, QConv2dSame, QLinear, quantizers_of  # noqa: E402
 from evolq.qnn.scales import ScaleSpace  # noqa: E402
 
 FAMILIES = {

@@ -40,6 +40,9 @@ def test_example_runs_quick(name, capsys):
     assert out["fp32"] > 30.0  # trained at least a little (10 classes: chance is 10%)
     passes = out["passes"] if "passes" in out else out["report"]["passes"]
     assert len(passes) == 1
+    if name == "lstm_digits":  # the bit allocation on the same adapter
+        assert 0.0 <= out["allocated"] <= 100.0 and "bit allocation" in printed
+        assert set(out["allocation"]) == {"layers.0.ih", "layers.0.hh", "layers.1.ih", "layers.1.hh", "fc"}
 
 
 def test_custom_adapter_is_found_and_blocks_compose():

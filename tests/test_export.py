@@ -284,6 +284,39 @@ def test_log2_probabilities_are_refused_by_name(tmp_path):
     assert no_files(tmp_path)
 
 
+def test_a_quantizer_type_lowers_as_its_nearest_registered_class(tmp_path):
+    """The ONNX lowerings are found by type: a quantizer class without its own lowering
+    exports as its registered base class; registering one (what a new regime's module in
+    evolq/export/onnx/ does) takes over for that class."""
+    from evolq.export.onnx.exporter import ACTIVATIONS, lowers_activation
+    from evolq.quant import UniformQuantizer
+
+    class Derived(UniformQuantizer):
+        pass
+
+    x = images(24)
+    q = prepare_model(tiny_vit(), x[:16], QuantConfig(w_bits=8, a_bits=8))
+    name = "blocks.1.attn.v_quant"
+    aq = q.model.get_submodule(name)
+    assert type(aq) is UniformQuantizer
+    aq.__class__ = Derived
+    got = run_ort(export_onnx(q, tmp_path / "a.onnx", example=x[:1]), x[16:])
+    with torch.no_grad():
+        assert torch.equal(got.argmax(1), q.model(x[16:]).argmax(1))
+
+    @lowers_activation(Derived)
+    def refuse(quantizer, x_ndim, qname):
+        raise ExportError(f"{qname}: no form of its own")
+
+    try:
+        with pytest.raises(ExportError) as e:
+            export_onnx(q, tmp_path / "b.onnx", example=x[:1])
+        assert one_line(e) == f"{name}: no form of its own"
+    finally:
+        ACTIVATIONS.pop(Derived)
+    assert export_onnx(q, tmp_path / "b.onnx", example=x[:1]).is_file()
+
+
 @pytest.mark.parametrize("opset,bits,needle", [(20, 4, "opset >= 21"), (12, 8, "13..21"), (22, 8, "13..21")])
 def test_opset_too_low_for_the_bit_width(tmp_path, opset, bits, needle):
     x = images(8)

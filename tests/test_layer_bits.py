@@ -31,9 +31,10 @@ SPEC = {"blocks.*.mlp.fc2": 2, "blocks.1.attn.qkv": {"w_bits": 3, "a_bits": 6}, 
 
 def levels_per_row(layer) -> int:
     """The most distinct weight values in one output row of what the layer computes with."""
+    from evolq.qnn.reconstruct.common import folded_weight
+
     with torch.no_grad():
-        f = layer._factor() if hasattr(layer, "_factor") else None
-        w = layer.weight_quant(layer._folded_weight(f)) if f is not None else layer.weight_quant(layer.weight)
+        w = layer.weight_quant(folded_weight(layer)[0])
     w = w.reshape(w.shape[0], -1)
     return max(len(torch.unique(r)) for r in w)
 
@@ -141,11 +142,58 @@ def test_deploy_exports_hold_each_layers_integers(tmp_path):
         assert int(codes.abs().max()) <= 2 ** wq.bits - 1
     path = export_onnx(q, tmp_path / "m.onnx", example=x[:1])
     g = onnx.load(str(path)).graph
-    types = {t.name: t.data_type for t in g.initializer}
+    inits = {t.name: t for t in g.initializer}
     TP = onnx.TensorProto
-    assert types["blocks.0.mlp.fc2.weight.quantized"] in (TP.INT4, TP.UINT4)
-    assert types["blocks.1.mlp.fc1.weight.quantized"] in (TP.INT8, TP.UINT8)
-    assert "blocks.0.attn.proj.weight.quantized" not in types
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
-    assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+    fc2 = quantized_layers(q.model)["blocks.0.mlp.fc2"]
+    packed = inits["blocks.0.mlp.fc2.weight.packed2"]  # 2 bits per weight, bit-packed
+    assert packed.data_type == TP.UINT8 and len(packed.raw_data) == -(-fc2.weight.numel() * 2 // 8)
+    assert "blocks.1.attn.qkv.weight.packed3" in inits
+    assert inits["blocks.1.mlp.fc1.weight.quantized"].data_type in (TP.INT8, TP.UINT8)
+    assert not any(n.startswith("blocks.0.attn.proj.weight.") for n in inits)  # the float layer
+    plain = export_onnx(q, tmp_path / "plain.onnx", example=x[:1], pack="none")
+    assert inits["blocks.0.mlp.fc2.weight.packed2"] is not None
+    assert onnx.load(str(plain)).graph.initializer  # every width in its container
+    runs = []
+    for p in (path, plain):
+        sess = ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        runs.append(torch.from_numpy(sess.run(None, {"input": x.numpy()})[0]))
+    assert torch.equal(runs[0], runs[1])  # unpacking gives the same integers
+    assert (runs[0].argmax(1) == ref.argmax(1)).float().mean() >= 0.9
+
+
+def test_pack_bits_round_trip():
+    import numpy as np
+
+    from evolq.export.onnx.weights import pack_bits
+
+    rng = np.random.default_rng(0)
+    for bits in (2, 3, 5, 6, 7):
+        codes = rng.integers(0, 2**bits, size=37)
+        packed = pack_bits(codes, bits)
+        assert packed.size == -(-37 // 8) * bits
+        words = (packed.astype(np.int64) * 256 ** np.arange(bits)).sum(1, keepdims=True)
+        back = (words // (2**bits) ** np.arange(8) % 2**bits).reshape(-1)[:37]  # what the graph's nodes compute
+        assert np.array_equal(back, codes)
+
+
+def test_cli_layer_bits_file(tmp_path, capsys):
+    from evolq.cli import build_parser, main, quant_config
+
+    spec = tmp_path / "bits.json"
+    spec.write_text('{"blocks.*.mlp.fc2": 4, "head": "float"}')
+    args = build_parser().parse_args(["eval", "--model", "vit_tiny_patch16_224", "--layer-bits", str(spec)])
+    assert quant_config(args).layer_bits == {"blocks.*.mlp.fc2": 4, "head": "float"}
+    report = tmp_path / "report.json"  # an evolq allocate report: its "allocation" is the mapping
+    report.write_text('{"allocation": {"head": 8}, "avg_bits": 3.3}')
+    args = build_parser().parse_args(["eval", "--model", "vit_tiny_patch16_224", "--layer-bits", str(report)])
+    assert quant_config(args).layer_bits == {"head": 8}
+    for text, needle in [(None, "cannot read"), ("{not json", "is not JSON"), ("[3]", "JSON object"),
+                         ('{"head": 11}', "2..8")]:
+        p = tmp_path / "bad.json"
+        if text is None:
+            p = tmp_path / "missing.json"
+        else:
+            p.write_text(text)
+        assert main(["eval", "--model", "vit_tiny_patch16_224", "--layer-bits", str(p)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err

@@ -16,7 +16,7 @@ from tiny_models import tiny_swin, tiny_torchvision_vit  # noqa: E402  (tests/ti
 from evolq import EvolQConfig, QuantConfig, load_quantized, quantize_model, save_quantized  # noqa: E402
 from evolq.adapters import wrap_model  # noqa: E402
 from evolq.api import prepare_model  # noqa: E402
-from evolq.cli import _quant_config, build_parser  # noqa: E402
+from evolq.cli import build_parser, quant_config  # noqa: E402
 from evolq.cli import main as cli_main  # noqa: E402
 from evolq.config import SearchConfig  # noqa: E402
 from evolq.errors import CheckpointError, ConfigError, DataError, ExportError  # noqa: E402
@@ -25,7 +25,7 @@ from evolq.qnn.reconstruct import block_layers  # noqa: E402
 from evolq.qnn.reconstruct import ofq as ofq_mod  # noqa: E402
 from evolq.qnn.reconstruct.common import folded_weight  # noqa: E402
 from evolq.quant import UniformQuantizer, statsq_qparams  # noqa: E402
-from evolq.quant.quantizers import straight_through  # noqa: E402
+from evolq.quant.quantizers import lsq_quant, straight_through  # noqa: E402
 
 VIT_KW = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2, num_classes=10)
 FAST = {"epochs": 2, "batch_size": 8, "lr": 1e-3, "progress": False}
@@ -40,25 +40,32 @@ def imgs(n, seed=1):
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def ofq(x=None, hold=None, model=None, ckpt=None, resume=False, **opts):
+def ofq(x=None, hold=None, model=None, ckpt=None, resume=False, subscribers=(), **opts):
     x = imgs(24) if x is None else x
     q = QuantConfig(w_bits=3, start="ofq", start_options={**FAST, **opts})
-    return prepare_model(model or tiny_vit(), x, q, holdout=hold, checkpoint_dir=ckpt, resume=resume)
+    return prepare_model(model or tiny_vit(), x, q, holdout=hold, checkpoint_dir=ckpt, resume=resume,
+                         subscribers=subscribers)
 
 
-def record_last_training_forward(monkeypatch, x) -> dict:
-    """``seen["trained"]``: the model's output on ``x`` with the training forwards still installed,
-    i.e. after the last step (recorded as the fine-tune leaves ``_Training``)."""
-    seen = {}
-    orig_exit = ofq_mod._Training.__exit__
+def record_last_training_forward(x, seen: dict):
+    """A start subscriber that puts in ``seen["trained"]`` the model's output on ``x`` with the
+    training forwards still installed, i.e. after the last step (``train_end_hook``)."""
 
-    def exit_and_record(self, *exc):
+    def record(qmodel):
         with torch.no_grad():
-            seen["trained"] = self.qmodel.model(x).clone()
-        return orig_exit(self, *exc)
+            seen["trained"] = qmodel.model(x).clone()
 
-    monkeypatch.setattr(ofq_mod._Training, "__exit__", exit_and_record)
-    return seen
+    return lambda hooks: hooks.train_end_hook.append(record)
+
+
+def kill_at_epoch(epoch: int):
+    """A start subscriber that interrupts the fine-tune as ``epoch`` (counted from 1) begins."""
+
+    def stop(info):
+        if info["epoch"] == epoch:
+            raise KeyboardInterrupt
+
+    return lambda hooks: hooks.epoch_start_hook.append(stop)
 
 
 def buffers(qm):
@@ -170,13 +177,13 @@ def test_ofq_lowers_kl_and_reports_holdout():
         assert torch.equal(qm.model(x), rtn.model(x))
 
 
-def test_frozen_model_equals_the_trained_one(monkeypatch):
+def test_frozen_model_equals_the_trained_one():
     """After the last step, the training forwards (StatsQ refit, STE) and the frozen
     quantizers (weight_delta + the last scale, half-step zero-point) compute the same."""
     x = imgs(24)
-    seen = record_last_training_forward(monkeypatch, x)
+    seen = {}
     for statsq in (True, False):
-        qm = ofq(x, statsq=statsq)
+        qm = ofq(x, statsq=statsq, subscribers=[record_last_training_forward(x, seen)])
         with torch.no_grad():
             assert torch.equal(qm.model(x), seen["trained"]), statsq
         zps = [layer.weight_quant.zero_point for b in qm.blocks for _, layer in block_layers(qm, b)]
@@ -199,21 +206,14 @@ def test_ofq_is_deterministic_for_a_seed():
 
 
 @pytest.mark.parametrize("cga", [False, True])
-def test_ofq_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch, cga):
+def test_ofq_resume_after_interrupt_equals_uninterrupted(tmp_path, cga):
     x = imgs(24)
     opts = {"epochs": 3, "cga": cga, "cga_epochs": 2}
-    whole = buffers(ofq(x, **opts))
-    orig = ofq_mod.epoch_seed
-
-    def killed_in_epoch_3(seed, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return orig(seed, epoch)
-
-    monkeypatch.setattr(ofq_mod, "epoch_seed", killed_in_epoch_3)
+    ends = []
+    whole = buffers(ofq(x, subscribers=[lambda hooks: hooks.epoch_end_hook.append(ends.append)], **opts))
+    assert [e["epoch"] for e in ends] == [1, 2, 3]  # the history records, as they are written
     with pytest.raises(KeyboardInterrupt):
-        ofq(x, ckpt=tmp_path, **opts)
-    monkeypatch.setattr(ofq_mod, "epoch_seed", orig)
+        ofq(x, ckpt=tmp_path, subscribers=[kill_at_epoch(3)], **opts)
     assert (tmp_path / "start.safetensors").exists()
     with pytest.raises(CheckpointError, match="start-point checkpoint"):
         ofq(x, ckpt=tmp_path, **opts)
@@ -227,19 +227,16 @@ def test_ofq_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch, 
         assert 0 < share < 0.1  # most weights are confident and frozen
 
 
-def test_cga_freezes_confident_weights(monkeypatch):
+def test_cga_freezes_confident_weights():
     x = imgs(24)
     snaps = []
-    orig = ofq_mod._cga_masks
 
-    def record(layers, deltas, br, statsq):
-        masks = orig(layers, deltas, br, statsq)
-        snaps.append(([d.detach().clone() for d in deltas], masks))
-        return masks
+    def record(info):
+        snaps.append(([d.clone() for d in info["deltas"]], info["masks"], info["epoch"]))
 
-    monkeypatch.setattr(ofq_mod, "_cga_masks", record)
-    qm = ofq(x, epochs=2, cga=True, cga_epochs=1)
-    (before, masks), = snaps
+    qm = ofq(x, epochs=2, cga=True, cga_epochs=1, subscribers=[lambda hooks: hooks.cga_start_hook.append(record)])
+    (before, masks, epoch), = snaps
+    assert epoch == 2
     layers = [layer for b in qm.blocks for _, layer in block_layers(qm, b)]
     moved = 0
     for layer, d0, m in zip(layers, before, masks):
@@ -284,9 +281,8 @@ def test_lsq_forward_value_and_gradients():
     q.calibrated.fill_(True)
     log_s = torch.nn.Parameter(torch.tensor([0.1]).log())
     q.set_qparams(log_s.detach().exp(), torch.tensor([3.0]))
-    fwd = ofq_mod._Training._act_forward(q, log_s)
     x = torch.linspace(-1.0, 2.0, 301, requires_grad=True)
-    out = fwd(x)
+    out = lsq_quant(q, x, log_s.exp())
     assert torch.equal(out.detach(), q(x.detach()))
     out.sum().backward()
     step, xd = float(q.scale), x.detach()
@@ -297,7 +293,7 @@ def test_lsq_forward_value_and_gradients():
     assert log_s.grad is not None and float(log_s.grad.abs()) > 0
 
 
-def test_act_lr_trains_activation_scales_frozen_equals_trained_and_resumes(tmp_path, monkeypatch):
+def test_act_lr_trains_activation_scales_frozen_equals_trained_and_resumes(tmp_path):
     x = imgs(24)
     base = ofq(x, epochs=2)
     qm = ofq(x, epochs=2, act_lr=0.05)
@@ -312,29 +308,19 @@ def test_act_lr_trains_activation_scales_frozen_equals_trained_and_resumes(tmp_p
                  and n not in dict(acts) and hasattr(q, "scale")]
     assert untrained and all(torch.equal(bq[n].scale, aq[n].scale) for n in untrained)  # PTF: calibrated
     # the frozen model computes what the last training forward computed
-    seen = record_last_training_forward(monkeypatch, x)
-    again = ofq(x, epochs=2, act_lr=0.05)
-    monkeypatch.undo()
+    seen = {}
+    again = ofq(x, epochs=2, act_lr=0.05, subscribers=[record_last_training_forward(x, seen)])
     assert same(buffers(again), buffers(qm))  # deterministic
     with torch.no_grad():
         assert torch.equal(again.model(x), seen["trained"])
     # killed in epoch 2 and resumed: the same scales and weights as the uninterrupted run
-    orig = ofq_mod.epoch_seed
-
-    def killed_in_epoch_2(seed, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return orig(seed, epoch)
-
-    monkeypatch.setattr(ofq_mod, "epoch_seed", killed_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        ofq(x, ckpt=tmp_path, epochs=2, act_lr=0.05)
-    monkeypatch.setattr(ofq_mod, "epoch_seed", orig)
+        ofq(x, ckpt=tmp_path, epochs=2, act_lr=0.05, subscribers=[kill_at_epoch(2)])
     resumed = ofq(x, ckpt=tmp_path, resume=True, epochs=2, act_lr=0.05)
     assert same(buffers(resumed), buffers(qm))
 
 
-def test_worse_after_fine_tune_is_reported(monkeypatch):
+def test_worse_after_fine_tune_is_reported():
     qm = ofq(imgs(24), imgs(8, seed=5), lr=1.0, epochs=1, init="rtn")  # a step that ruins the weights
     rep = qm.start_report
     assert rep["holdout_kl"]["after"] > rep["holdout_kl"]["before"]
@@ -432,14 +418,14 @@ def test_bad_ofq_inputs_are_one_line_errors():
 def test_cli_start_ofq_args(capsys):
     args = build_parser().parse_args(["eval", "--model", "vit_tiny_patch16_224", "--start", "ofq",
                                       "--start-arg", "epochs=2", "--start-arg", "statsq=false"])
-    q = _quant_config(args)
+    q = quant_config(args)
     assert q.start == "ofq" and q.start_options == {"epochs": 2, "statsq": False}
     rc = cli_main(["eval", "--model", "vit_tiny_patch16_224", "--start", "ofq", "--start-arg", "epochs=0"])
     err = capsys.readouterr().err
     assert rc == 2 and "ofq epochs must be an integer" in err and err.count("\n") == 1
     args = build_parser().parse_args(["eval", "--model", "vit_tiny_patch16_224", "--start", "ofq",
                                       "--start-arg", "qkr=true"])
-    assert _quant_config(args).start_options == {"qkr": True}
+    assert quant_config(args).start_options == {"qkr": True}
     rc = cli_main(["eval", "--model", "vit_tiny_patch16_224", "--preset", "deploy", "--start", "ofq",
                    "--start-arg", "qkr=true"])
     err = capsys.readouterr().err
@@ -537,18 +523,11 @@ def test_qkr_drop_form_in_float_is_the_attention_without_q_bias():
 def qkr_run():
     """A QKR fine-tune with CGA in its second epoch; the layers CGA saw are recorded."""
     seen = []
-    orig = ofq_mod._cga_masks
-
-    def record(layers, deltas, br, statsq):
-        seen.extend(name for name, _ in layers)
-        return orig(layers, deltas, br, statsq)
-
+    record = lambda hooks: hooks.cga_start_hook.append(lambda info: seen.extend(info["layers"]))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as conftest's per-test fixture, which a module fixture runs before: same sums
     try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(ofq_mod, "_cga_masks", record)
-            qm = ofq(imgs(24), model=with_qk_biases(tiny_vit()), seed=3, qkr=True, cga=True)
+        qm = ofq(imgs(24), model=with_qk_biases(tiny_vit()), seed=3, qkr=True, cga=True, subscribers=[record])
     finally:
         torch.set_num_threads(threads)
     return qm, seen
@@ -672,3 +651,29 @@ def test_qkr_model_exports_to_onnx_and_pt2_refuses_it(qkr_run, tmp_path, preset)
     with pytest.raises(ExportError, match="attention blocks.0.attn .*QKR.*the pt2 export") as e:
         export_pt2(qm, tmp_path / "m.pt2", example=imgs(1))
     assert "\n" not in str(e.value) and not (tmp_path / "m.pt2").exists()
+
+
+def test_keep_holdout_ends_with_the_epoch_of_the_lowest_holdout_kl(tmp_path):
+    """``keep="holdout"``: the fine-tune ends with the weights of the epoch (the init counted as 0)
+    whose hold-out KL was lowest, and a killed run resumes to the same weights."""
+    from evolq.evaluate import predict
+    from evolq.qnn.reconstruct.ofq import logits_kl
+
+    x, h = imgs(24), imgs(12, seed=9)
+    opts = {"epochs": 4, "lr": 3e-2, "keep": "holdout"}  # a step large enough that some epochs get worse
+    qm = ofq(x, h, **opts)
+    rep = qm.start_report
+    kls = [rep["holdout_kl"]["before"]] + [e["holdout_kl"] for e in rep["history"]]
+    assert rep["kept_epoch"] == min(range(len(kls)), key=kls.__getitem__)
+    qm.set_quant_enabled(False)
+    ref = predict(qm.model, h)
+    qm.set_quant_enabled(True)
+    assert float(logits_kl(predict(qm.model, h), ref)) == pytest.approx(min(kls), rel=1e-4)
+    with pytest.raises(KeyboardInterrupt):
+        ofq(x, h, ckpt=tmp_path, subscribers=[kill_at_epoch(3)], **opts)
+    back = ofq(x, h, ckpt=tmp_path, resume=True, **opts)
+    assert back.start_report["kept_epoch"] == rep["kept_epoch"] and same(buffers(qm), buffers(back))
+    last = ofq(x, h, **{**opts, "keep": "last"})
+    assert last.start_report["kept_epoch"] == 4
+    with pytest.raises(ConfigError, match="keep"):
+        ofq(x, h, keep="best")

@@ -550,10 +550,10 @@ def test_qlinear_folds_channel_factors_into_weights(strength):
     ref = acc * s * w_scale.T + lin.bias
     torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-3)
     # the folded weight is cached, and recomputed when the weight changes in place
-    assert layer._folded_weight(r) is layer._folded_weight(r)
+    assert layer.folded_weight(r) is layer.folded_weight(r)
     with torch.no_grad():
         lin.weight.mul_(1.5)
-    torch.testing.assert_close(layer._folded_weight(r), lin.weight * r)
+    torch.testing.assert_close(layer.folded_weight(r), lin.weight * r)
 
 
 def test_qlinear_population_with_channel_factor_input():

@@ -449,7 +449,7 @@ def test_checkpoint_write_is_atomic(tmp_path):
 
 
 def test_sigkill_at_random_moments_then_resume_is_identical(tmp_path, x24, reference_run, record_property):
-    kills = int(os.environ.get("EVOLQ_FAULT_KILLS", "4"))  # benchmarks/faults.py asks for more
+    kills = int(os.environ.get("EVOLQ_FAULT_KILLS", "4"))  # python -m benchmarks faults asks for more
     stats = fk.kill_resume(tmp_path / "run", x24, fk.small_config(), kills=kills, seed=0)
     for k, v in stats.items():
         record_property(k, json.dumps(v))

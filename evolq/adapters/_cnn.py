@@ -3,7 +3,7 @@
 * ``fold_bn`` (from ``evolq.qnn.fold``): BatchNorm folded into the conv before it.
 * ``wrap_conv_exact`` / ``wrap_linear_exact``: wrap a layer only if its forward is the
   plain ``F.conv2d`` / ``F.linear`` the wrappers re-implement (plus timm's dynamic
-  "same" padding, see ``QConv2dSame``); anything else is refused rather than run
+  "same" padding, see ``evolq.qnn.layers.QConv2dSame``); anything else is refused rather than run
   wrongly.
 * ``conv_scopes``: the search scopes of a CNN block.
 * ``check_all_wrapped``: an adapter's self-check that no float Conv2d/Linear is left.
@@ -15,24 +15,10 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..qnn.builder import act_quant, weight_quant
 from ..qnn.fold import FoldedBNAct, fold_bn
-from ..qnn.layers import QConv2d, QLinear, conv_forward
+from ..qnn.layers import QConv2d, QConv2dSame, QLinear, conv_forward
 
 __all__ = ["FoldedBNAct", "fold_bn", "QConv2dSame", "conv_forward", "wrap_conv_exact", "wrap_linear_exact",
            "conv_scopes", "check_all_wrapped", "wrap_all"]
-
-
-class QConv2dSame(QConv2d):
-    """``QConv2d`` for timm's ``Conv2dSame`` (TensorFlow "SAME" padding computed from
-    the input size at run time). The input is quantized first, then zero-padded, as an
-    integer kernel would pad its quantized input (zero is always on the grid)."""
-
-    def forward(self, x):
-        from timm.layers import pad_same
-
-        c = self.conv
-        x = self.input_quant(x)
-        x = pad_same(x, c.weight.shape[-2:], c.stride, c.dilation)
-        return conv_forward(c, x, self.weight_quant(self.weight), self.bias)
 
 
 def _conv_kind(conv: nn.Module) -> str:

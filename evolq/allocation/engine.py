@@ -26,7 +26,8 @@ ALLOC_CKPT_NAME = "allocation.safetensors"
 
 
 class AllocationEngine:
-    """Runs ``searcher`` on ``problem`` for ``evaluations`` fitness evaluations.
+    """Runs ``searcher`` on ``problem`` for ``evaluations`` fitness evaluations (distinct allocations
+    evaluated, ``problem.evaluations``: the same count in one process or on Ray actors).
 
     Args:
         problem: a ``BitAllocationProblem`` whose quality callable is ``fitness``.
@@ -116,9 +117,9 @@ class AllocationEngine:
         t0 -= state["seconds"]
         self.run_start_hook(state)
         if self.needs_sensitivity and self.sensitivity is None:
-            before = self.fitness.evaluations
+            before = self.problem.evaluations
             self.sensitivity = self.problem.sensitivity(self.reference)
-            state["sensitivity_evaluations"] = self.fitness.evaluations - before
+            state["sensitivity_evaluations"] = self.problem.evaluations - before
             state["seconds"] = time.perf_counter() - t0
             self._save(state)
         if self.sensitivity is not None:
@@ -132,7 +133,7 @@ class AllocationEngine:
         if self._rng is not None and self.problem.generator is not None:
             self.problem.generator.set_state(self._rng)
         try:
-            while not state["done"] and self.fitness.evaluations < self.evaluations:
+            while not state["done"] and self.problem.evaluations < self.evaluations:
                 self.searcher.step()
                 state["generation"] += 1
                 state["done"] = bool(getattr(self.searcher, "done", False))
@@ -152,7 +153,7 @@ class AllocationEngine:
     def progress(self, state: dict) -> dict:
         front = self.problem.front()
         best = min((v[0] for _, v in front), default=math.inf)
-        return {"generation": state["generation"], "evaluations": self.fitness.evaluations,
+        return {"generation": state["generation"], "evaluations": self.problem.evaluations,
                 "budget_evaluations": self.evaluations, "front": len(front), "best_loss": best,
                 "seconds": state["seconds"]}
 
@@ -174,7 +175,7 @@ class AllocationEngine:
             else:
                 chosen = ranked[0]
         return {"front": points, "chosen": chosen, "generations": state["generation"],
-                "evaluations": self.fitness.evaluations,
+                "evaluations": self.problem.evaluations,
                 "sensitivity_evaluations": state.get("sensitivity_evaluations", 0),
                 "fallback": state.get("fallback"),
                 "seconds": state["seconds"], "fitness": self.fitness.stats(), "repairs": p.repairs,

@@ -50,10 +50,12 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def collect_hessians(qmodel, layers: dict, x: torch.Tensor, batch_size: int = 16, progress: bool = False):
+def collect_hessians(qmodel, layers: dict, x: torch.Tensor, batch_size: int = 16, progress: bool = False,
+                     quantized_weights: bool = False):
     """``H = 2 X^T X / n`` per group for every layer in ``layers`` (name -> layer), from the inputs
-    each one's weight multiplies while the model runs ``x`` with float weights and its
-    activation quantizers on (GPTQ's ``layer_rows``). Returns ``{name: (H (groups, d, d) float64, rows)}``."""
+    each one's weight multiplies while the model runs ``x`` with its activation quantizers on and
+    float weights (or, ``quantized_weights``, the model's own quantized weights upstream, as a
+    sequential GPTQ sees them) (GPTQ's ``layer_rows``). Returns ``{name: (H (groups, d, d) float64, rows)}``."""
     acc = {n: [None, 0] for n in layers}
     hooks = []
 
@@ -68,7 +70,8 @@ def collect_hessians(qmodel, layers: dict, x: torch.Tensor, batch_size: int = 16
                 a[1] += r.shape[0]
         return hook
 
-    wqs = [m.weight_quant for m in layers.values() if isinstance(m.weight_quant, Quantizer)]
+    wqs = [] if quantized_weights else [m.weight_quant for m in layers.values() if isinstance(m.weight_quant,
+                                                                                             Quantizer)]
     saved = [q.enabled for q in wqs]
     for q in wqs:
         q.enabled = False
@@ -120,10 +123,12 @@ class WeightTables:
     @classmethod
     @torch.no_grad()
     def build(cls, qmodel, x: torch.Tensor, menu: Menu, method: str = "gptq", quant=None, gptq_options=None,
-              progress: bool = False) -> WeightTables:
+              progress: bool = False, inputs: str = "float") -> WeightTables:
         """Tables for ``qmodel`` (calibrated; its weight quantizers give each layer's grid type and
         observer); ``x``: calibration inputs for GPTQ's Hessians; ``quant``: the ``QuantConfig``
-        (the deploy regime's symmetric/asymmetric choice per width)."""
+        (the deploy regime's symmetric/asymmetric choice per width); ``inputs``: GPTQ's Hessians from
+        the inputs with float weights upstream (``"float"``) or the model's quantized ones
+        (``"quantized"``, the widths it holds)."""
         from ..start_options import GPTQOptions
 
         if method not in METHODS:
@@ -133,7 +138,8 @@ class WeightTables:
         t0 = time.perf_counter()
         mods = quantized_layers(qmodel.model)
         names = list(mods)
-        hess = collect_hessians(qmodel, mods, x, progress=progress) if method == "gptq" else {}
+        hess = collect_hessians(qmodel, mods, x, progress=progress, quantized_weights=inputs == "quantized") \
+            if method == "gptq" else {}
         opts = gptq_options or GPTQOptions()
         deploy_sym = quant.deploy_symmetric if quant is not None and getattr(quant, "deploy", False) else None
         entries, records = [], []

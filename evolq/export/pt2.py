@@ -33,14 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ExportError
-from ..fsio import atomic_write
 from ..qnn.layer_bits import is_float_layer
 from ..qnn.layers import QAct, QConv2d, QLinear, QNorm
 from ..qnn.qkr import qkr_export_refusal
 from ..qnn.qmodel import QModel
 from ..quant import Quantizer, UniformQuantizer
 from ..quant.range import quant_codes
-from .onnx import _check_path, _example_input
+from .files import check_path, example_input, write_file
 
 __all__ = ["export_pt2", "load_pt2", "float_program", "lower_deploy", "deploy_module", "float_module"]
 
@@ -282,7 +281,7 @@ def _export(module: nn.Module, example: torch.Tensor, dynamic_batch: bool):
 
 def float_program(qmodel: QModel, example: torch.Tensor | None = None):
     """The same model in float (quantizers off, input scales folded back) as an ExportedProgram."""
-    return _export(float_module(qmodel), _example_input(qmodel, example), True)
+    return _export(float_module(qmodel), example_input(qmodel, example), True)
 
 
 def export_pt2(qmodel: QModel, path, *, example: torch.Tensor | None = None, dynamic_batch: bool = True):
@@ -290,16 +289,12 @@ def export_pt2(qmodel: QModel, path, *, example: torch.Tensor | None = None, dyn
     (atomically: no partial file). The batch dimension is dynamic unless the model cannot
     trace that way. Returns the path; ``ExportError`` (one line) for a regime the x86 int8
     path cannot express, a model never calibrated, a bad path."""
-    path = _check_path(path)
+    path = check_path(path)
     module = deploy_module(qmodel)
-    ep = _export(module, _example_input(qmodel, example), dynamic_batch)
+    ep = _export(module, example_input(qmodel, example), dynamic_batch)
     buf = io.BytesIO()
     torch.export.save(ep, buf)
-    try:
-        atomic_write(path, buf.getvalue())
-    except OSError as e:
-        raise ExportError(f"cannot write {str(path)!r}: {e.strerror or e}") from None
-    return path
+    return write_file(path, buf.getvalue())
 
 
 def load_pt2(path):

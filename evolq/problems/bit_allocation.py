@@ -115,6 +115,11 @@ class BitAllocationProblem(evotorch.Problem):
         self.after_eval_hook.append(self._record)
 
     @property
+    def evaluations(self) -> int:
+        """Distinct allocations evaluated so far (the search budget's unit; memoised repeats are free)."""
+        return len(self.archive)
+
+    @property
     def n_layers(self) -> int:
         return self.allowed.shape[0]
 

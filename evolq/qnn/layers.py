@@ -15,7 +15,7 @@ from torch import nn
 from ..quant import Quantizer
 from ..quant.quantizers import memo
 
-__all__ = ["QLinear", "QConv2d", "QAct", "QNorm", "conv_forward", "quantizers_of"]
+__all__ = ["QLinear", "QConv2d", "QConv2dSame", "QAct", "QNorm", "conv_forward", "quantizers_of"]
 
 
 def conv_forward(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, bias) -> torch.Tensor:
@@ -76,7 +76,9 @@ class QLinear(nn.Module):
             return iq.factor
         return None
 
-    def _folded_weight(self, f):
+    def folded_weight(self, f):
+        """``W * f``, the weight the weight quantizer sees when the input has per-channel factors
+        ``f``; cached until the weight or the factors change."""
         return memo(self, "_fold_cache", (self.weight, f), lambda: self.weight * f)  # W * factor
 
     @torch.no_grad()
@@ -84,7 +86,7 @@ class QLinear(nn.Module):
         """Refit the weight quantizer on the folded weight once the input factors are known."""
         f = self._factor()
         if f is not None and hasattr(self.weight_quant, "calibrate_from"):
-            self.weight_quant.calibrate_from(self._folded_weight(f))
+            self.weight_quant.calibrate_from(self.folded_weight(f))
 
     def forward(self, x):
         if self.input_scale is not None:
@@ -94,7 +96,7 @@ class QLinear(nn.Module):
         if f is None:
             w = self.weight_quant(self.weight)
         else:
-            w = self.weight_quant(self._folded_weight(f)) / f
+            w = self.weight_quant(self.folded_weight(f)) / f
         if w.ndim == 2:
             return F.linear(x, w, self.bias)
         p = w.shape[0]  # population of weights: x is (P*B, ..., in)
@@ -121,6 +123,20 @@ class QConv2d(nn.Module):
 
     def forward(self, x):
         return conv_forward(self.conv, self.input_quant(x), self.weight_quant(self.weight), self.bias)
+
+
+class QConv2dSame(QConv2d):
+    """``QConv2d`` for timm's ``Conv2dSame`` (TensorFlow "SAME" padding computed from
+    the input size at run time). The input is quantized first, then zero-padded, as an
+    integer kernel would pad its quantized input (zero is always on the grid)."""
+
+    def forward(self, x):
+        from timm.layers import pad_same
+
+        c = self.conv
+        x = self.input_quant(x)
+        x = pad_same(x, c.weight.shape[-2:], c.stride, c.dilation)
+        return conv_forward(c, x, self.weight_quant(self.weight), self.bias)
 
 
 class QAct(nn.Module):

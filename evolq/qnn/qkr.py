@@ -184,7 +184,7 @@ def switch_qkr(qmodel, x: torch.Tensor | None, batch_size: int = 32, bias: str =
     for m in mods:
         m.u_quant.finalize()
         wq, f = m.qk.weight_quant, m.qk._factor()
-        wq.calibrate_from(m.qk._folded_weight(f) if f is not None else m.qk.weight)
+        wq.calibrate_from(m.qk.folded_weight(f) if f is not None else m.qk.weight)
     return len(mods)
 
 

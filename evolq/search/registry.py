@@ -4,7 +4,9 @@ A searcher is registered as a factory ``factory(problem, *, budget, sigma, popsi
 start_fitness, seed, **searcher_kwargs) -> SearchPlan``: an EvoTorch
 ``SearchAlgorithm`` started at the problem's current scales, plus the number of
 ``step()`` calls that spends ``budget`` fitness evaluations. Factories import
-EvoTorch lazily, so listing or validating names stays cheap.
+EvoTorch lazily, so listing or validating names stays cheap. This module imports no
+searcher: the built-in ones (``builtin``) register themselves when the package
+``evolq.search`` is imported, which any import of this module does first.
 
 ``SearchConfig.searcher`` may also be an EvoTorch ``SearchAlgorithm`` class that is
 not registered (``evotorch.algorithms.XNES``, say): ``class_factory`` builds it with
@@ -93,8 +95,6 @@ def make_searcher(searcher, problem, *, budget: int, sigma: float, popsize: int 
         population, samples: the tournament's K and S (given to factories that declare them).
         searcher_kwargs: further arguments for the searcher (``SearchConfig.searcher_kwargs``).
     """
-    from . import builtin  # noqa: F401  (registers the built-in searchers)
-
     if isinstance(searcher, str):
         factory = SEARCHERS.get(searcher)
     elif isinstance(searcher, type):

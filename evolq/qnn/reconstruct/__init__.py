@@ -41,10 +41,11 @@ def _check_data(start: str, opts, x: torch.Tensor) -> None:
 
 
 def run_start(qmodel, x: torch.Tensor, quant, progress: bool = False, checkpoint_dir=None,
-              resume: bool = False, holdout: torch.Tensor | None = None) -> dict | None:
+              resume: bool = False, holdout: torch.Tensor | None = None, hooks=None) -> dict | None:
     """Apply ``quant.start`` to a calibrated ``qmodel`` using calibration inputs ``x``
     (``holdout``: images kept out of calibration and of the start, which the ``ofq`` start
-    scores before and after its fine-tune).
+    scores before and after its fine-tune; ``hooks``: an ``evolq.hooks.StartHooks``, which
+    the ``ofq`` start fires).
 
     Returns a JSON-able report (per block and layer: method, errors, fallbacks), or
     None for ``"rtn"``. Raises ``DataError`` for too little calibration data or a
@@ -59,7 +60,7 @@ def run_start(qmodel, x: torch.Tensor, quant, progress: bool = False, checkpoint
         from .ofq import run_ofq
 
         return run_ofq(qmodel, x, quant, opts, holdout=holdout, progress=progress, checkpoint_dir=checkpoint_dir,
-                       resume=resume)
+                       resume=resume, hooks=hooks)
     dev = resolve_device(opts.device)
     home = x.device
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ EXTRA = "extra/"
 def folded_weight(layer):
     """(the weight ``layer``'s weight quantizer sees, its input factor or None)."""
     f = layer._factor() if isinstance(layer, QLinear) else None
-    return (layer._folded_weight(f) if f is not None else layer.weight), f
+    return (layer.folded_weight(f) if f is not None else layer.weight), f
 
 
 def block_layers(qmodel, block) -> list[tuple[str, nn.Module]]:

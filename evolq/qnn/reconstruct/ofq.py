@@ -39,6 +39,10 @@ A checkpoint (``StartCheckpoint``, with ``D``, AdamW's moments and CGA's masks a
 tensors) is written after every epoch; the image order and flips of epoch e come from their
 own seed, so a resumed run ends with the same weights as an uninterrupted one. A NaN or inf
 loss stops the run, keeps the last good epoch's weights and says so in the report.
+
+The fine-tune fires the hooks of ``evolq.hooks.StartHooks`` (epoch start and end, CGA's masks,
+the end of training) for subscribers given to ``prepare_model``: progress, logging, and the
+tests' interruptions and observations.
 """
 from __future__ import annotations
 
@@ -226,10 +230,11 @@ def _run_gptq_init(qmodel, x, opts, statsq: list[bool], layers) -> list[dict]:
 
 
 def run_ofq(qmodel, x: torch.Tensor, quant, opts, holdout: torch.Tensor | None = None, progress: bool = False,
-            checkpoint_dir=None, resume: bool = False) -> dict:
+            checkpoint_dir=None, resume: bool = False, hooks=None) -> dict:
     """The OFQ fine-tune of a calibrated ``qmodel`` on the fitness images ``x``; ``holdout``
     (images that never reach calibration or training) is scored before, after and at every
-    epoch. Returns the start report (``qmodel.start_report``)."""
+    epoch; ``hooks``: an ``evolq.hooks.StartHooks`` to fire. Returns the start report
+    (``qmodel.start_report``)."""
     from ...data import resolve_device
 
     n, bs = x.shape[0], opts.batch_size
@@ -275,7 +280,8 @@ def run_ofq(qmodel, x: torch.Tensor, quant, opts, holdout: torch.Tensor | None =
                     state["fitness_kl_before"] = float(logits_kl(_logits(model, x, eval_bs),
                                                                  _float_logits(qmodel, x, eval_bs)))
             t0 -= state["seconds"]
-            _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, progress and opts.progress)
+            _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, progress and opts.progress,
+                   hooks)
         finally:
             model.to(home)
     return _report(qmodel, x, hold, opts, state, flip, t0)
@@ -360,7 +366,13 @@ def block_term(student: list, teacher: list) -> torch.Tensor:
     return torch.stack(terms).mean() if terms else torch.zeros(())
 
 
-def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, progress) -> None:
+def _fire(hooks, name: str, *args) -> None:
+    """Fire ``hooks.<name>`` (``evolq.hooks.StartHooks``) where the caller gave hooks."""
+    if hooks is not None:
+        getattr(hooks, name)(*args)
+
+
+def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, progress, hooks) -> None:
     model = qmodel.model
     n, bs = x.shape[0], opts.batch_size
     steps = n // bs  # whole batches only: every step sees bs images
@@ -398,15 +410,26 @@ def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, pr
                 anchors = [extra[f"anchor/{name}"].to(d) for (name, _), d in zip(layers, deltas)]
         params = deltas + log_scales
         good = [d.detach().clone() for d in params]  # the last good epoch's changes (NaN fallback)
+        choose = opts.keep == "holdout" and hold is not None
+        best = None  # (hold-out KL, epoch, the changes): keep="holdout"
+        if choose:
+            if state["epoch"] > 0 and "best_epoch" in state:
+                best = (state["best_holdout_kl"], state["best_epoch"],
+                        [extra[f"B/{name}"].to(d) for name, d in named])
+            elif state["epoch"] == 0 and state.get("holdout_kl_before") is not None:
+                best = (state["holdout_kl_before"], 0, [d.detach().clone() for d in params])
         bar = None
         if progress and state["epoch"] < opts.epochs:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=(opts.epochs - state["epoch"]) * steps, desc="ofq fine-tune", leave=False)
         for epoch in range(state["epoch"], opts.epochs):
+            _fire(hooks, "epoch_start_hook", {"epoch": epoch + 1, "epochs": opts.epochs})
             if opts.cga and epoch == cga_from and masks is None:
                 masks = _cga_masks(layers, deltas, opts.cga_br, sq)
                 anchors = [d.detach().clone() for d in deltas]
+                _fire(hooks, "cga_start_hook", {"epoch": epoch + 1, "layers": [name for name, _ in layers],
+                                                "deltas": anchors, "masks": masks})
             gen = torch.Generator().manual_seed(epoch_seed(opts.seed, epoch))
             perm = torch.randperm(n, generator=gen)
             flips = torch.rand(n, generator=gen) < 0.5
@@ -484,13 +507,27 @@ def _train(qmodel, x, hold, opts, layers, sq, state, ckpt, flip, eval_bs, t0, pr
                 rec["cga_trained_share"] = float(sum(int((~m).sum()) for m in masks) / sum(m.numel() for m in masks))
             if hold is not None:
                 rec["holdout_kl"] = float(logits_kl(_logits(model, hold, eval_bs), hold_ref))
+                if choose and (best is None or rec["holdout_kl"] < best[0]):
+                    best = (rec["holdout_kl"], epoch + 1, [d.detach().clone() for d in params])
             state["history"].append(rec)
             state["epoch"] = epoch + 1
             state["seconds"] = time.perf_counter() - t0
             good = [d.detach().clone() for d in params]
-            ckpt.save(state, _extra(named, opt, masks, anchors))
+            extra_t = _extra(named, opt, masks, anchors)
+            if best is not None:
+                state["best_epoch"], state["best_holdout_kl"] = best[1], best[0]
+                extra_t.update({f"B/{name}": b for (name, _), b in zip(named, best[2])})
+            ckpt.save(state, extra_t)
+            _fire(hooks, "epoch_end_hook", rec)
         if bar is not None:
             bar.close()
+        if best is not None and best[1] != state["epoch"]:  # keep="holdout": the best epoch's weights
+            with torch.no_grad():
+                for d, b in zip(params, best[2]):
+                    d.copy_(b)
+        if best is not None:
+            state["kept_epoch"] = best[1]
+        _fire(hooks, "train_end_hook", qmodel)
         final = [d.detach().clone() for d in deltas]
         final_log = [ls.detach().clone() for ls in log_scales]
     # freeze: the change becomes the quantizer's weight_delta, the last StatsQ scale its scale, and
@@ -528,6 +565,7 @@ def _report(qmodel, x, hold, opts, state, flip, t0) -> dict:
     rep = {"start": "ofq", "options": dict(vars(opts)), "augment_used": used, "qkr_used": "qkr" in state,
            "fitness_images": int(x.shape[0]), "holdout_images": int(hold.shape[0]) if hold is not None else 0,
            "epochs_run": state["epoch"], "history": state["history"], "status": state["status"],
+           "kept_epoch": state.get("kept_epoch", state["epoch"]),
            "blocks": state["init_blocks"]}
     if "act_scales" in state:
         rep["act_scales"] = state["act_scales"]

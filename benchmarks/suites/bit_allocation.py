@@ -1,0 +1,222 @@
+"""Per-layer bit allocation (``evolq allocate``): the allocation searchers at equal fitness
+evaluations on one proxy, each one's chosen allocation built with a real start and scored on the
+evaluation split, the uniform allocation of the same packed size beside them, and (``--spearman N``)
+the proxy's rank agreement with N final models.
+
+Every searcher of a seed shares one proxy, its weight tables and, for the searchers that use it,
+one sensitivity measurement, whose evaluations are charged to each of them; the fitness memo is
+reset between searchers, so none gets another's evaluations for free. Each allocation is chosen
+by the hold-out (calibration images kept out of calibration, tables and fitness); the evaluation
+split only reports. ``--budget uniform=B`` is the packed size of every layer at B bits with
+``--edge-bits`` on the first layer and the classifier; any ``evolq allocate`` budget works too.
+Resumable: finished (searcher, seed) runs are skipped."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+
+import torch
+
+from evolq.allocation.engine import AllocationEngine
+from evolq.allocation.plot import plot_fronts
+from evolq.allocation.setup import budget_cost, genes_to_bits, prepare_allocation, reference_genes
+from evolq.api import prepare_model
+from evolq.config import AllocationConfig, QuantConfig, field_default
+from evolq.data import split_calibration
+from evolq.evaluate import evaluate_qmodel, predict
+from evolq.problems.bit_allocation import BitAllocationProblem
+from evolq.search.allocators import NEEDS_SENSITIVITY
+
+from ..runner import Suite, cpu_info, register
+
+
+def _short(m):
+    return {k: round(float(m[k]), 4) for k in ("top1", "top5", "agreement", "kl")}
+
+
+def uniform_bits(layers, bits: int, edge: int | None) -> dict:
+    out = {n: bits for n in layers}
+    if edge:
+        out[layers[0]] = out[layers[-1]] = max(bits, edge)
+    return out
+
+
+def resolve_budget(text: str, sizes, edge):
+    """``uniform=B`` -> (the size-mb budget of that uniform model, its allocation); else (text, None)."""
+    if text.startswith("uniform="):
+        bits = uniform_bits(sizes.layers, int(text.split("=")[1]), edge)
+        return f"size-mb={sizes.bytes_of_bits(bits) / 1e6:.6f}", bits
+    return text, None
+
+
+def _final(base, fit_x, hold_x, quant, bits, xe, ye, fp_logits, arch):
+    t0 = time.perf_counter()
+    qm = prepare_model(copy.deepcopy(base), fit_x, dataclasses.replace(quant, layer_bits=bits), arch=arch,
+                       holdout=hold_x)
+    sec = time.perf_counter() - t0
+    res, _ = evaluate_qmodel(qm, xe, ye, fp_logits=fp_logits)
+    return _short(res["quantized"]), sec
+
+
+def _reset(f):
+    f.memo = {}
+    f.clear_cache()
+    f.evaluations = f.requests = f.blocks_run = f.blocks_full = 0
+    f.seconds = 0.0
+
+
+def _search(name, s, cfg, costs, cname, limit, shared, seed, kwargs):
+    _reset(s.fitness)
+    p = BitAllocationProblem(s.fitness, costs, limit, budget_cost=cname, seed=seed)
+    eng = AllocationEngine(p, s.fitness, searcher=name, searcher_kwargs=kwargs, popsize=cfg.popsize,
+                           evaluations=cfg.evaluations, seed=seed, holdout=s.holdout,
+                           reference=reference_genes(p, cfg.sensitivity), select=cfg.select)
+    if name in NEEDS_SENSITIVITY and shared is not None:  # the shared measurement, charged to this searcher
+        eng.sensitivity = shared["sensitivity"]
+        s.fitness.memo.update(shared["memo"])
+        p.archive.update(shared["archive"])
+    t0 = time.perf_counter()
+    res = eng.run()
+    res["wall_seconds"] = time.perf_counter() - t0 + (shared["seconds"] if name in NEEDS_SENSITIVITY and shared
+                                                      else 0.0)
+    return res
+
+
+def run(run):
+    a = run.args
+    doc = run.doc
+    doc.setdefault("runs", [])
+    d = run.data()
+    arch = a.model
+    opts = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v for k, _, v in
+            (x.partition("=") for x in a.start_arg)}
+    quant = QuantConfig.preset(a.preset, w_bits=a.w_bits, a_bits=a.a_bits, start=a.start, start_options=opts,
+                               edge_bits=a.edge_bits or None)
+    kwargs = {k: json.loads(v) for k, _, v in (x.partition("=") for x in a.searcher_arg)}
+    label = f"{arch}|{a.preset}|{a.start}{a.tag}|{a.budget}|{a.menu}"
+    with torch.no_grad():
+        fp_logits = None if a.no_final else predict(d.base.eval(), d.xe)
+    for seed in a.seeds:
+        names = [n for n in a.searchers.split(",") if n]
+        todo = [n for n in names + (["uniform"] if not a.no_final and a.budget.startswith("uniform=") else [])
+                if not any(r["key"] == f"{label}|{n}" and r["seed"] == seed for r in doc["runs"])]
+        if not todo and not (a.spearman and seed == a.seeds[0]):
+            continue
+        cfg = AllocationConfig(menu=a.menu, budget="avg-bits=8", evaluations=a.evaluations, popsize=a.popsize,
+                               fitness_images=a.fitness_images, front=a.front, seed=seed, progress=False)
+        fit_x, hold_x = split_calibration(d.xc, cfg.holdout, seed)
+        t0 = time.perf_counter()
+        s = prepare_allocation(d.base, fit_x, hold_x, quant, cfg, arch=arch)
+        prep = time.perf_counter() - t0
+        budget, ualloc = resolve_budget(a.budget, s.sizes, a.edge_bits)
+        cfg = dataclasses.replace(cfg, budget=budget)
+        costs, cname, limit = budget_cost(*cfg.budget_kind, s.sizes, cfg.front)
+        shared = None
+        if any(n in NEEDS_SENSITIVITY for n in todo):
+            p0 = BitAllocationProblem(s.fitness, costs, limit, budget_cost=cname, seed=seed)
+            t1 = time.perf_counter()
+            sens = p0.sensitivity(reference_genes(p0, cfg.sensitivity))
+            shared = {"sensitivity": sens, "memo": dict(s.fitness.memo), "archive": dict(p0.archive),
+                      "seconds": time.perf_counter() - t1}
+        fronts = {}
+        base_row = {"seed": seed, "model": arch, "preset": a.preset, "start": a.start, "tag": a.tag,
+                    "budget": budget, "budget_label": a.budget, "menu": a.menu, "fitness_images": cfg.fitness_images,
+                    "popsize": cfg.popsize, "front_floor": cfg.front, "prepare_seconds": prep, "threads": a.threads}
+        for name in todo:
+            row = dict(base_row, key=f"{label}|{name}", searcher=name)
+            if name == "uniform":
+                g = torch.tensor([s.menu.index(ualloc[n]) for n in s.layers])
+                bits = ualloc
+                row["chosen"] = {"loss": float(s.fitness(g[None])[0]), "size_bytes": float(s.sizes.bytes(g)[0]),
+                                 "holdout_loss": float(s.holdout(g[None])[0])}
+            else:
+                res = _search(name, s, cfg, costs, cname, limit, shared, seed, kwargs if name == "nsga2" else {})
+                ch = res["front"][res["chosen"]]
+                g = torch.tensor(ch["genes"])
+                bits = genes_to_bits(s.layers, s.menu, g)
+                row.update(evaluations=res["evaluations"], generations=res["generations"],
+                           sensitivity_evaluations=len(shared["archive"]) if shared and name in NEEDS_SENSITIVITY
+                           else 0, search_seconds=res["wall_seconds"], fitness=res["fitness"],
+                           chosen={k: ch[k] for k in ("loss", "holdout_loss", "size_bytes") if k in ch},
+                           front=[{k: pt[k] for k in ("loss", "size_bytes", "holdout_loss") if k in pt}
+                                  for pt in res["front"]], searcher_kwargs=kwargs if name == "nsga2" else {})
+                fronts[name] = row["front"]
+            row["avg_bits"] = float(s.sizes.avg_bits(g)[0])
+            row["allocation"] = bits
+            if not a.no_final:
+                row["final"], row["final_seconds"] = _final(d.base, fit_x, hold_x, quant, bits, d.xe, d.ye,
+                                                            fp_logits, arch)
+            row["cpu"] = cpu_info()
+            doc["runs"].append(row)
+            run.save()
+            print(f"{name:>8} seed {seed}: {row.get('evaluations', 0)} evals, loss {row['chosen']['loss']:.4f}, "
+                  f"hold-out {row['chosen'].get('holdout_loss', float('nan')):.4f}, {row['avg_bits']:.3f} bits, "
+                  f"final {row.get('final', {}).get('top1', float('nan')):.1f}", flush=True)
+        if fronts:
+            plot_fronts(fronts, run.path.with_name(f"{run.path.stem}_seed{seed}{a.tag}.png"),
+                        budget_bytes=limit if cfg.budget_kind[0] == "size-mb" else None,
+                        title=f"{arch} {a.budget} ({a.preset}, seed {seed})")
+        if a.spearman and seed == a.seeds[0]:
+            _spearman(run, a, s, label, seed, d, fit_x, hold_x, quant, fp_logits)
+
+
+def _spearman(run, a, s, label, seed, d, fit_x, hold_x, quant, fp_logits):
+    """Proxy loss and hold-out KL against the final models' evaluation KL and top-1, over ``--spearman``
+    allocations spread over the loss range of what the last searcher evaluated."""
+    from scipy.stats import spearmanr
+
+    key = f"spearman|{label}"
+    doc = run.doc
+    rec = next((r for r in doc.setdefault("spearman", []) if r["key"] == key and r["seed"] == seed), None)
+    if rec is None:
+        memo = sorted(s.fitness.memo.items(), key=lambda kv: kv[1])
+        idx = [round(i * (len(memo) - 1) / max(1, a.spearman - 1)) for i in range(a.spearman)]
+        rec = {"key": key, "seed": seed, "model": a.model, "start": a.start,
+               "allocations": [list(memo[i][0]) for i in dict.fromkeys(idx)], "points": []}
+        doc["spearman"].append(rec)
+    for genes in rec["allocations"][len(rec["points"]):]:
+        g = torch.tensor(genes)
+        final, sec = _final(d.base, fit_x, hold_x, quant, genes_to_bits(s.layers, s.menu, g), d.xe, d.ye, fp_logits,
+                            a.model)
+        rec["points"].append({"loss": float(s.fitness(g[None])[0]), "holdout_loss": float(s.holdout(g[None])[0]),
+                              "avg_bits": float(s.sizes.avg_bits(g)[0]), "final": final, "final_seconds": sec})
+        if len(rec["points"]) >= 3:
+            for proxy in ("loss", "holdout_loss"):
+                for target in ("kl", "top1"):
+                    v = spearmanr([p[proxy] for p in rec["points"]], [p["final"][target] for p in rec["points"]])
+                    rec[f"rho_{proxy}_vs_{target}"] = float(v.statistic)
+        run.save()
+        print(f"spearman {len(rec['points'])}/{len(rec['allocations'])}: proxy {rec['points'][-1]['loss']:.4f}, final "
+              f"KL {final['kl']:.4f}, top-1 {final['top1']:.1f}", flush=True)
+
+
+def _a(name):
+    return field_default(AllocationConfig, name)
+
+
+VIT = "--model vit_tiny_patch16_224 --preset outlier-aware --budget uniform=3"
+register(Suite(
+    name="bit_allocation", doc=__doc__, run=run, order=58, resume=True,
+    what="per-layer bit allocation: nsga2 vs sensitivity+ILP, greedy and random at equal evaluations; final models",
+    common={"model": "vit_tiny_patch16_224", "calib": 500, "eval": 500, "seeds": [0], "threads": 2},
+    args=[(("--preset",), {"default": "outlier-aware"}), (("--start",), {"default": "gptq"}),
+          (("--start-arg",), {"action": "append", "default": [], "help": "KEY=VALUE of the final model's start"}),
+          (("--w-bits",), {"type": int, "default": 3, "help": "the regime's strengths follow these bits"}),
+          (("--a-bits",), {"type": int, "default": 8}), (("--edge-bits",), {"type": int, "default": 8}),
+          (("--menu",), {"default": _a("menu")}), (("--budget",), {"default": "uniform=3"}),
+          (("--searchers",), {"default": "nsga2,ilp,greedy,random"}),
+          (("--searcher-arg",), {"action": "append", "default": [], "help": "KEY=VALUE for nsga2 (JSON values)"}),
+          (("--evaluations",), {"type": int, "default": _a("evaluations")}),
+          (("--popsize",), {"type": int, "default": _a("popsize")}),
+          (("--fitness-images",), {"type": int, "default": _a("fitness_images")}),
+          (("--front",), {"type": float, "default": _a("front")}),
+          (("--no-final",), {"action": "store_true", "help": "search only"}),
+          (("--spearman",), {"type": int, "default": 0, "help": "final models of N allocations (first seed)"}),
+          (("--tag",), {"default": ""})],
+    results={"bit_allocation": [f"{VIT} --seeds 0,1,2", f"{VIT} --start ofq --searchers nsga2 --seeds 0,1,2",
+                                f"{VIT} --spearman 24 --searchers nsga2 --seeds 0"]},
+    smoke={"calib": 24, "eval": 8, "evaluations": 12, "popsize": 4, "fitness_images": 4, "seeds": [0],
+           "searchers": "nsga2,ilp"},
+))

@@ -1,0 +1,73 @@
+"""The benchmark runner (``benchmarks/``): every results file is listed by one suite with a command
+that writes exactly that file, every listed command parses, ``--smoke`` and ``--seeds`` behave, a run
+writes its JSON with the machine and time records and a resumable suite starts from it, and the
+report renders columns, cross tables and sections from the JSON. No model runs here."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.report import Col, Pivot, Section, Table  # noqa: E402
+from benchmarks.runner import RESULTS, SMOKE_DIR, Run, Suite, build_parser, jobs, parse, results_path, suites  # noqa: E402
+
+
+def test_every_results_file_is_listed_once_with_a_command_that_writes_it():
+    listed = {}
+    for s in suites().values():
+        for stem in s.results:
+            assert stem not in listed, f"{stem} listed by {listed.get(stem)} and {s.name}"
+            listed[stem] = s.name
+            for job in jobs(s, stem):
+                suite, args = parse([s.name, *job])  # parses, with the suite's own options
+                assert results_path(suite, args) == RESULTS / f"{stem}.json", (s.name, job)
+    assert set(listed) == {p.stem for p in RESULTS.glob("*.json")}
+
+
+def test_smoke_and_seeds():
+    suite, args = parse(["search", "--smoke", "--calib", "30"])
+    assert args.calib == 30 and args.eval == suite.smoke["eval"]  # what is given wins over --smoke
+    assert results_path(suite, args) == SMOKE_DIR / "search.json"
+    assert parse(["holdout", "--seeds", "0,1", "2"])[1].seeds == [0, 1, 2]
+    assert parse(["holdout"])[1].seeds == [0, 1, 2]  # the suite's default
+    with pytest.raises(SystemExit):
+        parse(["no-such-suite"])
+
+
+def test_a_run_records_the_machine_and_a_resumable_suite_starts_from_its_file(tmp_path):
+    def count(run):
+        run.doc.setdefault("runs", []).append(run.args.seeds)
+        run.save()
+
+    suite = Suite(name="counter", what="test", doc="test", run=count, common={"seeds": [0]}, resume=True)
+    out = tmp_path / "counter.json"
+    for argv in (["--seeds", "1", "--out", str(out)], ["--seeds", "2,3", "--out", str(out)]):
+        args = build_parser(suite).parse_args(argv)
+        args.seeds = [s for part in args.seeds for s in part]
+        run = Run(suite, args, ["counter", *argv])
+        suite.run(run)
+        run.finish()
+    doc = json.loads(out.read_text())
+    assert doc["runs"] == [[1], [2, 3]]
+    assert [b["command"].split("--seeds ")[1].split()[0] for b in doc["bench"]] == ["1", "2,3"]
+    assert all(b["finished"] and b["seconds"] >= 0 and "load_1m" in b["cpu"] for b in doc["bench"])
+
+
+def test_report_renders_columns_cross_tables_and_sections(tmp_path):
+    doc = {"model": "m", "runs": [{"bits": 8, "s": 0.5, "kl": 0.01234}, {"bits": 4, "s": 0.5, "kl": 0.2},
+                                  {"bits": 4, "s": 1.0, "kl": 0.3}]}
+    (tmp_path / "x.json").write_text(json.dumps(doc))
+    sec = Section("x", ["## {model}", Table([Col("bits", "bits", "W{}"), Col("KL", "kl", "{:.3f}")]),
+                        Pivot("runs", [Col("bits", "bits", "W{}")], "s", "s={:g}".format, lambda r: f"{r['kl']:.2f}",
+                              order="desc"), lambda d: None])
+    assert sec.render(tmp_path) == [
+        "## m", "",
+        "| bits | KL |\n|---|---|\n| W8 | 0.012 |\n| W4 | 0.200 |\n| W4 | 0.300 |", "",
+        "| bits | s=0.5 | s=1 |\n|---|---|---|\n| W8 | 0.01 | - |\n| W4 | 0.20 | 0.30 |", ""]
+    assert Section("y", ["## never"]).render(tmp_path) == []  # no file: no section
