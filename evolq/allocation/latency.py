@@ -13,18 +13,20 @@ times both for every layer of a calibrated deploy-regime ``QModel`` (the allocat
   compiled program, whose time (the call overhead of a compiled program, which the whole model
   pays once) is subtracted round by round;
 * every integer menu width of a layer costs its int8 time, ``"float"`` its float time;
-* the rest of the model (attention, norms, residual adds, one call) is a constant: the whole
-  lowered model compiled and timed at the all-int8 and the all-float allocation, minus the
-  layers' sum, averaged over the two (``fit="raw"``, the default; ``fit="scaled"`` instead
-  scales every layer's float - int8 gap by one factor so that both are exact);
+* the whole lowered model is compiled and timed at the all-int8 and the all-float allocation;
+  ``fit="scaled"`` (the default) scales every layer's float - int8 gap by one factor and adds a
+  constant (attention, norms, residual adds, one call) so that both are exact; ``fit="raw"``
+  keeps the layers' times and takes the constant as the mean over the two of their measured
+  time less the layers' sum (the fallback where the gaps disagree in sign with the whole model's);
 * the additive model is validated against whole-model timings of ``mixed`` allocations with
   a seeded random fraction of the layers in float, which it was not fitted on: the record
   holds predicted and measured milliseconds and the relative error of each, for both fits.
 
-Fusion makes the sum inexact: in a whole int8 model inductor fuses each layer's input quantize
-into the op before it, which a layer timed alone cannot show. On ViT-Tiny (batch 1, 2 threads,
-``benchmarks/results/latency_table_vit_tiny.json``) the raw sum missed the mixed allocations by a
-few percent and the uniform ones by up to ~20%, the scaled one the mixed ones by up to ~8%.
+Fusion makes the plain sum inexact: in a whole int8 model inductor fuses each layer's input
+quantize into the op before it, which a layer timed alone cannot show, so the layers' own
+float - int8 gaps understate the whole model's. On ViT-Tiny (batch 1, 2 threads,
+``benchmarks/results/latency_table_vit_tiny.json``) the raw sum missed the uniform allocations
+by several percent and the scaled fit the mixed ones by under 1% (docs/bit-allocation.md).
 
 ``LatencyTable`` is the result: ``table`` (layers, options) in ms and ``constant`` make a
 ``Cost``; ``record`` is JSON-able (per-layer and per-signature times, kernels, validation rows,
@@ -236,15 +238,16 @@ def _whole(low8: nn.Module, lowf: nn.Module, names: list, flt: list[bool], follo
 
 def measure_latency_table(qmodel, menu: Menu, example: torch.Tensor, *, threads: int = 2, batch: int = 1,
                           pairs: int = 15, model_pairs: int = 40, warmup: int = 3, round_ms: float = 20.0,
-                          mixed: int = 3, seed: int = 0, fit: str = "raw", progress: bool = False) -> LatencyTable:
+                          mixed: int = 3, seed: int = 0, fit: str = "scaled", progress: bool = False) -> LatencyTable:
     """Time every layer of the deploy-regime ``qmodel`` in int8 and in float (see the module
     docstring). ``example``: input images (the first ``batch`` are used, repeated if fewer);
     ``threads``: the threads inductor compiles for and runs with; ``pairs`` (layers),
     ``model_pairs`` (whole models), ``warmup``: the alternating rounds of the timings; a round
     runs each layer about ``round_ms``; ``mixed``: the whole-model allocations (``seed``: which
     layers are float) beyond the uniform ones that validate the additive model; ``fit``: the
-    additive model, ``"raw"`` (the layers' times and a constant) or ``"scaled"`` (every layer's
-    float - int8 gap scaled so that both uniform allocations are exact). Raises ``ExportError``
+    additive model, ``"scaled"`` (every layer's float - int8 gap scaled so that both uniform
+    allocations are exact; ``"raw"`` where no positive scale fits) or ``"raw"`` (the layers' times
+    and a constant). Raises ``ExportError``
     for a model the x86 int8 path cannot express."""
     if fit not in FITS:
         raise ConfigError(f"unknown latency fit {fit!r}; choose one of: {', '.join(FITS)}")
