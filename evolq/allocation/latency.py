@@ -26,7 +26,8 @@ Fusion makes the plain sum inexact: in a whole int8 model inductor fuses each la
 quantize into the op before it, which a layer timed alone cannot show, so the layers' own
 float - int8 gaps understate the whole model's. On ViT-Tiny (batch 1, 2 threads,
 ``benchmarks/results/latency_table_vit_tiny.json``) the raw sum missed the uniform allocations
-by several percent and the scaled fit the mixed ones by under 1% (docs/bit-allocation.md).
+by up to 2.7% (8.7% in another run) and the scaled fit the mixed ones by up to 2.3%; an
+allocation chosen by the search under a budget, by 10.6% (docs/bit-allocation.md).
 
 ``LatencyTable`` is the result: ``table`` (layers, options) in ms and ``constant`` make a
 ``Cost``; ``record`` is JSON-able (per-layer and per-signature times, kernels, validation rows,
