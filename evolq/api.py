@@ -184,12 +184,14 @@ def allocate_bits(model: nn.Module, calib_data, quant: QuantConfig | None = None
     quantizes every layer at every menu width once (``evolq.allocation.tables``) and scores
     allocations on ``config.fitness_images`` of its images against the float outputs. The searcher
     (``config.searcher``, NSGA-II by default) spends ``config.evaluations`` evaluations on the front
-    of [loss, size] under the budget; the hold-out chooses one allocation among the best front
-    points. With ``config.actors`` the fitness runs on Ray actors (``evolq.scaleout``; Ray is
-    started or joined before anything is prepared or written) with the in-process result. The
-    final model is then built as ``prepare_model`` builds any model, with
-    ``quant.layer_bits`` set to that allocation and ``quant.start`` (rtn, gptq, brecq, ofq) as its
-    start; ``search`` (a ``SearchConfig`` with ``passes > 0``) runs Evol-Q's scale search on top.
+    of [loss, size] (with a ``latency-ms`` budget [loss, size, latency], the latency predicted by a
+    per-layer table timed in the deploy runtime: ``evolq.allocation.latency``) under the budget;
+    the hold-out chooses one allocation among the best front points. With ``config.actors`` the
+    fitness runs on Ray actors (``evolq.scaleout``; Ray is started or joined before anything is
+    prepared or written) with the in-process result. The final model is then built
+    as ``prepare_model`` builds any model, with ``quant.layer_bits`` set to that allocation and
+    ``quant.start`` (rtn, gptq, brecq, ofq) as its start; ``search`` (a ``SearchConfig`` with
+    ``passes > 0``) runs Evol-Q's scale search on top.
 
     Args:
         model: a float model (quantized in place; a copy becomes the proxy).
@@ -203,7 +205,8 @@ def allocate_bits(model: nn.Module, calib_data, quant: QuantConfig | None = None
 
     Returns:
         ``(qmodel, report)``; ``report["allocation"]`` is the chosen ``layer_bits``, with
-        ``avg_bits`` and ``size_bytes``; ``report["front"]`` every front point.
+        ``avg_bits`` and ``size_bytes`` (and ``latency_ms``, the predicted latency, with the table
+        and its validation in ``report["latency"]``); ``report["front"]`` every front point.
     """
     import dataclasses
 
@@ -220,6 +223,9 @@ def allocate_bits(model: nn.Module, calib_data, quant: QuantConfig | None = None
     config.validate()
     if not isinstance(model, nn.Module):
         raise ConfigError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    from .allocation.latency import check_latency_budget
+
+    check_latency_budget(quant, config)  # deploy regime and runtime, before any expensive work
     x = as_tensor_data(calib_data)
     fit_x, hold_x = split_calibration(x, config.holdout, config.seed)
     if fit_x.shape[0] == 0:
@@ -230,7 +236,7 @@ def allocate_bits(model: nn.Module, calib_data, quant: QuantConfig | None = None
     t0 = time.perf_counter()
     model.eval()
     setup = prepare_allocation(model, fit_x, hold_x, quant, config, arch=arch, progress=config.progress,
-                               placement=placement)
+                               placement=placement, folder=folder, resume=resume)
     settings = {"quant": dataclasses.asdict(quant), "allocation": config.to_dict(), "arch": arch,
                 "data": fingerprint(x[:: max(1, x.shape[0] // 16)])}
     for k in ("progress", "device", "cache_mb", "actors", "ray_address"):  # free to differ on resume
@@ -265,6 +271,12 @@ def allocate_bits(model: nn.Module, calib_data, quant: QuantConfig | None = None
                         "avg_bits": float(setup.sizes.avg_bits(g)[0]),
                         "loss": float(setup.fitness(g[None])[0]),
                         "holdout_loss": float(setup.holdout(g[None])[0]) if setup.holdout is not None else None})
+        if setup.latency is not None:
+            uniform[-1]["latency_ms"] = float(setup.latency.predict(g)[0])
+    latency = None
+    if setup.latency is not None:
+        latency = {"table_ms": setup.latency.table.tolist(), "constant_ms": setup.latency.constant,
+                   "menu": list(setup.menu.options), **setup.latency.record}
     search_seconds = time.perf_counter() - t0
     del setup  # the proxy and its tables are not needed for the final model
     final_quant = dataclasses.replace(quant, layer_bits=bits)
@@ -284,6 +296,9 @@ def allocate_bits(model: nn.Module, calib_data, quant: QuantConfig | None = None
               "calibration": {"fitness_images": min(config.fitness_images, int(fit_x.shape[0])),
                               "calibration_images": int(fit_x.shape[0]), "holdout_images": int(hold_x.shape[0])},
               "search_seconds": search_seconds, "seconds": time.perf_counter() - t0}
+    if latency is not None:
+        report["latency_ms"] = chosen["latency_ms"]
+        report["latency"] = latency
     if qmodel.start_report is not None:
         report["start"] = qmodel.start_report
     if report_search is not None:

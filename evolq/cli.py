@@ -185,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     pq.add_argument("--quiet", action="store_true", help="no progress bars")
     add_scale_out_args(pq)
 
-    pa = sub.add_parser("allocate", help="choose bits per layer under a size budget by evolutionary search (NSGA-II "
-                                         "on [loss, size]), then build, evaluate and save that model")
+    pa = sub.add_parser("allocate", help="choose bits per layer under a size or latency budget by evolutionary "
+                                         "search (NSGA-II on [loss, size] or [loss, size, latency]), then build, "
+                                         "evaluate and save that model")
     _add_model_args(pa, quantize=False, w_default=None)
     from .config import AllocationConfig
     from .search.allocators import list_allocators
@@ -215,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--loss", default=_a("loss"), choices=list_losses(), help="the fitness loss (default kl)")
     pa.add_argument("--tables", default=_a("tables"), choices=("auto", "gptq", "rtn"),
                     help="how the fitness quantizes each layer at each width (auto: rtn for the rtn start, else gptq)")
+    pa.add_argument("--latency-batch", type=int, default=_a("latency_batch"),
+                    help=f"with latency-ms: images per call the layers are timed at (default {_a('latency_batch')})")
+    pa.add_argument("--latency-threads", type=int, default=_a("latency_threads"),
+                    help=f"with latency-ms: threads of the deploy runtime (default {_a('latency_threads')})")
     pa.add_argument("--passes", type=int, default=0, help="Evol-Q scale-search passes on the chosen model (default 0)")
     pa.add_argument("--cycles", type=int, default=_s("cycles"), help="with --passes: evaluations per block and pass")
     pa.add_argument("--seed", type=int, default=_a("seed"))
@@ -463,7 +468,8 @@ def cmd_allocate(args) -> int:
     config = AllocationConfig(menu=args.menu, budget=args.budget, searcher=args.searcher,
                               searcher_kwargs=dict(args.searcher_arg), evaluations=args.evaluations,
                               popsize=args.popsize, fitness_images=args.fitness_images, holdout=args.holdout,
-                              loss=args.loss, tables=args.tables, seed=args.seed, progress=not args.quiet,
+                              loss=args.loss, tables=args.tables, latency_batch=args.latency_batch,
+                              latency_threads=args.latency_threads, seed=args.seed, progress=not args.quiet,
                               actors=args.actors, ray_address=args.ray_address)
     parse_budget(args.budget)
     args.w_bits = _alloc_w_bits(args, args.budget)
@@ -475,9 +481,11 @@ def cmd_allocate(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise EvolQError(f"--out {str(out)!r} exists and is not a folder")
+    from .allocation.latency import check_latency_budget
     from .api import check_alloc_folder
 
-    check_alloc_folder(out, args.resume, create=False)  # before any expensive work
+    check_latency_budget(quant, config)  # before any expensive work
+    check_alloc_folder(out, args.resume, create=False)
     with ray_connected(config):
         model, quant, xc, xe, ye = _load(args, quiet=args.quiet)
         t0 = time.perf_counter()
@@ -506,7 +514,14 @@ def cmd_allocate(args) -> int:
     for o in rep["allocation"].values():
         counts[o] = counts.get(o, 0) + 1
     mix = ", ".join(f"{n} layers at {o}" for o, n in sorted(counts.items(), key=lambda kv: str(kv[0])))
-    print(f"allocation: {mix}; {rep['avg_bits']:.3f} mean weight bits, {rep['size_bytes'] / 1e6:.3f} MB packed "
+    lat = ""
+    if "latency" in rep:
+        r = rep["latency"]
+        err = r.get("max_abs_error_mixed")
+        lat = (f", {rep['latency_ms']:.2f} ms predicted (batch {r['batch']}, {r['threads']} threads; the table's "
+               f"error on whole-model timings {100 * err:.1f}% at most)" if err is not None else
+               f", {rep['latency_ms']:.2f} ms predicted (batch {r['batch']}, {r['threads']} threads)")
+    print(f"allocation: {mix}; {rep['avg_bits']:.3f} mean weight bits, {rep['size_bytes'] / 1e6:.3f} MB packed{lat} "
           f"({bud['kind']}={bud['value']:g})")
     print(f"{rep['search']['evaluations']} fitness evaluations, search {rep['search_seconds']:.0f} s, total "
           f"{rep['seconds']:.0f} s; wrote {out / 'report.json'}, {out / 'pareto.json'}, {out / 'pareto.png'} and "

@@ -387,9 +387,10 @@ class AllocationConfig:
     ``menu``: the options, e.g. ``"2,3,4,8"`` (widths 2..8, optionally ``float``). ``budget``:
     ``"avg-bits=3.3"`` (parameter-weighted mean weight bits), ``"size-mb=2.7"`` (the packed size,
     ``evolq.allocation.menu.SizeModel``) or ``"latency-ms=12"`` (a per-layer latency table measured
-    in the deploy runtime). ``searcher``: a registered allocation searcher
-    (``evolq.search.allocators``: nsga2, ilp, greedy, random) or an EvoTorch ``SearchAlgorithm``
-    class. ``evaluations``: the fitness evaluations the search may spend, the sensitivity
+    in the deploy runtime, ``evolq.allocation.latency``: the deploy regime only, ``"float"`` on the
+    menu, timed at ``latency_batch`` images and ``latency_threads`` threads). ``searcher``: a
+    registered allocation searcher (``evolq.search.allocators``: nsga2, ilp, greedy, random) or an
+    EvoTorch ``SearchAlgorithm`` class. ``evaluations``: the fitness evaluations the search may spend, the sensitivity
     measurement included. The fitness is the ``loss`` (KL to the float logits by default) on
     ``fitness_images`` calibration images; ``holdout`` of the calibration images is kept out of
     everything (calibration, tables, fitness) and chooses the allocation among the ``select``
@@ -415,6 +416,8 @@ class AllocationConfig:
     select: int = 6
     chunk: int = 32
     cache_mb: float = 1024.0
+    latency_batch: int = 1  # images per call the latency-ms table is timed at
+    latency_threads: int = 2  # threads inductor compiles for and the table is timed with
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -429,8 +432,14 @@ class AllocationConfig:
         from .losses import LOSSES
         from .scaleout import check_actors
 
-        parse_menu(self.menu)
-        parse_budget(self.budget)
+        menu = parse_menu(self.menu)
+        kind, _ = parse_budget(self.budget)
+        if kind == "latency-ms" and "float" not in menu.options:
+            raise ConfigError(f"a latency-ms budget needs \"float\" on the menu (e.g. {menu.label()},float): every "
+                              f"integer width runs the same int8 kernels, so without it all allocations take the same "
+                              f"time")
+        _check_int("latency_batch", self.latency_batch, 1, 4096)
+        _check_int("latency_threads", self.latency_threads, 1, 1024)
         if isinstance(self.searcher, str):
             from .search.allocators import ALLOCATORS
 

@@ -295,3 +295,120 @@ def test_engine_reports_evaluations_and_block_reuse(vit_setup):
     assert res["evaluations"] >= 30 and res["sensitivity_evaluations"] == 1 + 3 * len(tables.layers)
     assert res["fitness"]["block_reuse"] > 0
     assert all(pt["size_bytes"] <= budget for pt in res["front"])
+
+
+# -- the latency objective (issue 29): a per-layer table timed in the deploy runtime ------
+def _deploy_vit(x):
+    return prepare_model(tiny_vit(), x, QuantConfig.preset("deploy", w_bits=4))
+
+
+def synthetic_latency(qmodel, menu, example, **kw):
+    """A stand-in for ``measure_latency_table``: int8 at 1 ms per 10k weights, float at 2.5 (the
+    real table is measured by the slow test below)."""
+    from evolq.allocation.latency import LatencyTable
+
+    mods = quantized_layers(qmodel.model)
+    t8 = torch.tensor([m.weight.numel() / 1e4 for m in mods.values()], dtype=torch.float64)
+    table = torch.stack([2.5 * t8 if o == "float" else t8 for o in menu.options], 1)
+    return LatencyTable(list(mods), menu, table, 0.5, {"threads": kw["threads"], "batch": kw["batch"],
+                                                       "synthetic": True})
+
+
+@pytest.mark.slow
+def test_latency_table_times_every_layer_in_int8_and_float_and_validates_the_sum():
+    """Real inductor compiles of a tiny deploy ViT (~20 s warm, ~1 min with a cold inductor cache)."""
+    import json
+
+    from evolq.allocation.latency import LatencyTable, measure_latency_table
+
+    x = images(16)
+    q = _deploy_vit(x)
+    menu = parse_menu("4,8,float")
+    t = measure_latency_table(q, menu, x, threads=1, batch=1, pairs=2, warmup=1, round_ms=1.0, mixed=1)
+    names = list(quantized_layers(q.model))
+    assert t.layers == names and t.table.shape == (len(names), 3)
+    assert torch.equal(t.table[:, 0], t.table[:, 1]) and bool((t.table >= 0).all())  # one int8 time per layer
+    rec = t.record
+    sigs = rec["signatures"]
+    assert len(sigs) < len(names) and sum(s["layers"] for s in sigs) == len(names)  # identical layers timed once
+    assert all(s["kernels"]["int8"]["integer"] and not s["kernels"]["float"]["integer"] for s in sigs)
+    rows = {r["allocation"]: r for r in rec["validation"]}
+    assert set(rows) == {"all-int8", "all-float", "mixed-50%-float"}
+    assert rows["all-int8"]["integer_kernels"] == len(names) and rows["all-float"]["integer_kernels"] == 0
+    mixed = rows["mixed-50%-float"]
+    assert mixed["integer_kernels"] == len(names) - mixed["float_layers"] and not mixed["fitted"]
+    for a, r in rows.items():
+        assert r["measured_ms"] > 0 and r["error"] == pytest.approx((r["predicted_ms"] - r["measured_ms"])
+                                                                   / r["measured_ms"])
+        flt = [n in (r["float_layer_names"] or (names if a == "all-float" else [])) for n in names]
+        genes = torch.tensor([[2 if f else 0 for f in flt]])
+        assert float(t.predict(genes)[0]) == pytest.approx(r["predicted_ms"])  # the table is what was validated
+    ends = [rows[a]["predicted_raw_ms"] - rows[a]["measured_ms"] for a in ("all-int8", "all-float")]
+    assert sum(ends) == pytest.approx(0, abs=1e-9)  # the raw constant: their mean residual
+    assert rec["model"] == ("scaled" if "scaled" in rec["max_abs_error_mixed_by_model"] else "raw")  # the default
+    if "scaled" in rec["max_abs_error_mixed_by_model"]:  # exact at both uniform allocations by construction
+        assert abs(rows["all-int8"]["error_scaled"]) < 1e-9 and abs(rows["all-float"]["error_scaled"]) < 1e-9
+    assert rec["threads"] == 1 and rec["batch"] == 1 and rec["cpu"]["model"] and rec["seconds"]["total"] > 0
+    back = LatencyTable.from_dict(json.loads(json.dumps(t.to_dict())))
+    assert torch.equal(back.table, t.table) and back.constant == t.constant and back.layers == names
+
+
+def test_allocate_bits_under_a_latency_budget_never_exceeds_it_and_resumes_with_its_table(tmp_path, monkeypatch):
+    import evolq.allocation.latency as latency
+
+    calls = []
+    monkeypatch.setattr(latency, "measure_latency_table", lambda *a, **k: calls.append(k) or synthetic_latency(*a, **k))
+    x = images(48)
+    lo, hi = synthetic_latency(_deploy_vit(x[:16]), parse_menu("4,8,float"), x, threads=1, batch=1).range()
+    budget = lo + 0.4 * (hi - lo)
+    cfg = AllocationConfig(menu="4,8,float", budget=f"latency-ms={budget}", evaluations=40, popsize=8,
+                           fitness_images=12, latency_threads=1, progress=False)
+    quant = QuantConfig.preset("deploy", w_bits=4)
+    q, rep = allocate_bits(tiny_vit(), x, quant, cfg, arch="m", checkpoint_dir=tmp_path / "run")
+    assert len(calls) == 1 and calls[0]["threads"] == 1 and calls[0]["batch"] == 1
+    assert rep["latency_ms"] <= budget and all(p["latency_ms"] <= budget for p in rep["front"])
+    assert set(rep["chosen"]) >= {"loss", "size_bytes", "latency_ms"}  # three objectives
+    table = torch.tensor(rep["latency"]["table_ms"])
+    genes = torch.tensor(rep["chosen"]["genes"])
+    assert float(table.gather(1, genes[:, None]).sum()) + rep["latency"]["constant_ms"] == \
+        pytest.approx(rep["latency_ms"])
+    assert {n: v["w_bits"] for n, v in layer_bits_summary(q.model)["layers"].items()} == rep["allocation"]
+    assert "float" in rep["allocation"].values() and rep["latency"]["synthetic"]
+    assert [u["latency_ms"] for u in rep["uniform"]] == sorted(u["latency_ms"] for u in rep["uniform"])
+    assert (tmp_path / "run" / "latency.json").exists()
+    monkeypatch.setattr(latency, "measure_latency_table", lambda *a, **k: pytest.fail("re-measured on resume"))
+    _, back = allocate_bits(tiny_vit(), x, quant, cfg, arch="m", checkpoint_dir=tmp_path / "run", resume=True)
+    assert back["allocation"] == rep["allocation"] and back["latency"]["cached"]
+    monkeypatch.setattr(latency, "measure_latency_table", synthetic_latency)
+    low = AllocationConfig(menu="4,8,float", budget=f"latency-ms={0.9 * lo}", latency_threads=1, progress=False)
+    with pytest.raises(ConfigError, match=r"below the smallest .* latency-ms in \d") as e:
+        allocate_bits(tiny_vit(), x, quant, low)
+    assert "\n" not in str(e.value)
+
+
+def test_latency_budget_outside_the_deploy_regime_is_a_one_line_error(tmp_path, capsys):
+    from evolq.cli import main
+
+    cfg = AllocationConfig(menu="4,8,float", budget="latency-ms=5", progress=False)
+    with pytest.raises(ConfigError, match="deploy regime.*--preset deploy") as e:
+        allocate_bits(tiny_vit(), images(16), QuantConfig(), cfg)
+    assert "\n" not in str(e.value)
+    rc = main(["allocate", "--model", "vit_tiny_patch16_224", "--menu", "4,8,float", "--budget", "latency-ms=5",
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--preset deploy" in err[0] and not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match='needs "float" on the menu') as e:
+        AllocationConfig(menu="4,8", budget="latency-ms=5")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="latency_threads"):
+        AllocationConfig(menu="4,8,float", budget="latency-ms=5", latency_threads=0)
+
+
+def test_latency_budget_without_the_runtime_names_the_extra(monkeypatch):
+    from evolq.export.runtimes.inductor import InductorRuntime
+
+    monkeypatch.setattr(InductorRuntime, "package", "evolq_no_such_package")
+    cfg = AllocationConfig(menu="4,8,float", budget="latency-ms=5", progress=False)
+    with pytest.raises(ConfigError, match=r"pip install 'evolq\[deploy\]'") as e:
+        allocate_bits(tiny_vit(), images(16), QuantConfig.preset("deploy"), cfg)
+    assert "\n" not in str(e.value)

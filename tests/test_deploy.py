@@ -337,3 +337,26 @@ def test_openvino_runs_every_deploy_layer_in_int8(tmp_path):
     res = check_export(q, path, "onnx", "openvino", x, threads=1, batch_size=8)
     assert res["integer_kernels"] == {"Convolution": 1, "FullyConnected": 9}  # patch embedding; 8 block Linears + head
     assert res["layers_in_float"] == 0 and res["agreement"] >= res["floor"] - 12.5
+
+
+def test_compiling_another_program_keeps_the_first_compiled():
+    """The inductor runner captures its generated code without resetting dynamo: a program compiled
+    before another one runs again without being compiled again (the latency table times several
+    compiled programs in alternation; each recompile cost a whole-model compile)."""
+    from torch._dynamo.utils import counters
+
+    from evolq.export.runtimes.inductor import compile_module
+
+    x = torch.randn(2, 8)
+    runners = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nn = torch.nn
+        m = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4)).eval()
+        runners.append(compile_module(torch.export.export(m, (x,), strict=False).module(), 1))
+        runners[-1](x)
+        assert runners[-1].codes  # its generated code was captured
+    graphs = counters["stats"]["unique_graphs"]
+    for r in runners * 2:
+        r(x)
+    assert counters["stats"]["unique_graphs"] == graphs

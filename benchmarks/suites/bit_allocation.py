@@ -29,7 +29,14 @@ from evolq.evaluate import evaluate_qmodel, predict
 from evolq.problems.bit_allocation import BitAllocationProblem
 from evolq.search.allocators import NEEDS_SENSITIVITY
 
+from ..report import Col, Section, Table, mean_sd
 from ..runner import Suite, cpu_info, register
+
+
+def _slug(arch: str, budget: str, start: str) -> str:
+    """The figure's name part: ``vit_tiny_uniform3_gptq``."""
+    short = arch.replace("_patch16_224", "").replace("tf_", "")
+    return f"{short}_{budget.replace('=', '').replace('.', 'p')}_{start}"
 
 
 def _short(m):
@@ -98,6 +105,8 @@ def run(run):
     label = f"{arch}|{a.preset}|{a.start}{a.tag}|{a.budget}|{a.menu}"
     with torch.no_grad():
         fp_logits = None if a.no_final else predict(d.base.eval(), d.xe)
+    if a.limit_only:
+        return _limit_only(run, a, d, quant, label)
     for seed in a.seeds:
         names = [n for n in a.searchers.split(",") if n]
         todo = [n for n in names + (["uniform"] if not a.no_final and a.budget.startswith("uniform=") else [])
@@ -155,11 +164,54 @@ def run(run):
                   f"hold-out {row['chosen'].get('holdout_loss', float('nan')):.4f}, {row['avg_bits']:.3f} bits, "
                   f"final {row.get('final', {}).get('top1', float('nan')):.1f}", flush=True)
         if fronts:
-            plot_fronts(fronts, run.path.with_name(f"{run.path.stem}_seed{seed}{a.tag}.png"),
+            plot_fronts(fronts, run.path.with_name(f"{run.path.stem}_{_slug(arch, a.budget, a.start)}_seed{seed}{a.tag}"
+                                                   ".png"),
                         budget_bytes=limit if cfg.budget_kind[0] == "size-mb" else None,
                         title=f"{arch} {a.budget} ({a.preset}, seed {seed})")
         if a.spearman and seed == a.seeds[0]:
             _spearman(run, a, s, label, seed, d, fit_x, hold_x, quant, fp_logits)
+
+
+def _limit(s, threads: int) -> dict:
+    """The fitness against the physical limit: the FLOPs of one whole evaluation (no prefix reuse, no memo;
+    PyTorch's FLOP counter: matmuls and convolutions) at the measured matmul rate (``speed``'s
+    ``matmul_rate``: best FLOP per CPU-second of the model's linear shapes) on ``threads`` threads, against
+    the measured wall time of such an evaluation (least of 3)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .speed import matmul_rate
+
+    g = torch.zeros(1, len(s.layers), dtype=torch.long)  # the FLOPs do not depend on the widths
+    _reset(s.fitness)
+    with FlopCounterMode(display=False) as fc:
+        s.fitness(g)
+    flops = fc.get_total_flops()
+    wall = float("inf")
+    for _ in range(3):
+        _reset(s.fitness)
+        t = time.perf_counter()
+        s.fitness(g)
+        wall = min(wall, time.perf_counter() - t)
+    rate = matmul_rate([s.fitness.chunk * 197], repeats=3)  # ViT-Tiny's linear shapes, a chunk of 197 tokens
+    limit = flops / (rate * threads)
+    return {"flops_per_eval": flops, "matmul_gflops_per_cpu_s": rate / 1e9, "threads": threads,
+            "limit_seconds": limit, "seconds_per_full_eval": wall, "fraction_of_limit": limit / wall}
+
+
+def _limit_only(run, a, d, quant, label):
+    """``--limit-only``: the fitness against its FLOP limit on a proxy with round-to-nearest tables (the
+    tables' rounding does not change the forward's cost); run it alone on the machine."""
+    cfg = AllocationConfig(menu=a.menu, budget="avg-bits=8", fitness_images=a.fitness_images, tables="rtn",
+                           seed=a.seeds[0], progress=False)
+    fit_x, hold_x = split_calibration(d.xc, cfg.holdout, a.seeds[0])
+    s = prepare_allocation(d.base, fit_x, hold_x, quant, cfg, arch=a.model)
+    rec = dict(_limit(s, a.threads), seed=a.seeds[0], key=label, alone=True, cpu=cpu_info())
+    run.doc.setdefault("limit", []).append(rec)
+    run.save()
+    print(f"one whole fitness evaluation ({a.fitness_images} images): {rec['seconds_per_full_eval']:.3f} s, "
+          f"{rec['flops_per_eval'] / 1e9:.1f} GFLOP, limit {rec['limit_seconds']:.3f} s at "
+          f"{rec['matmul_gflops_per_cpu_s']:.1f} GFLOP per CPU-second x {a.threads} threads: "
+          f"{rec['fraction_of_limit']:.0%} of the limit", flush=True)
 
 
 def _spearman(run, a, s, label, seed, d, fit_x, hold_x, quant, fp_logits):
@@ -196,9 +248,68 @@ def _a(name):
     return field_default(AllocationConfig, name)
 
 
-VIT = "--model vit_tiny_patch16_224 --preset outlier-aware --budget uniform=3"
+def _groups(doc) -> list[dict]:
+    """One row per (model, budget, start, searcher): the final models' figures as mean +- std over seeds."""
+    by: dict = {}
+    for r in doc.get("runs", []):
+        by.setdefault((r["model"], r["budget_label"], r["start"] + r.get("tag", ""), r["searcher"]), []).append(r)
+    order = {n: i for i, n in enumerate(["uniform", "ilp", "greedy", "random", "nsga2"])}
+    rows = []
+    for (model, budget, start, name), rs in sorted(by.items(), key=lambda kv: (*kv[0][:3], order.get(kv[0][3], 9))):
+        fin = [r["final"] for r in rs if "final" in r]
+        rows.append({
+            "model": model.replace("_patch16_224", ""), "budget": budget, "start": start, "searcher": name,
+            "seeds": ",".join(str(r["seed"]) for r in rs),
+            "top1": mean_sd([f["top1"] for f in fin]), "kl": mean_sd([f["kl"] for f in fin], "{:.3f}"),
+            "proxy": mean_sd([r["chosen"]["loss"] for r in rs], "{:.3f}"),
+            "holdout": mean_sd([r["chosen"].get("holdout_loss") for r in rs], "{:.3f}"),
+            "bits": mean_sd([r["avg_bits"] for r in rs], "{:.3f}"),
+            "mb": mean_sd([r["chosen"]["size_bytes"] / 1e6 for r in rs], "{:.3f}"),
+            "evals": mean_sd([r.get("evaluations") for r in rs], "{:.0f}") or "-",
+            "search_s": mean_sd([r.get("search_seconds") for r in rs], "{:.0f}") or "-",
+            "evals_s": mean_sd([r["fitness"]["evaluations_per_s"] for r in rs if r.get("fitness")], "{:.2f}") or "-",
+            "cpu": f"{rs[0]['cpu']['model']} ({rs[0]['cpu']['cores']} cores, load {rs[0]['cpu']['load_1m']:.1f})"})
+    return rows
+
+
+def _spearman_lines(doc) -> list[str]:
+    out = []
+    for r in doc.get("spearman", []):
+        if len(r["points"]) >= 3:
+            out.append(f"Proxy against final model, {r['model']} {r['start']} seed {r['seed']}, "
+                       f"{len(r['points'])} allocations spread over the loss range the nsga2 run evaluated: "
+                       f"Spearman rho of the fitness loss vs the final model's evaluation KL {r['rho_loss_vs_kl']:.3f} "
+                       f"(vs top-1 {r['rho_loss_vs_top1']:.3f}); of the hold-out loss vs evaluation KL "
+                       f"{r['rho_holdout_loss_vs_kl']:.3f} (vs top-1 {r['rho_holdout_loss_vs_top1']:.3f}).")
+    return out
+
+
+def _figures(doc) -> list[str]:
+    from ..runner import RESULTS
+
+    return [f"![{p.stem}](../benchmarks/results/{p.name})" for p in sorted(RESULTS.glob("bit_allocation_*_seed0.png"))]
+
+
+REPORT = [
+    "## Per-layer bit allocation (`bit_allocation.json`)",
+    "`python -m benchmarks bit_allocation` (`benchmarks/suites/bit_allocation.py`): per seed, one proxy (weight tables "
+    "of every layer at every menu width from the start, fitness = KL of logits on `fitness_images` calibration images "
+    "against cached FP32 logits), each searcher given the same number of fitness evaluations (the sensitivity pass "
+    "charged to the searchers that use it), its allocation chosen on the hold-out calibration images, then built with "
+    "the real start and scored on the 500-image evaluation split. `uniform` is the uniform allocation defining the "
+    "budget (edge layers at 8 bits). Mean +- std over the seeds listed.",
+    Table([Col("model", "model"), Col("budget", "budget"), Col("start", "start"), Col("searcher", "searcher"),
+           Col("seeds", "seeds"), Col("top-1", "top1"), Col("KL", "kl"), Col("proxy loss", "proxy"),
+           Col("hold-out loss", "holdout"), Col("avg bits", "bits"), Col("MB", "mb"), Col("evals", "evals"),
+           Col("search s", "search_s"), Col("fitness evals/s", "evals_s"), Col("CPU", "cpu")], _groups),
+    _spearman_lines,
+    _figures,
+]
+
+
+VIT = "--model vit_tiny_patch16_224 --preset outlier-aware --evaluations 400"
 register(Suite(
-    name="bit_allocation", doc=__doc__, run=run, order=58, resume=True,
+    name="bit_allocation", doc=__doc__, run=run, order=58, resume=True, report=[Section("bit_allocation", REPORT)],
     what="per-layer bit allocation: nsga2 vs sensitivity+ILP, greedy and random at equal evaluations; final models",
     common={"model": "vit_tiny_patch16_224", "calib": 500, "eval": 500, "seeds": [0], "threads": 2},
     args=[(("--preset",), {"default": "outlier-aware"}), (("--start",), {"default": "gptq"}),
@@ -214,9 +325,15 @@ register(Suite(
           (("--front",), {"type": float, "default": _a("front")}),
           (("--no-final",), {"action": "store_true", "help": "search only"}),
           (("--spearman",), {"type": int, "default": 0, "help": "final models of N allocations (first seed)"}),
+          (("--limit-only",), {"action": "store_true", "help": "only the fitness against its FLOP limit"}),
           (("--tag",), {"default": ""})],
-    results={"bit_allocation": [f"{VIT} --seeds 0,1,2", f"{VIT} --start ofq --searchers nsga2 --seeds 0,1,2",
-                                f"{VIT} --spearman 24 --searchers nsga2 --seeds 0"]},
+    results={"bit_allocation": [
+        f"{VIT} --budget uniform=3 --searchers ilp,greedy,random,nsga2 --spearman 12 --seeds 0",
+        f"{VIT} --budget uniform=3 --searchers ilp,nsga2 --seeds 1,2",
+        "--model tf_efficientnet_lite0 --preset fq-vit --evaluations 400 --budget uniform=3 --searchers ilp,nsga2 "
+        "--seeds 0",
+        f"{VIT} --budget uniform=4 --w-bits 4 --searchers ilp,nsga2 --seeds 0",
+        "--model vit_tiny_patch16_224 --preset outlier-aware --limit-only"]},
     smoke={"calib": 24, "eval": 8, "evaluations": 12, "popsize": 4, "fitness_images": 4, "seeds": [0],
            "searchers": "nsga2,ilp"},
 ))

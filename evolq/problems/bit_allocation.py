@@ -154,7 +154,9 @@ class BitAllocationProblem(ActorProblem, evotorch.Problem):
             cheaper = [j for j in range(self.allowed.shape[1]) if self.allowed[layer, j] and c[layer, j] < c[layer, k]]
             if not cheaper:
                 continue
-            j = max(cheaper, key=lambda j: (float(c[layer, j]), -j))  # the next cheaper option
+            # the next cheaper option; among equally cheap ones (the integer widths of a latency
+            # table) the one whose priority grows least, then the widest
+            j = max(cheaper, key=lambda j: (float(c[layer, j]), -float(self.priority[layer, j]), j))
             saved = float(c[layer, k] - c[layer, j])
             out.append((float(self.priority[layer, j] - self.priority[layer, k]) / saved, -saved, layer, j))
         return out

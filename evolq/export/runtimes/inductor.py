@@ -12,7 +12,7 @@ import torch
 
 from .base import Runner, Runtime
 
-__all__ = ["InductorRuntime", "count_kernels"]
+__all__ = ["InductorRuntime", "count_kernels", "compile_module"]
 
 _CALL = re.compile(r"torch\.ops\.(onednn|mkldnn|aten|quantized|torchao)\.(\w+)\.|extern_kernels\.(\w+)\(")
 
@@ -42,6 +42,28 @@ def _setup():
     cfg.freezing = True
 
 
+def _run_and_get_code(fn, x):
+    """``fn(x)`` and the code inductor generated for it. Unlike ``torch._inductor.utils.run_and_get_code``
+    this does not reset dynamo first, which would drop every other program compiled in this process
+    (each would then be compiled again on its next call: twice the compile time when several
+    programs are timed in alternation, as ``evolq.allocation.latency`` does); only when dynamo did
+    not even look at a frame (it had this module's code already) is it reset and run again."""
+    from unittest import mock
+
+    from torch._dynamo.utils import counters
+    from torch._inductor.graph import GraphLowering
+
+    codes: list[str] = []
+    frames = counters["frames"]["total"]
+    with mock.patch.object(GraphLowering, "save_output_code", codes.append):
+        out = fn(x)
+    if not codes and counters["frames"]["total"] == frames:
+        from torch._inductor.utils import run_and_get_code
+
+        return run_and_get_code(fn, x)
+    return out, list(dict.fromkeys(codes))
+
+
 class _CompiledRunner(Runner):
     def __init__(self, module: torch.nn.Module, threads: int):
         _setup()
@@ -54,10 +76,8 @@ class _CompiledRunner(Runner):
         key = tuple(x.shape)
         with torch.no_grad():
             if key not in self.compiled:
-                from torch._inductor.utils import run_and_get_code
-
                 fn = torch.compile(self.module, dynamic=False)
-                out, codes = run_and_get_code(fn, x)
+                out, codes = _run_and_get_code(fn, x)
                 self.compiled[key] = fn
                 self.codes.extend(codes)
                 return out.float()
@@ -65,6 +85,13 @@ class _CompiledRunner(Runner):
 
     def kernels(self):
         return count_kernels(self.codes[-1:] if self.codes else [])
+
+
+def compile_module(module: torch.nn.Module, threads: int) -> Runner:
+    """``module`` (a ``torch.export`` program's ``.module()``, so that it has code of its own
+    for dynamo to cache) compiled by inductor with freezing at ``threads`` threads, as this
+    runtime compiles a pt2 file: compiled on its first call, once per input shape."""
+    return _CompiledRunner(module, threads)
 
 
 class InductorRuntime(Runtime):
