@@ -174,7 +174,7 @@ def _cpu(rs, d=None) -> str:
 
 
 def _top1(xs) -> str:
-    return mean_sd(xs, "{:.1f}") if len(xs) > 1 else f"{xs[0]:.1f}"
+    return mean_sd(xs, "{:.1f}").replace("+-", "±") if len(xs) > 1 else f"{xs[0]:.1f}"
 
 
 def _start_row(label, key, search=False):
@@ -197,15 +197,20 @@ def _keep_rows(d):
 def _deploy_row(d):
     c = d["configs"]["vit-w8a8"]
     b = c["pt2"]["bench"]["runs"][0]
-    return [f"W8A8 deploy, pt2 in inductor: {c['pt2']['bytes'] / 1e6:.1f} MB file, {b['speedup']['median']:.2f}x its "
-            f"own FP32 compile (batch {b['batch']}, {b['threads']} threads)",
+    return [f"W8A8 deploy, {c['calib_images']} calibration images, pt2 in inductor: {c['pt2']['bytes'] / 1e6:.1f} MB "
+            f"file, top-1 in the runtime, {b['speedup']['median']:.2f}x its own FP32 compile (batch {b['batch']}, "
+            f"{b['threads']} threads)",
             f"{c['pt2']['check']['top1_runtime']:.1f}", "0", c["pt2"]["bench"]["cpu"]["model"]]
 
 
 def _demo_rows(d):
-    out = [[f"`make demo` ({d['settings']['calib_images']} calibration, {d['settings']['eval_images']} evaluation "
-            f"images): {r['model']}, {r['weights_mb']:.2f} MB", f"{r['top1']:.1f}", "0", d["cpu"]["model"]]
-           for r in d["rows"][1:]]
+    st = d["settings"]
+    out = [[f"`make demo` ({st['calib_images']} calibration, {st['eval_images']} evaluation images): {r['model']}, "
+            f"{r['weights_mb']:.2f} MB packed", f"{r['top1']:.1f}", "0", d["cpu"]["model"]] for r in d["rows"][1:]]
+    sh = d.get("shipped")
+    if sh:
+        out[-1][0] += (f"; shipped as {sh['mb']:.1f} MB pt2, {sh['speedup']:.2f}x its own FP32 compile in "
+                       f"{sh['runtime']} (batch {sh['batch']}, {sh['threads']} threads)")
     out[-1][0] += f"; whole demo {d['wall_seconds']:.0f} s"
     return out
 

@@ -115,6 +115,17 @@ def run(run):
               f"top-1 {final['top1']:.2f} (kept epoch {kept}), {secs:.0f} s", flush=True)
 
 
+def _hold_kl(r, k):
+    """The hold-out KL (calibration data) of the weights ``k`` ends with."""
+    hist = [h["holdout_kl"] for h in r.get("history") or [] if h.get("holdout_kl") is not None]
+    if not hist:
+        return None
+    if k == "last":
+        return hist[-1]
+    before = (r.get("holdout_kl") or {}).get("before")
+    return min(hist + ([before] if before is not None else []))
+
+
 def _rows(d):
     out = []
     for k in ("last", "holdout"):
@@ -123,9 +134,15 @@ def _rows(d):
                     "per_seed": ", ".join(f"{r[k]['top1']:.1f}" for r in rs),
                     "range": f"{min(r[k]['top1'] for r in rs):.1f}..{max(r[k]['top1'] for r in rs):.1f}",
                     "kl": mean_sd([r[k]["kl"] for r in rs], "{:.4f}"),
+                    "hold_kl": mean_sd([_hold_kl(r, k) for r in rs], "{:.4f}"),
                     "kept": ", ".join(str(r["kept_epoch"] if k == "holdout" else r["last_epoch"]) for r in rs),
                     "seeds": " ".join(str(r["seed"]) for r in rs)})
     return out
+
+
+def _recipe(d):
+    opts = d["settings"].get("options") or {}
+    return "with " + ", ".join(f"{k}={v}" for k, v in opts.items()) if opts else "of today's defaults"
 
 
 def _cpus(d):
@@ -146,7 +163,8 @@ register(Suite(
     report=[Section("ofq_keep_*", [
         "## The ofq start's spread: keep the last epoch or the hold-out's best (`benchmarks/suites/ofq_keep.py`)",
         lambda d: f"{d['settings']['model']} W{d['settings']['w_bits']}A{d['settings']['a_bits']}, "
-                  f"{d['settings']['preset']} preset, edge bits {d['settings']['edge_bits']}, the default ofq recipe; "
+                  f"{d['settings']['preset']} preset, edge bits {d['settings']['edge_bits']}, the ofq recipe "
+                  f"{_recipe(d)}; "
                   f"per seed the hold-out ({d['settings']['holdout']:.0%} of the {d['settings']['calib']}-image "
                   f"calibration pool) is split off by the seed and the fine-tune uses the same seed; top-1 on "
                   f"{d['settings']['eval']} evaluation images (FP32 {d['fp32_top1']:.1f}), mean ± std over the seeds, "
@@ -154,4 +172,5 @@ register(Suite(
                   f"at the end of the last epoch, *holdout* the weights of the epoch with the lowest hold-out KL "
                   f"(*epoch*: the epoch each row ends with, per seed).",
         Table([Col("keep", "keep"), Col("top-1", "top1"), Col("per seed", "per_seed"), Col("range", "range"),
-               Col("KL", "kl"), Col("epoch", "kept"), Col("seeds", "seeds")], _rows)])]))
+               Col("KL (evaluation)", "kl"), Col("hold-out KL (calibration)", "hold_kl"), Col("epoch", "kept"),
+               Col("seeds", "seeds")], _rows)])]))
