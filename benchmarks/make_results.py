@@ -213,6 +213,21 @@ def _demo_rows(d):
     return out
 
 
+def _alloc_rows(d):
+    """Bits per layer at the packed size of uniform W3A8 (ViT-Tiny, gptq start): each searcher's final model."""
+    by: dict = {}
+    for r in d.get("runs", []):
+        if r["model"] == "vit_tiny_patch16_224" and r["budget_label"] == "uniform=3" and r["start"] == "gptq" \
+                and "final" in r and r["searcher"] != "uniform":
+            by.setdefault(r["searcher"], []).append(r)
+    names = {"ilp": "sensitivity + ILP", "greedy": "greedy bit-dropping", "random": "random search",
+             "nsga2": "evolutionary (NSGA-II)"}
+    return [[f"bits per layer at the W3A8 packed size ({float(rs[0]['budget'].split('=')[1]):.2f} MB), gptq start: "
+             f"{names.get(n, n)} ({rs[0].get('evaluations', 0)} fitness evaluations)",
+             _top1([r["final"]["top1"] for r in rs]), " ".join(str(r["seed"]) for r in rs), _cpu(rs)]
+            for n, rs in by.items()]
+
+
 # (results file, row function of its JSON: a row or a list of rows [what, top-1, seeds, CPU]); ViT-Tiny, the
 # outlier-aware preset with the classifier and first layer at 8 bits unless a row says otherwise
 README_ROWS = [
@@ -222,6 +237,7 @@ README_ROWS = [
     ("start_points_vit_tiny_w3a8", _start_row("W3A8 ofq start + Evol-Q's search (1 pass, last 4 blocks)",
                                               "ofq+qkr=auto", search=True)),
     ("ofq_keep_vit_tiny_w3a8", _keep_rows),
+    ("bit_allocation", _alloc_rows),
     ("start_points_vit_tiny_w4a8", _start_row("W4A8 uniform, gptq start", "gptq")),
     ("start_points_vit_tiny_w4a8", _start_row("W4A8 ofq start", "ofq+qkr=auto")),
     ("deploy", _deploy_row),
