@@ -304,7 +304,8 @@ REPORT = [
            Col("search s", "search_s"), Col("fitness evals/s", "evals_s"), Col("CPU", "cpu")], _groups),
     lambda d: d.get("note"),
     lambda d: [f"A whole fitness evaluation (no prefix reuse, {r['flops_per_eval'] / 1e9:.1f} GFLOP on 64 images) "
-               f"took {r['seconds_per_full_eval']:.2f} s alone on {r['cpu']['model']} ({r['threads']} threads, load "
+               f"took {r['seconds_per_full_eval']:.2f} s alone on {r['cpu']['model']} (int8 flags "
+               f"{', '.join(r['cpu']['flags'])}; {r['threads']} threads, load "
                f"{r['cpu']['load_1m']:.1f}); at the measured matmul rate ({r['matmul_gflops_per_cpu_s']:.0f} GFLOP per "
                f"CPU-second) its limit is {r['limit_seconds']:.2f} s: the fitness runs at "
                f"{r['fraction_of_limit']:.0%} of the FLOP limit (`--limit-only`)." for r in d.get("limit", [])],
