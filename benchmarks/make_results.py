@@ -31,7 +31,11 @@ HEADER = ["# Results", "",
           "labels, disjoint), on 2 CPU cores with small settings unless a section names a GPU. Accuracy on a few "
           "hundred images moves in steps of 100/N points: treat differences of a point or two as noise. Which JSON "
           "files were produced with earlier code and not re-run (search, efficientnet*, searchers, scaling, "
-          "landscapes) is listed in `benchmarks/README.md`.", ""]
+          "landscapes) is listed in `benchmarks/README.md`. Under each heading, *Measured on* names, for each "
+          "results file, the CPU model(s) and int8 flags it records and its seeds: a figure with several seeds is "
+          "given as mean ± std or per seed; one seed (or none recorded) means no spread was measured. CPU speeds "
+          "and even a seed's fine-tune result move between machines (an AMD EPYC Zen 4 and an Intel Xeon "
+          "Emerald Rapids ran these files).", ""]
 
 README_INTRO = """# Benchmarks
 
@@ -214,18 +218,27 @@ def _demo_rows(d):
 
 
 def _alloc_rows(d):
-    """Bits per layer at the packed size of uniform W3A8 (ViT-Tiny, gptq start): each searcher's final model."""
-    by: dict = {}
+    """Bits per layer at the packed size of a uniform width: each (model, budget, start) group's uniform model and
+    each searcher's final model, mean +- std over the seeds run."""
+    groups: dict = {}
     for r in d.get("runs", []):
-        if r["model"] == "vit_tiny_patch16_224" and r["budget_label"] == "uniform=3" and r["start"] == "gptq" \
-                and "final" in r and r["searcher"] != "uniform":
-            by.setdefault(r["searcher"], []).append(r)
-    names = {"ilp": "sensitivity + ILP", "greedy": "greedy bit-dropping", "random": "random search",
-             "nsga2": "evolutionary (NSGA-II)"}
-    return [[f"bits per layer at the W3A8 packed size ({float(rs[0]['budget'].split('=')[1]):.2f} MB), gptq start: "
-             f"{names.get(n, n)} ({rs[0].get('evaluations', 0)} fitness evaluations)",
-             _top1([r["final"]["top1"] for r in rs]), " ".join(str(r["seed"]) for r in rs), _cpu(rs)]
-            for n, rs in by.items()]
+        if "final" in r and r["budget_label"].startswith("uniform="):
+            groups.setdefault((r["model"], r["budget_label"], r["start"]), {}).setdefault(r["searcher"], []).append(r)
+    names = {"uniform": "uniform widths", "ilp": "sensitivity + ILP", "greedy": "greedy bit-dropping",
+             "random": "random search", "nsga2": "evolutionary (NSGA-II)"}
+    out = []
+    for (model, label, start), by in groups.items():
+        rs0 = next(iter(by.values()))
+        mb = float(rs0[0]["budget"].split("=")[1])
+        what = (f"{'' if model == 'vit_tiny_patch16_224' else model + ', '}bits per layer at the "
+                f"W{label.split('=')[1]}A8 packed size ({mb:.2f} MB), {start} start: ")
+        for n in ["uniform", "random", "ilp", "greedy", "nsga2"] + sorted(set(by) - set(names)):
+            rs = by.get(n)
+            if rs:
+                ev = round(sum(r.get("evaluations", 0) for r in rs) / len(rs))
+                out.append([what + names.get(n, n) + (f" ({ev} fitness evaluations)" if ev else ""),
+                            _top1([r["final"]["top1"] for r in rs]), " ".join(str(r["seed"]) for r in rs), _cpu(rs)])
+    return out
 
 
 # (results file, row function of its JSON: a row or a list of rows [what, top-1, seeds, CPU]); ViT-Tiny, the

@@ -15,7 +15,7 @@ from pathlib import Path
 from .runner import RESULTS
 
 __all__ = ["Col", "Table", "Pivot", "Section", "Image", "table", "load", "get", "render", "f2", "stats", "ms",
-           "mean_sd",
+           "mean_sd", "provenance",
            "METRICS"]
 
 
@@ -170,9 +170,50 @@ class Section:
         lines = []
         for doc in targets:
             if self.when is None or self.when(doc):
-                for block in self.blocks:
+                for i, block in enumerate(self.blocks):
                     lines += _block(block, doc, folder)
+                    if i == 0:  # under the heading: where and over which seeds every figure below was measured
+                        lines += [provenance(docs)] if not self.each else [provenance({doc["file"]: doc})]
+                        lines += [""]
         return lines
+
+
+def _collect(obj, cpus: dict, seeds: set) -> None:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "cpu" and isinstance(v, dict) and v.get("model"):
+                cpus.setdefault(v["model"], set()).update(v.get("flags") or [])
+            elif k == "cpu" and isinstance(v, str):
+                cpus.setdefault(None, set())
+            elif k == "seed" and isinstance(v, int):
+                seeds.add(v)
+            elif k == "seeds" and isinstance(v, list):
+                seeds.update(x for x in v if isinstance(x, int))
+            _collect(v, cpus, seeds)
+    elif isinstance(obj, list):
+        for v in obj:
+            _collect(v, cpus, seeds)
+
+
+def provenance(docs: dict) -> str:
+    """One line per section: the CPU(s) and seeds its results files record (or that they record none),
+    so that no figure stands without its machine and its spread."""
+    parts = []
+    for stem, doc in docs.items():
+        cpus, seeds = {}, set()
+        _collect(doc, cpus, seeds)
+        named = [f"{m} ({', '.join(sorted(f)) or 'int8 flags not recorded'})" for m, f in cpus.items() if m]
+        cpu = "; ".join(named) if named else ("CPU model not recorded (only the architecture, x86_64)"
+                                                if None in cpus else "CPU not recorded (2-core machines of "
+                                                "this project; which one is unknown)")
+        if len(seeds) > 1:
+            seed = f"seeds {', '.join(map(str, sorted(seeds)))} (the spread: the ± or per-seed figures below)"
+        elif seeds:
+            seed = f"one seed ({next(iter(seeds))}): no spread over seeds measured"
+        else:
+            seed = "no seed recorded: one run per figure (timings give their own spread over rounds)"
+        parts.append(f"`{stem}.json`: {cpu}; {seed}")
+    return "*Measured on* " + " · ".join(parts) + "."
 
 
 def _block(block, doc, folder: Path) -> list[str]:

@@ -60,14 +60,21 @@ def test_a_run_records_the_machine_and_a_resumable_suite_starts_from_its_file(tm
 
 
 def test_report_renders_columns_cross_tables_and_sections(tmp_path):
-    doc = {"model": "m", "runs": [{"bits": 8, "s": 0.5, "kl": 0.01234}, {"bits": 4, "s": 0.5, "kl": 0.2},
-                                  {"bits": 4, "s": 1.0, "kl": 0.3}]}
+    doc = {"model": "m", "cpu": {"model": "AMD EPYC", "flags": ["avx2", "avx512_vnni"]},
+           "runs": [{"bits": 8, "s": 0.5, "kl": 0.01234, "seed": 1}, {"bits": 4, "s": 0.5, "kl": 0.2, "seed": 0},
+                    {"bits": 4, "s": 1.0, "kl": 0.3, "seed": 0}]}
     (tmp_path / "x.json").write_text(json.dumps(doc))
     sec = Section("x", ["## {model}", Table([Col("bits", "bits", "W{}"), Col("KL", "kl", "{:.3f}")]),
                         Pivot("runs", [Col("bits", "bits", "W{}")], "s", "s={:g}".format, lambda r: f"{r['kl']:.2f}",
                               order="desc"), lambda d: None])
     assert sec.render(tmp_path) == [
         "## m", "",
+        "*Measured on* `x.json`: AMD EPYC (avx2, avx512_vnni); seeds 0, 1 (the spread: the ± or per-seed figures "
+        "below).", "",
         "| bits | KL |\n|---|---|\n| W8 | 0.012 |\n| W4 | 0.200 |\n| W4 | 0.300 |", "",
         "| bits | s=0.5 | s=1 |\n|---|---|---|\n| W8 | 0.01 | - |\n| W4 | 0.20 | 0.30 |", ""]
     assert Section("y", ["## never"]).render(tmp_path) == []  # no file: no section
+    (tmp_path / "z.json").write_text(json.dumps({"cpu": "x86_64", "runs": [{"seed": 3}]}))
+    assert Section("z", ["## z"]).render(tmp_path)[2] == (
+        "*Measured on* `z.json`: CPU model not recorded (only the architecture, x86_64); one seed (3): no spread "
+        "over seeds measured.")

@@ -228,6 +228,8 @@ def _spearman(run, a, s, label, seed, d, fit_x, hold_x, quant, fp_logits):
         rec = {"key": key, "seed": seed, "model": a.model, "start": a.start,
                "allocations": [list(memo[i][0]) for i in dict.fromkeys(idx)], "points": []}
         doc["spearman"].append(rec)
+    if len(rec["allocations"]) < a.spearman:  # a later, larger --spearman: extend the same record
+        _extend(rec, a.spearman, len(s.menu), seed)
     for genes in rec["allocations"][len(rec["points"]):]:
         g = torch.tensor(genes)
         final, sec = _final(d.base, fit_x, hold_x, quant, genes_to_bits(s.layers, s.menu, g), d.xe, d.ye, fp_logits,
@@ -242,6 +244,25 @@ def _spearman(run, a, s, label, seed, d, fit_x, hold_x, quant, fp_logits):
         run.save()
         print(f"spearman {len(rec['points'])}/{len(rec['allocations'])}: proxy {rec['points'][-1]['loss']:.4f}, final "
               f"KL {final['kl']:.4f}, top-1 {final['top1']:.1f}", flush=True)
+
+
+def _extend(rec, n, menu_size, seed, changed=3):
+    """Add allocations to a Spearman record whose search memo is gone (its searchers ran in an earlier
+    invocation): each new one re-draws ``changed`` seeded random genes of a stored allocation, taking the
+    stored ones in turn, so the new points stay spread over the stored points' loss range."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    base, seen = rec["allocations"][:], {tuple(x) for x in rec["allocations"]}
+    rec.setdefault("extended", {"from": len(base), "how": f"{changed} seeded random genes re-drawn in each stored "
+                                "allocation in turn"})
+    i = 0
+    while len(rec["allocations"]) < n:
+        genes = list(base[i % len(base)])
+        for j in torch.randperm(len(genes), generator=g)[:changed].tolist():
+            genes[j] = int(torch.randint(menu_size, (1,), generator=g))
+        i += 1
+        if tuple(genes) not in seen:
+            seen.add(tuple(genes))
+            rec["allocations"].append(genes)
 
 
 def _a(name):
@@ -336,6 +357,7 @@ register(Suite(
           (("--tag",), {"default": ""})],
     results={"bit_allocation": [
         f"{VIT} --budget uniform=3 --searchers ilp,greedy,random,nsga2 --spearman 12 --seeds 0",
+        f"{VIT} --budget uniform=3 --searchers nsga2 --spearman 20 --seeds 0",
         f"{VIT} --budget uniform=3 --searchers ilp,nsga2 --seeds 1,2",
         "--model tf_efficientnet_lite0 --preset fq-vit --evaluations 400 --budget uniform=3 --searchers ilp,nsga2 "
         "--seeds 0",
