@@ -223,15 +223,16 @@ def _alloc_rows(d):
     groups: dict = {}
     for r in d.get("runs", []):
         if "final" in r and r["budget_label"].startswith("uniform="):
-            groups.setdefault((r["model"], r["budget_label"], r["start"]), {}).setdefault(r["searcher"], []).append(r)
+            groups.setdefault((r["model"], r["budget_label"], r["start"], r["menu"]), {}).setdefault(
+                r["searcher"], []).append(r)
     names = {"uniform": "uniform widths", "ilp": "sensitivity + ILP", "greedy": "greedy bit-dropping",
              "random": "random search", "nsga2": "evolutionary (NSGA-II)"}
     out = []
-    for (model, label, start), by in groups.items():
+    for (model, label, start, menu), by in groups.items():
         rs0 = next(iter(by.values()))
         mb = float(rs0[0]["budget"].split("=")[1])
         what = (f"{'' if model == 'vit_tiny_patch16_224' else model + ', '}bits per layer at the "
-                f"W{label.split('=')[1]}A8 packed size ({mb:.2f} MB), {start} start: ")
+                f"W{label.split('=')[1]}A8 packed size ({mb:.2f} MB), {start} start, widths {menu}: ")
         for n in ["uniform", "random", "ilp", "greedy", "nsga2"] + sorted(set(by) - set(names)):
             rs = by.get(n)
             if rs:

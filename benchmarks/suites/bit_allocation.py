@@ -273,13 +273,19 @@ def _groups(doc) -> list[dict]:
     """One row per (model, budget, start, searcher): the final models' figures as mean +- std over seeds."""
     by: dict = {}
     for r in doc.get("runs", []):
-        by.setdefault((r["model"], r["budget_label"], r["start"] + r.get("tag", ""), r["searcher"]), []).append(r)
+        by.setdefault((r["model"], r["budget_label"], r["start"] + r.get("tag", ""), r["menu"], r["searcher"]),
+                      []).append(r)
     order = {n: i for i, n in enumerate(["uniform", "ilp", "greedy", "random", "nsga2"])}
     rows = []
-    for (model, budget, start, name), rs in sorted(by.items(), key=lambda kv: (*kv[0][:3], order.get(kv[0][3], 9))):
+    for (model, budget, start, menu, name), rs in sorted(by.items(),
+                                                         key=lambda kv: (*kv[0][:4], order.get(kv[0][4], 9))):
         fin = [r["final"] for r in rs if "final" in r]
+        timed = [r for r in rs if not r.get("paused")]  # runs paused for other jobs: their wall times are no figures
+        on = f" (seeds {','.join(str(r['seed']) for r in timed)})" if timed and len(timed) < len(rs) else ""
+        loads = [r["cpu"]["load_1m"] for r in rs]
         rows.append({
-            "model": model.replace("_patch16_224", ""), "budget": budget, "start": start, "searcher": name,
+            "model": model.replace("_patch16_224", ""), "budget": budget, "start": start, "menu": menu,
+            "searcher": name,
             "seeds": ",".join(str(r["seed"]) for r in rs),
             "top1": mean_sd([f["top1"] for f in fin]), "kl": mean_sd([f["kl"] for f in fin], "{:.3f}"),
             "proxy": mean_sd([r["chosen"]["loss"] for r in rs], "{:.3f}"),
@@ -287,10 +293,16 @@ def _groups(doc) -> list[dict]:
             "bits": mean_sd([r["avg_bits"] for r in rs], "{:.3f}"),
             "mb": mean_sd([r["chosen"]["size_bytes"] / 1e6 for r in rs], "{:.3f}"),
             "evals": mean_sd([r.get("evaluations") for r in rs], "{:.0f}") or "-",
-            "search_s": mean_sd([r.get("search_seconds") for r in rs], "{:.0f}") or "-",
-            "evals_s": mean_sd([r["fitness"]["evaluations_per_s"] for r in rs if r.get("fitness")], "{:.2f}") or "-",
-            "cpu": f"{rs[0]['cpu']['model']} ({rs[0]['cpu']['cores']} cores, load {rs[0]['cpu']['load_1m']:.1f})"})
+            "search_s": _on(mean_sd([r.get("search_seconds") for r in timed], "{:.0f}"), on),
+            "evals_s": _on(mean_sd([r["fitness"]["evaluations_per_s"] for r in timed if r.get("fitness")], "{:.2f}"),
+                           on),
+            "cpu": f"{rs[0]['cpu']['model']} ({rs[0]['cpu']['cores']} cores, load "
+                   f"{min(loads):.1f}{f'-{max(loads):.1f}' if max(loads) > min(loads) else ''})"})
     return rows
+
+
+def _on(value: str, on: str) -> str:
+    return value + on if value else "-"
 
 
 def _spearman_lines(doc) -> list[str]:
@@ -301,8 +313,27 @@ def _spearman_lines(doc) -> list[str]:
                        f"{len(r['points'])} allocations spread over the loss range the nsga2 run evaluated: "
                        f"Spearman rho of the fitness loss vs the final model's evaluation KL {r['rho_loss_vs_kl']:.3f} "
                        f"(vs top-1 {r['rho_loss_vs_top1']:.3f}); of the hold-out loss vs evaluation KL "
-                       f"{r['rho_holdout_loss_vs_kl']:.3f} (vs top-1 {r['rho_holdout_loss_vs_top1']:.3f}).")
+                       f"{r['rho_holdout_loss_vs_kl']:.3f} (vs top-1 {r['rho_holdout_loss_vs_top1']:.3f})."
+                       + (f" The first {r['extended']['from']} allocations come from that run's evaluations, the "
+                          f"others re-draw {r['extended']['how'].split(' seeded')[0]} random genes of them in turn."
+                          if r.get("extended") else "") + _near(doc, r))
     return out
+
+
+def _near(doc, r, width=0.5) -> str:
+    """The same rho among the allocations within ``width`` mean bits of the budget's uniform allocation: does
+    the proxy still rank the near-equal allocations a search chooses between?"""
+    from scipy.stats import spearmanr
+
+    u = next((x["avg_bits"] for x in doc.get("runs", []) if x["searcher"] == "uniform" and x["seed"] == r["seed"]
+              and x["key"].rsplit("|", 1)[0] == r["key"].split("|", 1)[1]), None)
+    pts = [p for p in r["points"] if u is not None and abs(p["avg_bits"] - u) <= width]
+    if len(pts) < 4:
+        return ""
+    loss = [p["loss"] for p in pts]
+    return (f" Among the {len(pts)} of them within {width} mean bits of the budget's ({u:.2f}): rho vs KL "
+            f"{spearmanr(loss, [p['final']['kl'] for p in pts]).statistic:.3f}, vs top-1 "
+            f"{spearmanr(loss, [p['final']['top1'] for p in pts]).statistic:.3f}.")
 
 
 def _figures(doc) -> list[str]:
@@ -319,7 +350,8 @@ REPORT = [
     "charged to the searchers that use it), its allocation chosen on the hold-out calibration images, then built with "
     "the real start and scored on the 500-image evaluation split. `uniform` is the uniform allocation defining the "
     "budget (edge layers at 8 bits). Mean +- std over the seeds listed.",
-    Table([Col("model", "model"), Col("budget", "budget"), Col("start", "start"), Col("searcher", "searcher"),
+    Table([Col("model", "model"), Col("budget", "budget"), Col("start", "start"), Col("menu", "menu"),
+           Col("searcher", "searcher"),
            Col("seeds", "seeds"), Col("top-1", "top1"), Col("KL", "kl"), Col("proxy loss", "proxy"),
            Col("hold-out loss", "holdout"), Col("avg bits", "bits"), Col("MB", "mb"), Col("evals", "evals"),
            Col("search s", "search_s"), Col("fitness evals/s", "evals_s"), Col("CPU", "cpu")], _groups),
@@ -362,6 +394,7 @@ register(Suite(
         "--model tf_efficientnet_lite0 --preset fq-vit --evaluations 400 --budget uniform=3 --searchers ilp,nsga2 "
         "--seeds 0",
         f"{VIT} --budget uniform=4 --w-bits 4 --searchers ilp,nsga2 --seeds 0",
+        f"{VIT} --budget uniform=4 --w-bits 4 --menu 3,4,5,6,8 --searchers nsga2 --seeds 0",
         "--model vit_tiny_patch16_224 --preset outlier-aware --limit-only"]},
     smoke={"calib": 24, "eval": 8, "evaluations": 12, "popsize": 4, "fitness_images": 4, "seeds": [0],
            "searchers": "nsga2,ilp"},
