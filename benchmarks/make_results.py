@@ -33,9 +33,8 @@ HEADER = ["# Results", "",
           "files were produced with earlier code and not re-run (search, efficientnet*, searchers, scaling, "
           "landscapes) is listed in `benchmarks/README.md`. Under each heading, *Measured on* names, for each "
           "results file, the CPU model(s) and int8 flags it records and its seeds: a figure with several seeds is "
-          "given as mean ± std or per seed; one seed (or none recorded) means no spread was measured. CPU speeds "
-          "and even a seed's fine-tune result move between machines (an AMD EPYC Zen 4 and an Intel Xeon "
-          "Emerald Rapids ran these files).", ""]
+          "given as mean ± std or per seed; one seed (or none recorded) means no spread was measured. An AMD EPYC "
+          "and an Intel Xeon ran these files: compare speeds only within one file's CPU.", ""]
 
 README_INTRO = """# Benchmarks
 

@@ -165,7 +165,7 @@ def _spread(d):
             f"{', '.join(f'{x:.1f}' for x in first if x is not None)}), and their kept epochs' hold-out KL ranges "
             f"{min(hold):.3f}..{max(hold):.3f} (each seed's hold-out is a different 10% of the pool, so these are not "
             f"comparable across seeds). The spread is made of the seeds' trajectories (the split, the data order and "
-            f"the views), not of where a trajectory stops: choosing the stopping epoch cannot narrow it.")
+            f"the views), not of where a trajectory stops: choosing the stopping epoch did not narrow it.")
 
 
 register(Suite(
