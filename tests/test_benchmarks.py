@@ -78,3 +78,27 @@ def test_report_renders_columns_cross_tables_and_sections(tmp_path):
     assert Section("z", ["## z"]).render(tmp_path)[2] == (
         "*Measured on* `z.json`: CPU model not recorded (only the architecture, x86_64); one seed (3): no spread "
         "over seeds measured.")
+
+
+def test_bit_allocation_figures_are_drawn_from_the_record_one_file_per_menu(tmp_path):
+    from types import SimpleNamespace
+
+    from benchmarks.suites import bit_allocation as ba
+
+    def row(menu, searcher, loss):
+        r = {"key": f"vit_tiny_patch16_224|outlier-aware|gptq|uniform=4|{menu}|{searcher}", "seed": 0,
+             "searcher": searcher, "model": "vit_tiny_patch16_224", "preset": "outlier-aware", "start": "gptq",
+             "tag": "", "budget": "size-mb=3.38", "budget_label": "uniform=4", "menu": menu,
+             "chosen": {"loss": loss, "size_bytes": 3.3e6}}
+        if searcher != "uniform":
+            r["front"] = [{"loss": loss, "size_bytes": 3.3e6}, {"loss": 2 * loss, "size_bytes": 3.0e6}]
+        return r
+
+    runs = [row("2,3,4,8", "uniform", 0.3), row("2,3,4,8", "nsga2", 0.2), row("3,4,5,6,8", "nsga2", 0.1)]
+    fake = SimpleNamespace(doc={"runs": runs}, path=tmp_path / "bit_allocation.json")
+    for r in runs:
+        ba._plot(fake, r)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "bit_allocation_vit_tiny_uniform4_gptq_m34568_seed0.png", "bit_allocation_vit_tiny_uniform4_gptq_seed0.png"]
+    assert ba._slug("tf_efficientnet_lite0", "size-mb=2.5", "ofq", "2,3,4,8,float") == \
+        "efficientnet_lite0_size-mb2p5_ofq_m2348float"

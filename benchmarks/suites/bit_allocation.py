@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import re
 import time
 
 import torch
@@ -33,10 +34,28 @@ from ..report import Col, Section, Table, mean_sd
 from ..runner import Suite, cpu_info, register
 
 
-def _slug(arch: str, budget: str, start: str) -> str:
-    """The figure's name part: ``vit_tiny_uniform3_gptq``."""
+def _slug(arch: str, budget: str, start: str, menu: str = "") -> str:
+    """The figure's name part: ``vit_tiny_uniform3_gptq``, plus ``_m34568`` for a menu other than the default."""
     short = arch.replace("_patch16_224", "").replace("tf_", "")
-    return f"{short}_{budget.replace('=', '').replace('.', 'p')}_{start}"
+    m = "" if menu in ("", _a("menu")) else "_m" + re.sub(r"[^0-9a-z]", "", menu)
+    return f"{short}_{budget.replace('=', '').replace('.', 'p')}_{start}{m}"
+
+
+def _plot(run, row) -> None:
+    """The figure of ``row``'s (group, seed), drawn from the record (every searcher run so far, the
+    uniform point, the budget): a resumed run draws what an uninterrupted one would."""
+    group = row["key"].rsplit("|", 1)[0]
+    rows = [r for r in run.doc["runs"] if r["key"].rsplit("|", 1)[0] == group and r["seed"] == row["seed"]]
+    fronts = {r["searcher"]: r["front"] for r in rows if r.get("front")}
+    if not fronts:
+        return
+    kind, _, value = row["budget"].partition("=")
+    uniform = [{"option": row["budget_label"].partition("=")[2], "size_bytes": r["chosen"]["size_bytes"],
+                "loss": r["chosen"]["loss"]} for r in rows if r["searcher"] == "uniform"]
+    name = f"{run.path.stem}_{_slug(row['model'], row['budget_label'], row['start'], row['menu'])}_seed{row['seed']}"
+    plot_fronts(fronts, run.path.with_name(f"{name}{row.get('tag', '')}.png"), uniform=uniform,
+                budget_bytes=float(value) * 1e6 if kind == "size-mb" else None,
+                title=f"{row['model']} {row['budget_label']} ({row['preset']}, menu {row['menu']}, seed {row['seed']})")
 
 
 def _short(m):
@@ -95,6 +114,10 @@ def run(run):
     a = run.args
     doc = run.doc
     doc.setdefault("runs", [])
+    if a.replot:
+        for row in {(r["key"].rsplit("|", 1)[0], r["seed"]): r for r in doc["runs"]}.values():
+            _plot(run, row)
+        return
     d = run.data()
     arch = a.model
     opts = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v for k, _, v in
@@ -129,7 +152,6 @@ def run(run):
             sens = p0.sensitivity(reference_genes(p0, cfg.sensitivity))
             shared = {"sensitivity": sens, "memo": dict(s.fitness.memo), "archive": dict(p0.archive),
                       "seconds": time.perf_counter() - t1}
-        fronts = {}
         base_row = {"seed": seed, "model": arch, "preset": a.preset, "start": a.start, "tag": a.tag,
                     "budget": budget, "budget_label": a.budget, "menu": a.menu, "fitness_images": cfg.fitness_images,
                     "popsize": cfg.popsize, "front_floor": cfg.front, "prepare_seconds": prep, "threads": a.threads}
@@ -151,7 +173,6 @@ def run(run):
                            chosen={k: ch[k] for k in ("loss", "holdout_loss", "size_bytes") if k in ch},
                            front=[{k: pt[k] for k in ("loss", "size_bytes", "holdout_loss") if k in pt}
                                   for pt in res["front"]], searcher_kwargs=kwargs if name == "nsga2" else {})
-                fronts[name] = row["front"]
             row["avg_bits"] = float(s.sizes.avg_bits(g)[0])
             row["allocation"] = bits
             if not a.no_final:
@@ -163,11 +184,8 @@ def run(run):
             print(f"{name:>8} seed {seed}: {row.get('evaluations', 0)} evals, loss {row['chosen']['loss']:.4f}, "
                   f"hold-out {row['chosen'].get('holdout_loss', float('nan')):.4f}, {row['avg_bits']:.3f} bits, "
                   f"final {row.get('final', {}).get('top1', float('nan')):.1f}", flush=True)
-        if fronts:
-            plot_fronts(fronts, run.path.with_name(f"{run.path.stem}_{_slug(arch, a.budget, a.start)}_seed{seed}{a.tag}"
-                                                   ".png"),
-                        budget_bytes=limit if cfg.budget_kind[0] == "size-mb" else None,
-                        title=f"{arch} {a.budget} ({a.preset}, seed {seed})")
+        if todo:
+            _plot(run, row)
         if a.spearman and seed == a.seeds[0]:
             _spearman(run, a, s, label, seed, d, fit_x, hold_x, quant, fp_logits)
 
@@ -386,6 +404,7 @@ register(Suite(
           (("--no-final",), {"action": "store_true", "help": "search only"}),
           (("--spearman",), {"type": int, "default": 0, "help": "final models of N allocations (first seed)"}),
           (("--limit-only",), {"action": "store_true", "help": "only the fitness against its FLOP limit"}),
+          (("--replot",), {"action": "store_true", "help": "only redraw every figure from the record"}),
           (("--tag",), {"default": ""})],
     results={"bit_allocation": [
         f"{VIT} --budget uniform=3 --searchers ilp,greedy,random,nsga2 --spearman 12 --seeds 0",
