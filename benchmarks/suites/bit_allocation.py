@@ -175,7 +175,11 @@ def run(run):
                                   for pt in res["front"]], searcher_kwargs=kwargs if name == "nsga2" else {})
             row["avg_bits"] = float(s.sizes.avg_bits(g)[0])
             row["allocation"] = bits
-            if not a.no_final:
+            same = next((r for r in doc["runs"] if r["key"].rsplit("|", 1)[0] == label and r["seed"] == seed
+                         and "final" in r and r["allocation"] == bits), None)
+            if same is not None:  # the same seed and allocation builds the same model: its figures, not a rebuild
+                row["final"], row["final_seconds"], row["final_same_as"] = same["final"], 0.0, same["searcher"]
+            elif not a.no_final:
                 row["final"], row["final_seconds"] = _final(d.base, fit_x, hold_x, quant, bits, d.xe, d.ye,
                                                             fp_logits, arch)
             row["cpu"] = cpu_info()
