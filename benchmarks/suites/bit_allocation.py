@@ -41,11 +41,15 @@ def _slug(arch: str, budget: str, start: str, menu: str = "") -> str:
     return f"{short}_{budget.replace('=', '').replace('.', 'p')}_{start}{m}"
 
 
+def _group(row) -> str:
+    """A run's group, its key less the searcher: model, preset, start and tag, budget, menu."""
+    return row["key"].rsplit("|", 1)[0]
+
+
 def _plot(run, row) -> None:
     """The figure of ``row``'s (group, seed), drawn from the record (every searcher run so far, the
     uniform point, the budget): a resumed run draws what an uninterrupted one would."""
-    group = row["key"].rsplit("|", 1)[0]
-    rows = [r for r in run.doc["runs"] if r["key"].rsplit("|", 1)[0] == group and r["seed"] == row["seed"]]
+    rows = [r for r in run.doc["runs"] if _group(r) == _group(row) and r["seed"] == row["seed"]]
     fronts = {r["searcher"]: r["front"] for r in rows if r.get("front")}
     if not fronts:
         return
@@ -115,7 +119,7 @@ def run(run):
     doc = run.doc
     doc.setdefault("runs", [])
     if a.replot:
-        for row in {(r["key"].rsplit("|", 1)[0], r["seed"]): r for r in doc["runs"]}.values():
+        for row in {(_group(r), r["seed"]): r for r in doc["runs"]}.values():
             _plot(run, row)
         return
     d = run.data()
@@ -175,7 +179,7 @@ def run(run):
                                   for pt in res["front"]], searcher_kwargs=kwargs if name == "nsga2" else {})
             row["avg_bits"] = float(s.sizes.avg_bits(g)[0])
             row["allocation"] = bits
-            same = next((r for r in doc["runs"] if r["key"].rsplit("|", 1)[0] == label and r["seed"] == seed
+            same = next((r for r in doc["runs"] if _group(r) == label and r["seed"] == seed
                          and "final" in r and r["allocation"] == bits), None)
             if same is not None:  # the same seed and allocation builds the same model: its figures, not a rebuild
                 row["final"], row["final_seconds"], row["final_same_as"] = same["final"], 0.0, same["searcher"]
@@ -349,7 +353,7 @@ def _near(doc, r, width=0.5) -> str:
     from scipy.stats import spearmanr
 
     u = next((x["avg_bits"] for x in doc.get("runs", []) if x["searcher"] == "uniform" and x["seed"] == r["seed"]
-              and x["key"].rsplit("|", 1)[0] == r["key"].split("|", 1)[1]), None)
+              and _group(x) == r["key"].split("|", 1)[1]), None)
     pts = [p for p in r["points"] if u is not None and abs(p["avg_bits"] - u) <= width]
     if len(pts) < 4:
         return ""
