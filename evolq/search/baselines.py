@@ -10,7 +10,7 @@ import torch
 from evotorch.algorithms.searchalgorithm import SearchAlgorithm, SinglePopulationAlgorithmMixin
 
 from .._evotorch import evotorch  # noqa: F401  (quiet import)
-from .allocators import ilp_points
+from .ilp import ilp_points
 
 __all__ = ["BatchBaseline", "RandomAllocation", "ILPAllocation", "GreedyAllocation", "evaluate_values"]
 
