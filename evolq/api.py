@@ -1,6 +1,7 @@
-"""The user verbs: ``prepare_model`` (the start point) and ``quantize_model`` (start
-point + Evol-Q search). Saving and loading are in ``evolq.io``, run state in
-``evolq.checkpoint``, the schedule in ``evolq.engine``."""
+"""The user verbs: ``quantize_model`` (start point + Evol-Q search) and ``allocate_bits``
+(bits per layer, then the start point of that allocation), with ``prepare_model`` (the start
+point alone, ``evolq.start``) re-exported. Saving and loading are in ``evolq.io``, run state in
+``evolq.checkpoint``, the schedules in ``evolq.engine`` and ``evolq.allocation.engine``."""
 from __future__ import annotations
 
 import json
@@ -9,56 +10,16 @@ import time
 import torch
 from torch import nn
 
-from .adapters import check_inputs, wrap_model
 from .checkpoint import RunCheckpoint, check_run_folder, fingerprint, run_settings
 from .config import EvolQConfig, QuantConfig
 from .data import as_tensor_data, resolve_device, split_calibration
 from .errors import ConfigError, DataError
 from .io import load_quantized, save_quantized
-from .qnn.calibrate import calibrate, sample_digests
+from .qnn.calibrate import sample_digests
 from .qnn.qmodel import QModel
+from .start import prepare_model
 
 __all__ = ["prepare_model", "quantize_model", "allocate_bits", "save_quantized", "load_quantized"]
-
-
-def prepare_model(model: nn.Module, calib_data, quant: QuantConfig | None = None, arch: str = "",
-                  progress: bool = False, checkpoint_dir=None, resume: bool = False, holdout=None,
-                  subscribers=()) -> QModel:
-    """Quantize ``model`` in place (the ``quant`` regime, FQ-ViT by default) and
-    calibrate it on ``calib_data``: the start point of the search. In the deploy regime
-    SmoothQuant factors are folded into the float model first (``evolq.qnn.smooth``). With
-    ``quant.start`` "gptq" or "brecq" the weights' rounding is then reconstructed
-    block by block (``evolq.qnn.reconstruct``; report in ``qmodel.start_report``),
-    checkpointed after every block in ``checkpoint_dir`` and resumable; with "ofq" the
-    quantized weights are fine-tuned on ``calib_data`` (checkpointed after every epoch).
-    ``holdout``: inputs kept out of calibration and of the start, on which the ``ofq``
-    start reports the KL to the float model before and after its fine-tune. ``subscribers``:
-    objects with a ``subscribe(hooks)`` method, or callables ``f(hooks)``, attached to the
-    start's hooks (``evolq.hooks.StartHooks``: the ``ofq`` fine-tune's epochs, CGA phase and
-    end of training) before it runs."""
-    quant = quant or QuantConfig()
-    quant.validate()
-    x = as_tensor_data(calib_data)
-    model.eval()
-    qmodel = wrap_model(model, quant, arch=arch)
-    check_inputs(qmodel, x)
-    if quant.smoothing > 0:  # deploy regime: an exact float transform, before any statistics are taken
-        from .qnn.smooth import smooth_model
-
-        qmodel.smooth_report = smooth_model(qmodel, x, quant.smoothing)
-    calibrate(qmodel, x, progress=progress)
-    if quant.start != "rtn":
-        from .hooks import StartHooks
-        from .qnn.reconstruct import run_start
-
-        hooks = StartHooks()
-        for s in subscribers:
-            s.subscribe(hooks) if hasattr(s, "subscribe") else s(hooks)
-        empty = holdout is None or (isinstance(holdout, torch.Tensor) and holdout.ndim > 0 and holdout.shape[0] == 0)
-        hold = None if empty else as_tensor_data(holdout, "hold-out data")
-        qmodel.start_report = run_start(qmodel, x, quant, progress=progress, checkpoint_dir=checkpoint_dir,
-                                        resume=resume, holdout=hold, hooks=hooks)
-    return qmodel
 
 
 def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | None = None, *,

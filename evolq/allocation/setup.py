@@ -20,6 +20,7 @@ import torch
 
 from ..errors import ConfigError
 from ..problems.bit_allocation import BitAllocationProblem, Cost
+from ..start import prepare_model
 from .fitness import AllocationFitness
 from .menu import Menu, SizeModel
 from .tables import WeightTables
@@ -118,8 +119,6 @@ def prepare_allocation(model, fit_x: torch.Tensor, hold_x: torch.Tensor, quant, 
     ``model`` is not modified (a copy is quantized). ``placement`` (``evolq.scaleout.connect``):
     the problem's fitness runs on those Ray actors (each loads the fitness once). ``folder``/``resume``:
     the run folder, where a latency table is cached and, resuming, read back."""
-    from ..api import prepare_model
-
     menu = config.menu_options
     method = config.table_method(quant.start)
     kind, value = config.budget_kind

@@ -5,6 +5,7 @@ holds one module per runtime that checks and times an exported file (``FORMATS``
 ``RUNTIMES`` are the registries the command line reads)."""
 from __future__ import annotations
 
+from . import latency  # noqa: F401  (registers the "inductor" latency runtime)
 from .onnx import INT4_OPSET, MIN_OPSET, check_onnx, export_float_onnx, export_onnx, onnx_session
 from .pt2 import export_pt2, load_pt2
 
