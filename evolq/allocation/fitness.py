@@ -82,6 +82,7 @@ class AllocationFitness:
         self.blocks_full = 0  # blocks a run without any cache would have run
         self.seconds = 0.0
         self.on_evaluation: list = []  # callables f(fitness) after each computed allocation (progress bars)
+        self._router = None  # the driver's PrefixRouter on Ray actors (``route``)
 
     @torch.no_grad()
     def _float_outputs(self) -> torch.Tensor:
@@ -156,9 +157,27 @@ class AllocationFitness:
             prev = gs
         return out
 
+    def prefix_keys(self, genes) -> list:
+        """The cache keys of the inputs of blocks 1..n-1 when allocation ``genes`` (layers,) runs."""
+        gs = tuple(int(v) for v in torch.as_tensor(genes).long()[self.order])
+        return [self._key(gs, j) for j in range(1, len(self.qmodel.blocks))]
+
+    @torch.no_grad()
+    def route(self, genes: torch.Tensor, actors: int) -> list[int]:
+        """The actor of each allocation of ``genes`` (P, layers), by the prefixes each actor's cache
+        holds (``evolq.allocation.affinity.PrefixRouter``; the driver's router remembers what it sent)."""
+        if self._router is None:
+            from .affinity import PrefixRouter
+
+            one = self.qmodel.blocks[0].run(self.inputs[:1])  # a block input's size, per image
+            entry = max(1, one.numel() * one.element_size() * self.inputs.shape[0])
+            self._router = PrefixRouter(len(self.qmodel.blocks), self.prefix_keys,
+                                        capacity=max(1, self.cache_bytes // entry))
+        return self._router.route(torch.as_tensor(genes).long(), actors)
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(memo={}, _cache=OrderedDict(), _cached=0, on_evaluation=[])
+        state.update(memo={}, _cache=OrderedDict(), _cached=0, on_evaluation=[], _router=None)
         return state
 
     def __call__(self, genes: torch.Tensor, compute=None) -> torch.Tensor:

@@ -90,6 +90,9 @@ class BitAllocationProblem(ActorProblem, evotorch.Problem):
         allowed: (L, M) bool, the options each layer may take (default: all).
         priority: (L, M) repair priority (lower means cheaper to take); default zeros.
         seeds: allocations (K, L) that start the population (the rest is random).
+        affinity: on Ray actors, send each allocation to the actor whose cache holds most of its
+            block prefix (the quality's ``route(genes, actors)``, e.g. ``AllocationFitness.route``)
+            instead of contiguous pieces of equal work; the losses are the same either way.
         penalty: objective value of a NaN/inf loss.
         seed: the problem's random generator seed (initial population, operators).
         placement: Ray actors for the quality (``evolq.scaleout.connect``); None: this process.
@@ -102,12 +105,13 @@ class BitAllocationProblem(ActorProblem, evotorch.Problem):
                  budget_cost: str | None = None, allowed: torch.Tensor | None = None,
                  priority: torch.Tensor | None = None, seeds: torch.Tensor | None = None,
                  penalty: float = PENALTY, seed: int | None = None, placement: Placement | None = None,
-                 **problem_kwargs):
+                 affinity: bool = True, **problem_kwargs):
         if not costs:
             raise ValueError("a bit allocation needs at least one cost (the size)")
         self.costs = list(costs)
         n_layers, n_options = self.costs[0].table.shape
         self.quality, self.penalty, self.budget = quality, float(penalty), float(budget)
+        self.affinity = bool(affinity)  # on actors: route by the quality's cached prefixes (its ``route``)
         names = [c.name for c in self.costs]
         self.budget_index = names.index(budget_cost) if budget_cost is not None else 0
         self.allowed = torch.ones(n_layers, n_options, dtype=torch.bool) if allowed is None else allowed.bool()
@@ -271,6 +275,9 @@ class BitAllocationProblem(ActorProblem, evotorch.Problem):
         """(Driver) the losses of ``genes`` (P, L), computed by the actors (contiguous pieces)."""
         if genes.shape[0] == 0:
             return torch.empty(0, dtype=torch.float64)
+        route = getattr(self.quality, "route", None) if self.affinity else None
+        if route is not None:  # each allocation to the actor whose cache holds most of its prefix
+            return self.map_rows("_losses_here", genes.long(), assign=route(genes, len(self._actors))).reshape(-1)
         work = getattr(self.quality, "work", None)  # pieces of equal work: the blocks each allocation runs
         return self.map_rows("_losses_here", genes.long(), weights=work(genes) if work else None).reshape(-1)
 

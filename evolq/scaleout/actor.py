@@ -246,24 +246,41 @@ class ActorProblem(ActorRestarts):
         out = getattr(self, method)(rows)
         return out, time.perf_counter() - t0
 
-    def map_rows(self, method: str, rows, multiple: int = 1, weights=None):
+    def map_rows(self, method: str, rows, multiple: int = 1, weights=None, assign=None):
         """(Driver) ``method(rows[a:b])`` of the actors' problems on contiguous pieces of ``rows``
         (``split_work``: one per actor, each a multiple of ``multiple`` rows; or, given ``weights``, each
-        row's estimated cost, ``split_weighted``: pieces of about equal cost), their results (tensors,
-        one row per input row) concatenated in order. The problem's state goes along to actors that do
-        not hold it yet; a piece whose actor died is evaluated again on its restarted actor. Counts
-        one generation in ``stats``."""
+        row's estimated cost, ``split_weighted``: pieces of about equal cost; or, given ``assign``, the
+        index of the actor each row goes to: actor ``i`` gets its rows in their order), their results
+        (tensors, one row per input row) in the rows' order. The problem's state goes along to actors
+        that do not hold it yet; a piece whose actor died is evaluated again on its restarted actor.
+        Counts one generation in ``stats``."""
         import ray
         import torch
 
         self._parallelize()
         self._current_state()
         n = rows.shape[0]
-        ranges = split_work(n, len(self._actors), multiple) if weights is None else \
-            split_weighted(weights, len(self._actors))
+        perm = None
+        if assign is not None:  # rows grouped by actor, in order within each: contiguous pieces again
+            assign = [int(a) for a in assign]
+            if len(assign) != n or any(not 0 <= a < len(self._actors) for a in assign):
+                raise ValueError(f"assign needs one actor index in 0..{len(self._actors) - 1} per row")
+            perm = sorted(range(n), key=lambda i: (assign[i], i))
+            rows = rows[perm]
+            bounds, ranges = 0, []
+            for i in range(len(self._actors)):
+                c = assign.count(i)
+                ranges.append((bounds, bounds + c))
+                bounds += c
+        elif weights is None:
+            ranges = split_work(n, len(self._actors), multiple)
+        else:
+            ranges = split_weighted(weights, len(self._actors))
         t0 = time.perf_counter()
         pending, busy, sent, received, out = {}, {}, 0, 0, None
         for actor, (a, b) in zip(self._actors, ranges):
+            if b <= a:
+                continue
             ref, s = self._submit(actor, method, rows, a, b)
             pending[ref] = (actor, a, b, 0)
             sent += s
@@ -296,7 +313,13 @@ class ActorProblem(ActorRestarts):
         self.stats.bytes_sent += sent
         self.stats.bytes_received += received
         self.stats.record(n, time.perf_counter() - t0, list(busy.values()), sent, received)
-        return out if out is not None else torch.empty(0)
+        if out is None:
+            return torch.empty(0)
+        if perm is not None:
+            back = torch.empty_like(out)
+            back[torch.tensor(perm)] = out
+            out = back
+        return out
 
     def call_actors(self, method: str, *args) -> list:
         """(Driver) ``method(*args)`` of every live actor's problem; their results, in actor order
