@@ -291,7 +291,8 @@ def test_staged_searchers_allocate_under_the_budget_and_resume_a_killed_run_iden
     _, ref = allocate_bits(tiny_vit(), x, quant, cfg, arch="m", checkpoint_dir=tmp_path / "ref")
     assert ref["avg_bits"] <= 3.5 + 1e-9 and all(pt["avg_bits"] <= 3.5 + 1e-9 for pt in ref["front"])
     search = ref["search"]
-    assert search["spent"] >= cfg.evaluations and search["generations"] > 3 and search["staged"]["stages"][0]["computed"] > 0
+    assert search["spent"] >= cfg.evaluations and search["generations"] > 3
+    assert search["staged"]["stages"][0]["computed"] > 0
     assert search["fitness"]["sample_images"] == sum(st["images_seen"] for st in search["staged"]["stages"]
                                                      if st["images"] < 12)
 
@@ -320,3 +321,33 @@ def test_the_cli_takes_the_staged_searchers_and_their_arguments():
     args = build_parser().parse_args(["allocate", "--model", "m", "--searcher", "nsga2", "--searcher-arg", "screen=8",
                                       "--out", "o"])
     assert dict(args.searcher_arg) == {"screen": 8}
+
+
+def test_evopress_on_two_ray_actors_gives_the_in_process_result():
+    """The samples are drawn on the driver and travel to the actors as indices beside the genes: the
+    same front, allocation and stage counts as in one process (at one torch thread, as each actor has)."""
+    pytest.importorskip("ray")
+    import ray
+    from faultkit import WORK_KEYS, start_local_ray
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    started = start_local_ray(2)
+    try:
+        kw = dict(ALLOC, searcher="evopress", searcher_kwargs={"offspring": 8, "survivors": [2, 1],
+                                                               "images": [2, 4, 1.0]})
+        runs = [allocate_bits(tiny_vit(), images(48), QuantConfig(w_bits=3), AllocationConfig(**kw, actors=a),
+                              arch="m")[1] for a in (0, 2)]
+    finally:
+        torch.set_num_threads(threads)
+        if started:
+            ray.shutdown()
+    so = runs[1]["scale_out"]
+    assert so["actors"] == 2 and so["evaluations"] > runs[1]["search"]["evaluations"]  # the sampled stages too
+    a, b = (_comparable(r) for r in runs)
+    for r in (a, b):
+        r.pop("scale_out", None)
+        r["config"]["allocation"].pop("actors")
+        for k in WORK_KEYS:
+            r["search"]["fitness"].pop(k, None)
+    assert a == b and a["search"]["staged"]["stages"][0]["computed"] > 0
