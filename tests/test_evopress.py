@@ -351,3 +351,28 @@ def test_evopress_on_two_ray_actors_gives_the_in_process_result():
         for k in WORK_KEYS:
             r["search"]["fitness"].pop(k, None)
     assert a == b and a["search"]["staged"]["stages"][0]["computed"] > 0
+
+
+def test_the_benchmark_runs_the_staged_searchers_and_records_their_rate_and_stage_agreement():
+    """``benchmarks/suites/bit_allocation.py``'s search step on a tiny setup: ``evopress`` and the
+    ``nsga2-staged`` label, the candidates scored per minute and the first-vs-last-stage Spearman."""
+    from benchmarks.suites import bit_allocation as ba
+    from evolq.allocation.setup import budget_cost, prepare_allocation, reference_genes
+
+    x = images(48)
+    cfg = AllocationConfig(**{**ALLOC, "budget": "avg-bits=3.5", "evaluations": 60})
+    s = prepare_allocation(tiny_vit(), x[:38], x[38:], QuantConfig(w_bits=3), cfg, arch="m")
+    costs, cname, limit = budget_cost(*cfg.budget_kind, s.sizes, cfg.front)
+    p0 = BitAllocationProblem(s.fitness, costs, limit, budget_cost=cname, seed=0)
+    sens = p0.sensitivity(reference_genes(p0, cfg.sensitivity))
+    shared = {"sensitivity": sens, "memo": dict(s.fitness.memo), "archive": dict(p0.archive), "seconds": 1.0}
+    assert ba.searcher_kwargs("nsga2-staged", {"rate": 0.1, "offspring": 8}) == {"screen": 8, "rate": 0.1}
+    assert ba.searcher_kwargs("evopress", {"rate": 0.1, "offspring": 8}) == {"offspring": 8}
+    for label in ("evopress", "nsga2-staged"):
+        kw = ba.searcher_kwargs(label, {"offspring": 8, "screen_factor": 2})
+        res = ba._search(ba._base(label), s, cfg, costs, cname, limit, shared, 0, kw, rank_check=6)
+        fit = res["fitness"]
+        assert res["candidates_scored"] == fit["evaluations"] + fit["sample_evaluations"] + len(shared["archive"])
+        assert res["candidates_per_min"] > 0 and res["spent"] >= 60
+        rc = res["rank_check"]
+        assert rc["candidates"] == 6 and rc["last_images"] == 12 and -1 <= rc["spearman"] <= 1, label
