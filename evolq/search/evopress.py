@@ -219,15 +219,7 @@ class EvoPress(SearchAlgorithm, SinglePopulationAlgorithmMixin):
         if cands.shape[0] == 0:  # no level switch fits (a one-option menu, a budget at the floor)
             self.done = True
             return
-        last = len(st.images) - 1
-        batch = None
-        for stage in range(last + 1):
-            if stage == last:
-                cands = torch.cat([cands, self.parent[None]])  # the parent, re-scored beside its challengers
-            losses, batch = st.score(stage, cands)
-            if stage < last:
-                keep = st.best(losses, self.survivors[stage])
-                cands = cands[keep]
+        cands, losses, batch = st.run(cands, self.survivors, last=self.parent[None])  # the parent re-scored
         n = cands.shape[0] - 1
         parent_loss = float(losses[n])
         best = int(st.best(torch.cat([losses[n:], losses[:n]]), 1)[0])  # the parent first: it wins a tie

@@ -3,7 +3,8 @@ images, the best of them on more, the last few on the largest stage (EvoPress's 
 selection; ``evolq.search.evopress``, and the pre-screen of ``nsga2(screen=...)``).
 
 ``StagedSelection(problem, images, seed)`` holds the stages' fidelities (images per stage,
-cheapest first) and, every generation (``begin()``), draws each stage a fresh sample of the
+cheapest first), runs candidates through them (``run``: each stage passes its best on) and,
+every generation (``begin()``), draws each stage a fresh sample of the
 fitness images by its own seeded generator (sorted indices into the fitness set; the hold-out
 and the evaluation split are not in it). A stage whose fidelity is every fitness image is the
 full fitness: it goes through ``problem.evaluate`` (archive, memo, front, Ray actors); the
@@ -104,6 +105,24 @@ class StagedSelection:
         if stage == 0:
             self.first = {"genes": genes.clone(), "losses": losses.clone()}
         return losses, batch
+
+    def run(self, genes: torch.Tensor, survivors, last: torch.Tensor | None = None):
+        """``genes`` (P, L) through every stage: stage s scores what reached it and passes its best
+        ``survivors[s]`` on; the last stage also scores ``last`` (rows after the survivors: EvoPress's
+        parent). Returns the last stage's (genes, losses, batch) (batch: None unless it is the full
+        fitness)."""
+        survivors = list(survivors)
+        if len(survivors) != len(self.images) - 1:
+            raise ConfigError(f"{len(self.images)} stages pass survivors on {len(self.images) - 1} times, got "
+                              f"survivors {survivors}")
+        genes = torch.as_tensor(genes).long().reshape(-1, self.problem.n_layers)
+        for stage in range(len(self.images)):
+            if stage == len(self.images) - 1 and last is not None:
+                genes = torch.cat([genes, torch.as_tensor(last).long().reshape(-1, genes.shape[1])])
+            losses, batch = self.score(stage, genes)
+            if stage < len(self.images) - 1:
+                genes = genes[self.best(losses, survivors[stage])]
+        return genes, losses, batch
 
     @staticmethod
     def best(losses: torch.Tensor, n: int) -> torch.Tensor:
