@@ -170,7 +170,7 @@ class AllocationProgress:
 
     def update(self, info):
         if self.bar is not None:
-            self.bar.n = min(info["evaluations"], self.bar.total)
+            self.bar.n = min(int(info.get("spent", info["evaluations"])), self.bar.total)  # staged: images seen
             self.bar.set_postfix(self.postfix(info))
             self.bar.refresh()
 

@@ -7,31 +7,31 @@ import torch
 from evolq.allocation.affinity import PrefixRouter
 
 
-def _keys(nb):
+def _keys(nb, genes):
     # an allocation is one gene per block here: the input of block j depends on genes[:j]
-    return lambda g: [tuple(int(v) for v in g[:j]) for j in range(1, nb)]
+    return [[tuple(int(v) for v in g[:j]) for j in range(1, nb)] for g in genes]
 
 
 def test_children_go_to_the_actor_that_ran_their_parents_within_an_even_share():
     nb = 6
-    router = PrefixRouter(nb, _keys(nb))
+    router = PrefixRouter(nb)
     parents = torch.tensor([[0, 0, 0, 0, 0, i % 2] for i in range(4)] + [[1, 1, 1, 1, 1, i % 2] for i in range(4)])
-    first = router.route(parents, 2)
+    first = router.route(_keys(nb, parents), 2)
     assert sorted(first) == [0, 0, 0, 0, 1, 1, 1, 1]  # even: nothing is cached yet
     side = {tuple(p[:5].tolist()): a for p, a in zip(parents, first)}
     # children: only the last gene changes, so each shares its parent's whole prefix (1 block to run)
     kids = torch.cat([parents[:4], parents[4:]]).clone()
     kids[:, 5] += 2
-    second = router.route(kids, 2)
+    second = router.route(_keys(nb, kids), 2)
     assert second == [side[tuple(k[:5].tolist())] for k in kids]
 
 
 def test_a_full_actor_hands_on_work_and_loads_stay_balanced():
     nb = 4
-    router = PrefixRouter(nb, _keys(nb), slack=0.0)
-    router.route(torch.tensor([[0, 0, 0, 0]]), 2)  # actor 0 holds the prefix of every row below
+    router = PrefixRouter(nb, slack=0.0)
+    router.route(_keys(nb, torch.tensor([[0, 0, 0, 0]])), 2)  # actor 0 holds the prefix of every row below
     rows = torch.tensor([[0, 0, 0, i] for i in range(8)])
-    got = router.route(rows, 2)
+    got = router.route(_keys(nb, rows), 2)
     # cheaper on actor 0 (1 block each, 4 on a cold actor 1), but not all of it: actor 1 takes a share,
     # fewer rows than an even split since its first row pays for the whole prefix
     assert 0 < got.count(1) < 4
@@ -42,8 +42,8 @@ def test_a_full_actor_hands_on_work_and_loads_stay_balanced():
 
 def test_capacity_bounds_what_the_router_remembers():
     nb = 3
-    router = PrefixRouter(nb, _keys(nb), capacity=2)
-    router.route(torch.tensor([[i, i, i] for i in range(5)]), 1)
+    router = PrefixRouter(nb, capacity=2)
+    router.route(_keys(nb, torch.tensor([[i, i, i] for i in range(5)])), 1)
     assert len(router.held[0]) == 2
 
 

@@ -9,7 +9,17 @@ reset between searchers, so none gets another's evaluations for free. Each alloc
 by the hold-out (calibration images kept out of calibration, tables and fitness); the evaluation
 split only reports. ``--budget uniform=B`` is the packed size of every layer at B bits with
 ``--edge-bits`` on the first layer and the classifier; any ``evolq allocate`` budget works too.
-Resumable: finished (searcher, seed) runs are skipped."""
+Resumable: finished (searcher, seed) runs are skipped.
+
+``--searchers`` takes registered allocation searchers (nsga2, ilp, greedy, random, evopress) and
+the labels of ``VARIANTS`` (``nsga2-staged``: nsga2 with its children pre-screened on 8 fitness
+images). ``--searcher-arg KEY=VALUE`` goes to every listed searcher whose factory takes KEY. A
+staged searcher's ``--evaluations`` are full-fitness equivalents by images seen
+(``evolq.search.staged``), so the searchers meet at equal images seen. Every row records the
+candidates scored per minute (all stages, memo misses, the sensitivity pass included, over the
+search's wall time), a staged row its stages' counts and, ``--rank-check N`` (default 32), the
+Spearman rho of the last generation's first-stage losses against the last stage's on N of those
+candidates (scored again after the search: not charged to it)."""
 from __future__ import annotations
 
 import copy
@@ -28,7 +38,7 @@ from evolq.config import AllocationConfig, QuantConfig, field_default
 from evolq.data import split_calibration
 from evolq.evaluate import evaluate_qmodel, predict
 from evolq.problems.bit_allocation import BitAllocationProblem
-from evolq.search.allocators import NEEDS_SENSITIVITY
+from evolq.search.allocators import ALLOCATORS, NEEDS_SENSITIVITY
 
 from ..report import Col, Section, Table, mean_sd
 from ..runner import Suite, cpu_info, register
@@ -81,6 +91,43 @@ def resolve_budget(text: str, sizes, edge):
     return text, None
 
 
+# searcher labels that are a registered searcher with set arguments (``--searcher-arg`` adds to them)
+VARIANTS = {"nsga2-staged": ("nsga2", {"screen": 8})}
+
+
+def _base(name: str) -> str:
+    """The registered searcher behind a ``--searchers`` label."""
+    return VARIANTS.get(name, (name, {}))[0]
+
+
+def searcher_kwargs(name: str, given: dict) -> dict:
+    """The arguments of ``name``: its variant's, then those of ``given`` its factory takes."""
+    import inspect
+
+    base, fixed = VARIANTS.get(name, (name, {}))
+    if base == "uniform":
+        return {}
+    params = inspect.signature(ALLOCATORS.get(base)).parameters
+    return {**fixed, **{k: v for k, v in given.items() if k in params and k != "holdout"}}
+
+
+def _rank_check(eng, s, n: int) -> dict | None:
+    """Spearman rho of the last generation's first-stage losses against the last stage's (the full
+    fitness, or that generation's last-stage sample), on the first ``n`` of its first-stage candidates."""
+    from scipy.stats import spearmanr
+
+    staged = getattr(eng.searcher, "staged", None)
+    if staged is None or staged.first is None or n < 3:
+        return None
+    genes, first = staged.first["genes"][:n], staged.first["losses"][:n]
+    t0 = time.perf_counter()
+    last = staged.samples[-1]
+    scores = s.fitness(genes) if last is None else eng.problem.sample_losses(genes, last)[0]
+    rho = spearmanr(first.tolist(), scores.tolist()).statistic
+    return {"candidates": int(genes.shape[0]), "first_images": staged.images[0], "last_images": staged.images[-1],
+            "spearman": None if rho != rho else float(rho), "seconds": time.perf_counter() - t0}
+
+
 def _final(base, fit_x, hold_x, quant, bits, xe, ye, fp_logits, arch):
     t0 = time.perf_counter()
     qm = prepare_model(copy.deepcopy(base), fit_x, dataclasses.replace(quant, layer_bits=bits), arch=arch,
@@ -95,22 +142,29 @@ def _reset(f):
     f.clear_cache()
     f.evaluations = f.requests = f.blocks_run = f.blocks_full = 0
     f.seconds = 0.0
+    f.clear_samples()
+    f.sample_evaluations = f.sample_images = 0
 
 
-def _search(name, s, cfg, costs, cname, limit, shared, seed, kwargs):
+def _search(name, s, cfg, costs, cname, limit, shared, seed, kwargs, rank_check=0):
     _reset(s.fitness)
     p = BitAllocationProblem(s.fitness, costs, limit, budget_cost=cname, seed=seed)
     eng = AllocationEngine(p, s.fitness, searcher=name, searcher_kwargs=kwargs, popsize=cfg.popsize,
                            evaluations=cfg.evaluations, seed=seed, holdout=s.holdout,
                            reference=reference_genes(p, cfg.sensitivity), select=cfg.select)
-    if name in NEEDS_SENSITIVITY and shared is not None:  # the shared measurement, charged to this searcher
+    sens = name in NEEDS_SENSITIVITY and shared is not None
+    if sens:  # the shared measurement, charged to this searcher
         eng.sensitivity = shared["sensitivity"]
         s.fitness.memo.update(shared["memo"])
         p.archive.update(shared["archive"])
     t0 = time.perf_counter()
     res = eng.run()
-    res["wall_seconds"] = time.perf_counter() - t0 + (shared["seconds"] if name in NEEDS_SENSITIVITY and shared
-                                                      else 0.0)
+    res["wall_seconds"] = time.perf_counter() - t0 + (shared["seconds"] if sens else 0.0)
+    fit = res["fitness"]  # computed allocations at every fidelity (memo misses), the shared sensitivity pass added
+    scored = fit["evaluations"] + fit.get("sample_evaluations", 0) + (len(shared["archive"]) if sens else 0)
+    res["candidates_scored"] = scored
+    res["candidates_per_min"] = scored / (res["wall_seconds"] / 60) if res["wall_seconds"] else 0.0
+    res["rank_check"] = _rank_check(eng, s, rank_check)
     return res
 
 
@@ -122,20 +176,27 @@ def run(run):
         for row in {(_group(r), r["seed"]): r for r in doc["runs"]}.values():
             _plot(run, row)
         return
+    kwargs = {k: json.loads(v) for k, _, v in (x.partition("=") for x in a.searcher_arg)}
+    names = [n for n in a.searchers.split(",") if n]
+    unknown = [n for n in names if _base(n) not in ALLOCATORS.names()]
+    if unknown:
+        raise SystemExit(f"unknown searcher {', '.join(unknown)}: choose from {', '.join(ALLOCATORS.names())} or "
+                         f"{', '.join(VARIANTS)}")
+    taken = {k for n in names for k in searcher_kwargs(n, kwargs)}
+    if set(kwargs) - taken:
+        raise SystemExit(f"no listed searcher takes --searcher-arg {', '.join(sorted(set(kwargs) - taken))}")
     d = run.data()
     arch = a.model
     opts = {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v for k, _, v in
             (x.partition("=") for x in a.start_arg)}
     quant = QuantConfig.preset(a.preset, w_bits=a.w_bits, a_bits=a.a_bits, start=a.start, start_options=opts,
                                edge_bits=a.edge_bits or None)
-    kwargs = {k: json.loads(v) for k, _, v in (x.partition("=") for x in a.searcher_arg)}
     label = f"{arch}|{a.preset}|{a.start}{a.tag}|{a.budget}|{a.menu}"
     with torch.no_grad():
         fp_logits = None if a.no_final else predict(d.base.eval(), d.xe)
     if a.limit_only:
         return _limit_only(run, a, d, quant, label)
     for seed in a.seeds:
-        names = [n for n in a.searchers.split(",") if n]
         todo = [n for n in names + (["uniform"] if not a.no_final and a.budget.startswith("uniform=") else [])
                 if not any(r["key"] == f"{label}|{n}" and r["seed"] == seed for r in doc["runs"])]
         if not todo and not (a.spearman and seed == a.seeds[0]):
@@ -150,7 +211,7 @@ def run(run):
         cfg = dataclasses.replace(cfg, budget=budget)
         costs, cname, limit = budget_cost(*cfg.budget_kind, s.sizes, cfg.front)
         shared = None
-        if any(n in NEEDS_SENSITIVITY for n in todo):
+        if any(_base(n) in NEEDS_SENSITIVITY for n in todo):
             p0 = BitAllocationProblem(s.fitness, costs, limit, budget_cost=cname, seed=seed)
             t1 = time.perf_counter()
             sens = p0.sensitivity(reference_genes(p0, cfg.sensitivity))
@@ -167,16 +228,20 @@ def run(run):
                 row["chosen"] = {"loss": float(s.fitness(g[None])[0]), "size_bytes": float(s.sizes.bytes(g)[0]),
                                  "holdout_loss": float(s.holdout(g[None])[0])}
             else:
-                res = _search(name, s, cfg, costs, cname, limit, shared, seed, kwargs if name == "nsga2" else {})
+                skw = searcher_kwargs(name, kwargs)
+                res = _search(_base(name), s, cfg, costs, cname, limit, shared, seed, skw, a.rank_check)
                 ch = res["front"][res["chosen"]]
                 g = torch.tensor(ch["genes"])
                 bits = genes_to_bits(s.layers, s.menu, g)
                 row.update(evaluations=res["evaluations"], generations=res["generations"],
-                           sensitivity_evaluations=len(shared["archive"]) if shared and name in NEEDS_SENSITIVITY
+                           sensitivity_evaluations=len(shared["archive"]) if shared and _base(name) in NEEDS_SENSITIVITY
                            else 0, search_seconds=res["wall_seconds"], fitness=res["fitness"],
                            chosen={k: ch[k] for k in ("loss", "holdout_loss", "size_bytes") if k in ch},
                            front=[{k: pt[k] for k in ("loss", "size_bytes", "holdout_loss") if k in pt}
-                                  for pt in res["front"]], searcher_kwargs=kwargs if name == "nsga2" else {})
+                                  for pt in res["front"]], searcher_kwargs=skw, spent=res["spent"],
+                           candidates_scored=res["candidates_scored"], candidates_per_min=res["candidates_per_min"])
+                if res.get("staged") is not None:
+                    row.update(staged=res["staged"], rank_check=res["rank_check"])
             row["avg_bits"] = float(s.sizes.avg_bits(g)[0])
             row["allocation"] = bits
             same = next((r for r in doc["runs"] if _group(r) == label and r["seed"] == seed
@@ -301,7 +366,7 @@ def _groups(doc) -> list[dict]:
     for r in doc.get("runs", []):
         by.setdefault((r["model"], r["budget_label"], r["start"] + r.get("tag", ""), r["menu"], r["searcher"]),
                       []).append(r)
-    order = {n: i for i, n in enumerate(["uniform", "ilp", "greedy", "random", "nsga2"])}
+    order = {n: i for i, n in enumerate(["uniform", "ilp", "greedy", "random", "nsga2", "nsga2-staged", "evopress"])}
     rows = []
     for (model, budget, start, menu, name), rs in sorted(by.items(),
                                                          key=lambda kv: (*kv[0][:4], order.get(kv[0][4], 9))):
@@ -323,6 +388,8 @@ def _groups(doc) -> list[dict]:
             "search_s": _on(mean_sd([r.get("search_seconds") for r in timed], "{:.0f}"), on),
             "evals_s": _on(mean_sd([r["fitness"]["evaluations_per_s"] for r in timed if r.get("fitness")], "{:.2f}"),
                            on),
+            "cand_min": _on(mean_sd([r.get("candidates_per_min") for r in timed], "{:.0f}"), on),
+            "rho": mean_sd([(r.get("rank_check") or {}).get("spearman") for r in rs], "{:.2f}") or "-",
             "cpu": f"{rs[0]['cpu']['model']} ({rs[0]['cpu']['cores']} cores, load "
                    f"{min(loads):.1f}{f'-{max(loads):.1f}' if max(loads) > min(loads) else ''})"})
     return rows
@@ -381,7 +448,8 @@ REPORT = [
            Col("searcher", "searcher"),
            Col("seeds", "seeds"), Col("top-1", "top1"), Col("KL", "kl"), Col("proxy loss", "proxy"),
            Col("hold-out loss", "holdout"), Col("avg bits", "bits"), Col("MB", "mb"), Col("evals", "evals"),
-           Col("search s", "search_s"), Col("fitness evals/s", "evals_s"), Col("CPU", "cpu")], _groups),
+           Col("search s", "search_s"), Col("fitness evals/s", "evals_s"), Col("candidates/min", "cand_min"),
+           Col("stage rho", "rho"), Col("CPU", "cpu")], _groups),
     lambda d: d.get("note"),
     lambda d: [f"A whole fitness evaluation (no prefix reuse, {r['flops_per_eval'] / 1e9:.1f} GFLOP on 64 images) "
                f"took {r['seconds_per_full_eval']:.2f} s alone on {r['cpu']['model']} (int8 flags "
@@ -397,7 +465,8 @@ REPORT = [
 VIT = "--model vit_tiny_patch16_224 --preset outlier-aware --evaluations 400"
 register(Suite(
     name="bit_allocation", doc=__doc__, run=run, order=58, resume=True, report=[Section("bit_allocation", REPORT)],
-    what="per-layer bit allocation: nsga2 vs sensitivity+ILP, greedy and random at equal evaluations; final models",
+    what="per-layer bit allocation: nsga2 (plain, staged), evopress vs sensitivity+ILP, greedy and random at equal "
+         "evaluations; final models",
     common={"model": "vit_tiny_patch16_224", "calib": 500, "eval": 500, "seeds": [0], "threads": 2},
     args=[(("--preset",), {"default": "outlier-aware"}), (("--start",), {"default": "gptq"}),
           (("--start-arg",), {"action": "append", "default": [], "help": "KEY=VALUE of the final model's start"}),
@@ -405,7 +474,10 @@ register(Suite(
           (("--a-bits",), {"type": int, "default": 8}), (("--edge-bits",), {"type": int, "default": 8}),
           (("--menu",), {"default": _a("menu")}), (("--budget",), {"default": "uniform=3"}),
           (("--searchers",), {"default": "nsga2,ilp,greedy,random"}),
-          (("--searcher-arg",), {"action": "append", "default": [], "help": "KEY=VALUE for nsga2 (JSON values)"}),
+          (("--searcher-arg",), {"action": "append", "default": [],
+                                 "help": "KEY=VALUE (JSON values) for every listed searcher that takes KEY"}),
+          (("--rank-check",), {"type": int, "default": 32,
+                               "help": "staged searchers: first vs last stage Spearman on N candidates"}),
           (("--evaluations",), {"type": int, "default": _a("evaluations")}),
           (("--popsize",), {"type": int, "default": _a("popsize")}),
           (("--fitness-images",), {"type": int, "default": _a("fitness_images")}),

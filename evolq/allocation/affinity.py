@@ -24,16 +24,13 @@ class PrefixRouter:
 
     Args:
         n_blocks: blocks of the model (an allocation without any cached prefix runs all of them).
-        keys: ``keys(genes_row) -> list`` of the cache keys of block inputs 1..n_blocks-1 (index
-            ``j - 1`` for block ``j``): the prefixes an actor holds once it has run the allocation.
         capacity: prefixes remembered per actor (the actor's cache holds about as many).
         slack: an actor takes an allocation where it is cheapest while its load stays under
             ``(1 + slack)`` times an even share of the batch's estimated work.
     """
 
-    def __init__(self, n_blocks: int, keys, capacity: int = 4096, slack: float = 0.15):
+    def __init__(self, n_blocks: int, capacity: int = 4096, slack: float = 0.15):
         self.n_blocks = int(n_blocks)
-        self.keys = keys
         self.capacity = max(1, int(capacity))
         self.slack = float(slack)
         self.held: list[OrderedDict] = []
@@ -52,12 +49,13 @@ class PrefixRouter:
         while len(held) > self.capacity:
             held.popitem(last=False)
 
-    def route(self, genes, actors: int) -> list[int]:
-        """The actor index of each row of ``genes`` (P, layers), rows taken in order."""
+    def route(self, rows: list[list], actors: int) -> list[int]:
+        """The actor index of each allocation, taken in order; ``rows``: per allocation the cache keys
+        of its block inputs 1..n_blocks-1 (index ``j - 1`` for block ``j``), the prefixes an actor
+        holds once it has run it."""
         if len(self.held) != actors:
             self.held = [OrderedDict() for _ in range(actors)]
         nb = self.n_blocks
-        rows = [self.keys(g) for g in genes]
         # estimated work: the blocks each row runs on the cheapest actor, its neighbour's prefix counted
         est, prev = [], None
         for ks in rows:

@@ -31,7 +31,9 @@ ALLOC_CKPT_NAME = "allocation.safetensors"
 
 class AllocationEngine:
     """Runs ``searcher`` on ``problem`` for ``evaluations`` fitness evaluations (distinct allocations
-    evaluated, ``problem.evaluations``: the same count in one process or on Ray actors).
+    evaluated, ``problem.evaluations``: the same count in one process or on Ray actors; for a
+    searcher with a ``spent`` property, the staged ones, its full-fitness equivalents by images
+    seen, ``evolq.search.staged``).
 
     Args:
         problem: a ``BitAllocationProblem`` whose quality callable is ``fitness``.
@@ -79,7 +81,8 @@ class AllocationEngine:
         if p.generator is not None:
             tensors["problem_rng"] = p.generator.get_state()
         counters = {"evaluations": self.fitness.evaluations, "requests": self.fitness.requests,
-                    "repairs": p.repairs}
+                    "repairs": p.repairs, "sample_evaluations": getattr(self.fitness, "sample_evaluations", 0),
+                    "sample_images": getattr(self.fitness, "sample_images", 0)}
         save_checkpoint(self.path, tensors, {"run_id": self.run_id, "state": state, "searcher": meta,
                                              "counters": counters})
 
@@ -101,6 +104,9 @@ class AllocationEngine:
         self._rng = tensors.get("problem_rng")  # set once the searcher is built (building it draws numbers)
         c = meta.get("counters", {})
         self.fitness.evaluations, self.fitness.requests = c.get("evaluations", 0), c.get("requests", 0)
+        if hasattr(self.fitness, "sample_evaluations"):
+            self.fitness.sample_evaluations = c.get("sample_evaluations", 0)
+            self.fitness.sample_images = c.get("sample_images", 0)
         p.repairs = c.get("repairs", 0)
         self._searcher_state = (tensors, meta.get("searcher") or {})
         return meta["state"]
@@ -132,13 +138,13 @@ class AllocationEngine:
                                                 torch.zeros((), dtype=torch.float64))
         self.searcher = make_allocator(self.searcher_name, self.problem, popsize=self.popsize,
                                        sensitivity=self.sensitivity, seed=self.seed,
-                                       searcher_kwargs=self.searcher_kwargs)
+                                       searcher_kwargs=self.searcher_kwargs, holdout=self.holdout)
         if self._searcher_state is not None and state["generation"] > 0:
             load_allocator_state(self.searcher, *self._searcher_state)
         if self._rng is not None and self.problem.generator is not None:
             self.problem.generator.set_state(self._rng)
         try:
-            while not state["done"] and self.problem.evaluations < self.evaluations:
+            while not state["done"] and self.spent < self.evaluations:
                 self.searcher.step()
                 state["generation"] += 1
                 state["done"] = bool(getattr(self.searcher, "done", False))
@@ -160,6 +166,12 @@ class AllocationEngine:
         return self.result(state)
 
     @property
+    def spent(self):
+        """The budget used: the searcher's ``spent`` where it has one, else ``problem.evaluations``."""
+        spent = getattr(self.searcher, "spent", None)
+        return self.problem.evaluations if spent is None else spent
+
+    @property
     def scale_out(self):
         """The problem when it evaluates on Ray actors (``stats``, ``actor_info``, ``dispatch_hook``), else None."""
         return self.problem if getattr(self.problem, "placement", None) is not None else None
@@ -168,7 +180,7 @@ class AllocationEngine:
         front = self.problem.front()
         best = min((v[0] for _, v in front), default=math.inf)
         return {"generation": state["generation"], "evaluations": self.problem.evaluations,
-                "budget_evaluations": self.evaluations, "front": len(front), "best_loss": best,
+                "spent": self.spent, "budget_evaluations": self.evaluations, "front": len(front), "best_loss": best,
                 "seconds": state["seconds"]}
 
     def result(self, state: dict) -> dict:
@@ -188,8 +200,9 @@ class AllocationEngine:
                 chosen = min(ranked, key=lambda i: (points[i]["holdout_loss"], points[i]["loss"]))
             else:
                 chosen = ranked[0]
+        staged = self.searcher.report() if hasattr(self.searcher, "report") else None
         return {"front": points, "chosen": chosen, "generations": state["generation"],
-                "evaluations": self.problem.evaluations,
+                "evaluations": self.problem.evaluations, "spent": self.spent, "staged": staged,
                 "sensitivity_evaluations": state.get("sensitivity_evaluations", 0),
                 "fallback": state.get("fallback"),
                 "seconds": state["seconds"], "fitness": self.fitness.stats(self.actor_counters), "repairs": p.repairs,

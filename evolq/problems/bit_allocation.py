@@ -29,6 +29,12 @@ genes of the allocations the driver has not evaluated yet (the quality's memo st
 driver when it takes ``compute=``, as ``AllocationFitness`` does) and receives their losses.
 The repair (``before_eval_hook``), the costs, the archive (``after_eval_hook``), the random
 generator and so ``evaluations`` stay on the driver: the same in one process or on actors.
+
+**Lower fidelities** (``sample_losses``, for the staged searchers of ``evolq.search.staged``):
+a quality that takes ``sample=`` (image indices; ``AllocationFitness``) scores allocations on
+part of its images. Those scores never enter the archive or the front (they are not the
+fitness) and are never asked of an allocation over the budget. On actors the sample travels
+with the genes, as indices appended to each row: the driver draws it, the actors only use it.
 """
 from __future__ import annotations
 
@@ -147,6 +153,35 @@ class BitAllocationProblem(ActorProblem, evotorch.Problem):
     @property
     def n_layers(self) -> int:
         return self.allowed.shape[0]
+
+    @property
+    def fitness_images(self) -> int | None:
+        """The quality's images (its ``n_images``) when it can score a sample of them, else None."""
+        n = getattr(self.quality, "n_images", None)
+        try:
+            takes = "sample" in inspect.signature(self.quality).parameters
+        except (TypeError, ValueError):
+            takes = False
+        return int(n) if n is not None and takes else None
+
+    def sample_losses(self, genes: torch.Tensor, sample) -> tuple[torch.Tensor, int]:
+        """(Driver) the losses (P,) of allocations ``genes`` (P, L) on the fitness images ``sample``
+        (sorted indices), NaN/inf as ``penalty``, and how many the quality computed (its memo
+        misses). Not archived; every allocation must be within the budget (a ``ValueError`` if not:
+        a searcher's bug, never repaired here)."""
+        genes = torch.as_tensor(genes).long().reshape(-1, self.n_layers)
+        cost = self.costs[self.budget_index](genes)
+        if bool((cost > self.budget).any()):
+            raise ValueError(f"an allocation over the budget was sent to the staged fitness "
+                             f"({float(cost.max()):g} > {self.budget:g})")
+        sample = torch.as_tensor(sample).long().reshape(-1)
+        if self._actors is None:
+            losses = self.quality(genes, sample=sample)
+        else:
+            losses = self.quality(genes, sample=sample, compute=lambda todo: self._actor_sample_losses(todo, sample))
+        losses = torch.nan_to_num(torch.as_tensor(losses, dtype=torch.float64).reshape(-1), nan=self.penalty,
+                                  posinf=self.penalty, neginf=self.penalty).clamp(-self.penalty, self.penalty)
+        return losses, int(getattr(self.quality, "last_computed", genes.shape[0]))
 
     # -- feasibility -----------------------------------------------------------------
     def _moves(self, genes: torch.Tensor):
@@ -272,18 +307,35 @@ class BitAllocationProblem(ActorProblem, evotorch.Problem):
         batch.set_evals(self.objectives(genes, losses))
 
     def _actor_losses(self, genes: torch.Tensor) -> torch.Tensor:
-        """(Driver) the losses of ``genes`` (P, L), computed by the actors (contiguous pieces)."""
-        if genes.shape[0] == 0:
-            return torch.empty(0, dtype=torch.float64)
-        route = getattr(self.quality, "route", None) if self.affinity else None
-        if route is not None:  # each allocation to the actor whose cache holds most of its prefix
-            return self.map_rows("_losses_here", genes.long(), assign=route(genes, len(self._actors))).reshape(-1)
-        work = getattr(self.quality, "work", None)  # pieces of equal work: the blocks each allocation runs
-        return self.map_rows("_losses_here", genes.long(), weights=work(genes) if work else None).reshape(-1)
+        """(Driver) the losses of ``genes`` (P, L), computed by the actors."""
+        return self._map_losses("_losses_here", genes, genes.long())
 
     def _losses_here(self, genes: torch.Tensor) -> torch.Tensor:
         """(Actor) the losses of ``genes`` by this actor's quality (its own memo and caches)."""
         return torch.as_tensor(self.quality(genes), dtype=torch.float64).reshape(-1)
+
+    def _actor_sample_losses(self, genes: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """(Driver) the losses of ``genes`` on ``sample``, computed by the actors: each row is the genes
+        followed by the sample's indices, so a piece carries its sample."""
+        rows = torch.cat([genes.long(), sample.long()[None].expand(genes.shape[0], -1)], 1)
+        return self._map_losses("_sample_losses_here", genes, rows, sample)
+
+    def _map_losses(self, method: str, genes: torch.Tensor, rows: torch.Tensor, sample=None) -> torch.Tensor:
+        """(Driver) ``method`` on the actors over ``rows`` (one per allocation of ``genes``): with
+        ``affinity``, each allocation to the actor whose cache holds most of its prefix (the quality's
+        ``route``); else contiguous pieces of equal work (its ``work``: the blocks each one runs)."""
+        if genes.shape[0] == 0:
+            return torch.empty(0, dtype=torch.float64)
+        route = getattr(self.quality, "route", None) if self.affinity else None
+        if route is not None:
+            return self.map_rows(method, rows, assign=route(genes, len(self._actors), sample=sample)).reshape(-1)
+        work = getattr(self.quality, "work", None)
+        return self.map_rows(method, rows, weights=work(genes) if work else None).reshape(-1)
+
+    def _sample_losses_here(self, rows: torch.Tensor) -> torch.Tensor:
+        """(Actor) the losses of the genes of ``rows`` on the sample the rows carry."""
+        genes, sample = rows[:, : self.n_layers], rows[0, self.n_layers:]
+        return torch.as_tensor(self.quality(genes, sample=sample), dtype=torch.float64).reshape(-1)
 
     def actor_counters(self) -> dict:
         """(Driver) the quality's ``counters()`` summed over the live actors ({} in this process); the counts

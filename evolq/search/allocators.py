@@ -7,7 +7,11 @@ to all alike), built by a factory registered in ``ALLOCATORS``:
 
 * ``nsga2``: EvoTorch's ``GeneticAlgorithm`` (elitist; Pareto ranks and crowding on the
   objectives, NSGA-II), two-point cross-over and ``IntegerMutation``, its first population
-  seeded with the sensitivity + ILP solutions across the front's range and uniform widths.
+  seeded with the sensitivity + ILP solutions across the front's range and uniform widths;
+  with ``screen=k`` its children are pre-screened on k fitness images
+  (``evolq.search.screened``; off by default).
+* ``evopress``: EvoPress's (1+λ) elitist search, level-switch mutations that keep the budget,
+  staged selection on growing samples of the fitness images (``evolq.search.evopress``).
 * ``ilp``: the standard answer (HAWQ-V3, ModelOpt ``auto_quantize``): per-layer sensitivities
   summed as if they were additive, minimised by an integer linear program
   (``scipy.optimize.milp``) under each of ``popsize`` budgets spread over the front's range.
@@ -20,7 +24,12 @@ to all alike), built by a factory registered in ``ALLOCATORS``:
 Any other EvoTorch ``SearchAlgorithm`` class that takes ``(problem, operators=..., popsize=...)``
 (``SteadyStateGA``, say) can be passed instead of a name. ``sensitivity`` is the (L, M) table
 of single-layer loss changes (``BitAllocationProblem.sensitivity``): searchers that need it
-name it in ``NEEDS_SENSITIVITY``; its evaluations count against their budget.
+name it in ``NEEDS_SENSITIVITY``; its evaluations count against their budget. A factory that
+takes ``holdout`` gets the engine's hold-out scorer (``(P, L) -> (P,)`` or None).
+
+The budget's unit: distinct full-fitness evaluations (``problem.evaluations``); a searcher
+with a ``spent`` property (the staged ones: full-fitness equivalents by images seen) is
+counted by it instead (``AllocationEngine``).
 """
 from __future__ import annotations
 
@@ -36,7 +45,7 @@ __all__ = ["ALLOCATORS", "NEEDS_SENSITIVITY", "register_allocator", "list_alloca
            "ilp_allocation", "budget_ladder"]
 
 ALLOCATORS: Registry = Registry("allocation searcher")
-NEEDS_SENSITIVITY = {"nsga2", "ilp", "greedy"}
+NEEDS_SENSITIVITY = {"nsga2", "ilp", "greedy", "evopress"}
 
 
 def register_allocator(name: str, factory=None, needs_sensitivity: bool = False):
@@ -52,10 +61,14 @@ def list_allocators() -> tuple[str, ...]:
 
 @register_allocator("nsga2", needs_sensitivity=True)
 def nsga2(problem, *, popsize: int = 24, sensitivity=None, seed: int = 0, rate: float | None = None,
-          neighbour: float = 0.7, tournament_size: int = 2, ilp_seeds: int | None = None):
+          neighbour: float = 0.7, tournament_size: int = 2, ilp_seeds: int | None = None, screen=None,
+          screen_factor: int = 4):
     """EvoTorch ``GeneticAlgorithm`` (NSGA-II on [loss, size]) with two-point cross-over and
     ``IntegerMutation``; the first population holds ``ilp_seeds`` (default half the population)
-    ILP solutions across the front's range and the uniform widths, the rest random."""
+    ILP solutions across the front's range and the uniform widths, the rest random. ``screen``
+    (images, or a fraction of the fitness images; None: off): ``screen_factor`` times the children
+    are drawn and pre-screened on that many images, the best of them evaluated
+    (``evolq.search.screened.ScreenedGeneticAlgorithm``; the budget then counts images seen)."""
     from evotorch.algorithms import GeneticAlgorithm
     from evotorch.operators import TwoPointCrossOver
 
@@ -72,7 +85,26 @@ def nsga2(problem, *, popsize: int = 24, sensitivity=None, seed: int = 0, rate: 
     problem.seeds = torch.stack(seeds[:popsize]) if seeds else None
     ops = [TwoPointCrossOver(problem, tournament_size=tournament_size),
            IntegerMutation(problem, rate=rate, neighbour=neighbour, allowed=problem.allowed)]
+    if screen is not None:
+        from .screened import ScreenedGeneticAlgorithm
+
+        return ScreenedGeneticAlgorithm(problem, screen=screen, screen_factor=screen_factor, seed=seed,
+                                        operators=ops, popsize=popsize)
     return GeneticAlgorithm(problem, operators=ops, popsize=popsize, re_evaluate=False)
+
+
+@register_allocator("evopress", needs_sensitivity=True)
+def evopress(problem, *, popsize: int = 24, sensitivity=None, seed: int = 0, holdout=None, offspring: int = 32,
+             survivors=(4, 1), images=(1 / 64, 1 / 8, 1.0), generations: int | None = None, max_switches: int = 3):
+    """EvoPress: (1+λ) elitist, level-switch mutations within the budget, staged selection
+    (``offspring`` on the first stage, ``survivors`` on the next ones, ``images`` per stage: counts
+    or fractions of the fitness images), warm-started from the better of the ILP point and the
+    uniform widths on the hold-out; ``popsize`` is not used. The budget counts full-fitness
+    equivalents by images seen (``evolq.search.evopress``)."""
+    from .evopress import EvoPress
+
+    return EvoPress(problem, offspring=offspring, survivors=survivors, images=images, generations=generations,
+                    max_switches=max_switches, sensitivity=sensitivity, holdout=holdout, seed=seed)
 
 
 @register_allocator("random")
@@ -103,15 +135,19 @@ def greedy(problem, *, popsize: int = 24, sensitivity=None, seed: int = 0):
     return GreedyAllocation(problem, popsize, sensitivity)
 
 
-def make_allocator(searcher, problem, *, popsize: int, sensitivity=None, seed: int = 0, searcher_kwargs=None):
-    """Build ``searcher`` (a registered name or an EvoTorch ``SearchAlgorithm`` class) on ``problem``."""
+def make_allocator(searcher, problem, *, popsize: int, sensitivity=None, seed: int = 0, searcher_kwargs=None,
+                   holdout=None):
+    """Build ``searcher`` (a registered name or an EvoTorch ``SearchAlgorithm`` class) on ``problem``;
+    ``holdout`` goes to a factory that takes it."""
     kwargs = dict(searcher_kwargs or {})
     if isinstance(searcher, str):
         factory = ALLOCATORS.get(searcher)
         params = inspect.signature(factory).parameters
-        unknown = [k for k in kwargs if k not in params]
+        unknown = [k for k in kwargs if k not in params or k == "holdout"]
         if unknown:
             raise ConfigError(f"the {searcher} allocator takes no argument {', '.join(unknown)}")
+        if "holdout" in params:
+            kwargs["holdout"] = holdout
         return factory(problem, popsize=popsize, sensitivity=sensitivity, seed=seed, **kwargs)
     if isinstance(searcher, type):
         from evotorch.operators import TwoPointCrossOver
