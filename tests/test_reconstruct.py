@@ -205,7 +205,7 @@ def test_brecq_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch
             raise KeyboardInterrupt
         return orig(*a, **k)
 
-    import evolq.qnn.reconstruct as rc
+    import evolq.qnn.reconstruct.blocks as rc  # the block loop of the gptq and brecq starts
 
     monkeypatch.setattr(rc, "brecq_block", flaky)
     with pytest.raises(KeyboardInterrupt):

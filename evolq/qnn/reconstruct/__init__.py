@@ -1,7 +1,7 @@
 """Reconstruction start points: ``QuantConfig(start="gptq" | "brecq" | "ofq")``.
 
 ``run_start`` runs after calibration (``evolq.api.prepare_model``), block by block
-over any ``QModel``, and leaves its result in the weight quantizers (``weight_delta``
+over any ``QModel`` (``blocks.run_blocks``), and leaves its result in the weight quantizers (``weight_delta``
 for GPTQ, ``round_offset`` for AdaRound), so the Evol-Q scale search then runs on top
 unchanged. With a run folder, a checkpoint is written after every block and a killed
 start resumes after the last finished block with the same result. ``"ofq"`` is an
@@ -15,16 +15,11 @@ import torch
 
 from ...data import resolve_device
 from ...errors import DataError
-from .brecq import brecq_block
+from .blocks import run_blocks
 from .common import BRECQOptions, GPTQOptions, OFQOptions, StartCheckpoint, block_layers, start_options
-from .gptq import gptq_block
+from .ofq import run_ofq
 
 __all__ = ["run_start", "start_options", "GPTQOptions", "BRECQOptions", "OFQOptions", "block_layers"]
-
-
-@torch.no_grad()
-def _forward(run, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([run(x[i:i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
 
 def _check_data(start: str, opts, x: torch.Tensor) -> None:
@@ -57,8 +52,6 @@ def run_start(qmodel, x: torch.Tensor, quant, progress: bool = False, checkpoint
     opts = start_options(quant.start, quant.start_options)
     _check_data(quant.start, opts, x)
     if quant.start == "ofq":
-        from .ofq import run_ofq
-
         return run_ofq(qmodel, x, quant, opts, holdout=holdout, progress=progress, checkpoint_dir=checkpoint_dir,
                        resume=resume, hooks=hooks)
     dev = resolve_device(opts.device)
@@ -73,7 +66,7 @@ def run_start(qmodel, x: torch.Tensor, quant, progress: bool = False, checkpoint
         if state["next"] < len(qmodel.blocks):
             model.to(dev)
             try:
-                _run_blocks(qmodel, x.to(dev), quant.start, opts, todo, state, ckpt, t0, progress)
+                run_blocks(qmodel, x.to(dev), quant.start, opts, todo, state, ckpt, t0, progress)
             finally:
                 model.to(home)
     report = {"start": quant.start, "options": {k: (list(v) if isinstance(v, tuple) else v)
@@ -85,47 +78,3 @@ def run_start(qmodel, x: torch.Tensor, quant, progress: bool = False, checkpoint
     fallbacks += [f"{b['block']}: {b['status']}" for b in state["blocks"] if b.get("status", "ok") != "ok"]
     report["fallbacks"] = fallbacks
     return report
-
-
-def _run_blocks(qmodel, x, start, opts, todo, state, ckpt, t0, progress) -> None:
-    bs = getattr(opts, "batch_size", 32) if start == "gptq" else max(32, opts.batch_size)
-    first = state["next"]
-    x_q = x
-    for i in range(first):  # the quantized prefix of a resumed run (its blocks are restored)
-        x_q = _forward(qmodel.blocks[i].run, x_q, bs)
-    x_fp = None
-    if start == "brecq":
-        qmodel.set_quant_enabled(False)
-        try:
-            x_fp = x
-            for i in range(first):
-                x_fp = _forward(qmodel.blocks[i].run, x_fp, bs)
-        finally:
-            qmodel.set_quant_enabled(True)
-    for i in range(first, len(qmodel.blocks)):
-        block = qmodel.blocks[i]
-        y_fp = None
-        if start == "brecq":
-            qmodel.set_quant_enabled(False)
-            try:
-                y_fp = _forward(block.run, x_fp, bs)
-            finally:
-                qmodel.set_quant_enabled(True)
-        if i in todo:
-            layers = block_layers(qmodel, block)
-            t_b = time.perf_counter()
-            if start == "gptq":
-                rec = {"block": block.name, "layers": gptq_block(qmodel, i, x_q, opts, layers)}
-            else:
-                gptq_rec = gptq_block(qmodel, i, x_q, GPTQOptions(device=opts.device), layers) \
-                    if opts.init == "gptq" else None
-                rec = brecq_block(qmodel, i, x_q, x_fp, y_fp, opts, layers, progress=progress and opts.progress)
-                if gptq_rec is not None:
-                    rec["gptq_layers"] = gptq_rec
-            rec["seconds"] = time.perf_counter() - t_b
-            state["blocks"].append(rec)
-        x_q = _forward(block.run, x_q, bs)
-        x_fp = y_fp
-        state["next"] = i + 1
-        state["seconds"] = time.perf_counter() - t0
-        ckpt.save(state)

@@ -163,61 +163,8 @@ def brecq_block(qmodel, index: int, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp:
     rounding, steps, drops, deltas = [], [], [], []
     saved_scales = {id(q): q.scale.detach().clone() for q in act_qs if hasattr(q, "scale")}
     try:
-        for _, layer in layers:
-            wq = layer.weight_quant
-            delta = wq._buffers.get("weight_delta")
-            deltas.append(delta)
-            wq.set_rounding(delta=delta)  # drops an earlier round_offset, keeps a gptq init
-            w, _ = folded_weight(layer)
-            rounding.append(_WeightRounding(wq, w if delta is None else w + delta))
-        if opts.act_lr > 0:
-            steps = [_ActStep(q) for q in act_qs if isinstance(q, UniformQuantizer) and q.scale.numel() == 1]
-        if opts.qdrop > 0:
-            drops = [_Drop(q, opts.qdrop, gen_dev) for q in act_qs]
-        groups = [{"params": [r.v for r in rounding], "lr": opts.lr}]
-        if steps:
-            groups.append({"params": [s.s for s in steps], "lr": opts.act_lr})
-        opt = torch.optim.Adam(groups)
-        n = x_q.shape[0]
-        bs = min(opts.batch_size, n)
-        warm = int(opts.warmup * opts.iters)
-        b0, b1 = opts.beta
-        it = range(opts.iters)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(it, desc=f"brecq {block.name}", leave=False)
-            it = bar
-        status = "ok"
-        with torch.enable_grad():
-            for step in it:
-                idx = torch.randperm(n, generator=gen)[:bs].to(dev)
-                xb = x_q[idx]
-                if opts.qdrop > 0:
-                    mask = torch.rand(xb.shape, generator=gen_dev, device=gen_dev.device) < opts.qdrop
-                    xb = torch.where(mask.to(dev), x_fp[idx], xb)
-                out = block.run(xb)
-                rec_loss = _sq_err(out, y_fp[idx])
-                if step < warm:
-                    reg = torch.zeros((), device=dev)
-                else:
-                    t = (step - warm) / max(1, opts.iters - warm)
-                    beta = b1 + 0.5 * (b0 - b1) * (1 + math.cos(t * math.pi))
-                    reg = opts.reg_weight * sum(r.reg(beta) for r in rounding)
-                loss = rec_loss + reg
-                if not math.isfinite(float(loss.detach())):
-                    status = f"non-finite loss at step {step}"
-                    break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                for s in steps:  # keep steps positive
-                    s.s.data.clamp_(min=1e-8)
-                if bar is not None and step % 20 == 0:
-                    bar.set_postfix(rec=f"{float(rec_loss):.4g}")
-        if bar is not None:
-            bar.close()
+        _install(layers, act_qs, opts, gen_dev, rounding, steps, drops, deltas)
+        status = _reconstruct(block, x_q, x_fp, y_fp, opts, rounding, steps, gen, gen_dev, progress)
         for d in drops:
             d.on = False
         offsets = [r.offsets() for r in rounding]
@@ -246,3 +193,74 @@ def brecq_block(qmodel, index: int, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp:
                 q.scale = saved_scales[id(q)]
         rec["error_end"] = err_start
     return rec
+
+
+def _install(layers, act_qs, opts, gen_dev, rounding, steps, drops, deltas) -> None:
+    """The block's hooks, appended to the given lists (so that a failure part-way removes those
+    already installed): AdaRound's variables on each layer's weight quantizer (on top of its
+    ``weight_delta``, kept in ``deltas``), learned steps (``act_lr``) and QDrop (``qdrop``) on
+    the activation quantizers ``act_qs``."""
+    for _, layer in layers:
+        wq = layer.weight_quant
+        delta = wq._buffers.get("weight_delta")
+        deltas.append(delta)
+        wq.set_rounding(delta=delta)  # drops an earlier round_offset, keeps a gptq init
+        w, _ = folded_weight(layer)
+        rounding.append(_WeightRounding(wq, w if delta is None else w + delta))
+    if opts.act_lr > 0:
+        steps.extend(_ActStep(q) for q in act_qs if isinstance(q, UniformQuantizer) and q.scale.numel() == 1)
+    if opts.qdrop > 0:
+        drops.extend(_Drop(q, opts.qdrop, gen_dev) for q in act_qs)
+
+
+def _reconstruct(block, x_q, x_fp, y_fp, opts, rounding, steps, gen, gen_dev, progress: bool) -> str:
+    """``opts.iters`` Adam steps on random batches of the block's inputs (QDrop: each element
+    of the input taken from the float prefix's output with probability ``qdrop``), minimising
+    the output error plus the annealed rounding regulariser. Returns the status: ``"ok"`` or
+    where the loss stopped being finite."""
+    dev = x_q.device
+    groups = [{"params": [r.v for r in rounding], "lr": opts.lr}]
+    if steps:
+        groups.append({"params": [s.s for s in steps], "lr": opts.act_lr})
+    opt = torch.optim.Adam(groups)
+    n = x_q.shape[0]
+    bs = min(opts.batch_size, n)
+    warm = int(opts.warmup * opts.iters)
+    b0, b1 = opts.beta
+    it = range(opts.iters)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(it, desc=f"brecq {block.name}", leave=False)
+        it = bar
+    status = "ok"
+    with torch.enable_grad():
+        for step in it:
+            idx = torch.randperm(n, generator=gen)[:bs].to(dev)
+            xb = x_q[idx]
+            if opts.qdrop > 0:
+                mask = torch.rand(xb.shape, generator=gen_dev, device=gen_dev.device) < opts.qdrop
+                xb = torch.where(mask.to(dev), x_fp[idx], xb)
+            out = block.run(xb)
+            rec_loss = _sq_err(out, y_fp[idx])
+            if step < warm:
+                reg = torch.zeros((), device=dev)
+            else:
+                t = (step - warm) / max(1, opts.iters - warm)
+                beta = b1 + 0.5 * (b0 - b1) * (1 + math.cos(t * math.pi))
+                reg = opts.reg_weight * sum(r.reg(beta) for r in rounding)
+            loss = rec_loss + reg
+            if not math.isfinite(float(loss.detach())):
+                status = f"non-finite loss at step {step}"
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for s in steps:  # keep steps positive
+                s.s.data.clamp_(min=1e-8)
+            if bar is not None and step % 20 == 0:
+                bar.set_postfix(rec=f"{float(rec_loss):.4g}")
+    if bar is not None:
+        bar.close()
+    return status

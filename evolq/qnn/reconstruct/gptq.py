@@ -110,6 +110,27 @@ def _quant(w, inv_s, s, zp, qmin, qmax, frac=None):
     return q.mul_(s)
 
 
+def _inverse_factor(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
+    """The upper Cholesky factor of ``H^-1`` per group, with ``H`` dampened by ``damp`` (then up to
+    1e4 x ``damp``) times its mean diagonal until both factorisations succeed."""
+    d = h.shape[-1]
+    eye = torch.eye(d, dtype=h.dtype, device=h.device)
+    mean_diag = h.diagonal(dim1=1, dim2=2).mean(1)
+    u = None
+    for attempt in range(5):
+        hd = h + (damp * 10 ** attempt * mean_diag)[:, None, None] * eye
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if bool((info == 0).all()):
+            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+            if bool((info == 0).all()) and bool(torch.isfinite(u).all()):
+                break
+            u = None
+    if u is None:
+        raise DataError(f"the GPTQ Hessian of {name or 'a layer'} is not positive definite even with dampening "
+                        f"{damp * 1e4:g} x its mean diagonal: the calibration activations are degenerate")
+    return u
+
+
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
                   qmax: int, damp: float = 0.01, act_order: bool = True, block_size: int = 128, name: str = ""):
     """GPTQ on grouped weights.
@@ -138,20 +159,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_po
         perm = torch.argsort(diag, dim=1, descending=True)
         w = w.gather(2, perm[:, None, :].expand(g, r, d))
         h = h.gather(1, perm[:, :, None].expand(g, d, d)).gather(2, perm[:, None, :].expand(g, d, d))
-    eye = torch.eye(d, dtype=h.dtype, device=h.device)
-    mean_diag = h.diagonal(dim1=1, dim2=2).mean(1)
-    u = None
-    for attempt in range(5):
-        hd = h + (damp * 10 ** attempt * mean_diag)[:, None, None] * eye
-        chol, info = torch.linalg.cholesky_ex(hd)
-        if bool((info == 0).all()):
-            u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
-            if bool((info == 0).all()) and bool(torch.isfinite(u).all()):
-                break
-            u = None
-    if u is None:
-        raise DataError(f"the GPTQ Hessian of {name or 'a layer'} is not positive definite even with dampening "
-                        f"{damp * 1e4:g} x its mean diagonal: the calibration activations are degenerate")
+    u = _inverse_factor(h, damp, name)
     u = u.float()
     s = scale.reshape(g, r).float()
     zp = zero_point.reshape(g, r).float() if zero_point.numel() > 1 else zero_point.float().reshape(()).expand(g, r)
