@@ -98,6 +98,12 @@ class QuantConfig:
     ``"float"`` (the layer stays unquantized) or ``{"w_bits": ..., "a_bits": ...}``; later
     entries override earlier ones (``evolq.qnn.layer_bits``; ``evolq allocate`` writes one).
     ``w_bits`` and ``a_bits`` stay the widths of every layer it does not name.
+
+    ``w_group`` (default None: one weight grid per output channel) gives every quantized layer's
+    weights one scale and zero-point per ``w_group`` consecutive input columns of each row
+    (group-wise weights, ``evolq.quant.groups``; a conv's input is ``in_channels / groups * kh * kw``);
+    it must divide every such layer's input and be at least 8. ``layer_bits`` entries
+    ``{"w_bits": 3, "group": 64}`` (or ``"3g64"``; ``"group": None`` for per channel) set it per layer.
     """
 
     w_bits: int = 8
@@ -118,7 +124,9 @@ class QuantConfig:
     regime: str = "fq-vit"  # "fq-vit" (the authors' fake-quantized regime) or "deploy" (what integer kernels run)
     smooth_strength: float | None = None  # deploy: SmoothQuant migration strength (0 = off; None: deploy_strength)
     deploy_weights: str = "auto"  # deploy, weights below 8 bits: "asymmetric", "symmetric"; "auto": asymmetric
-    layer_bits: dict = field(default_factory=dict)  # layer name or glob -> bits, "float" or {w_bits, a_bits}
+    layer_bits: dict = field(default_factory=dict)  # layer name or glob -> bits, "float", "3g64" or {w_bits, ...}
+    # group-wise weights (evolq.quant.groups): one grid per w_group input columns of each row; None: per channel
+    w_group: int | None = None
 
     PRESETS = {
         "fq-vit": {},
@@ -197,6 +205,9 @@ class QuantConfig:
         from .qnn.layer_bits import normalize_layer_bits
 
         normalize_layer_bits(self.layer_bits)  # types and ranges; names are checked against the model at wrap time
+        from .qnn.layer_bits import check_group
+
+        check_group(self.w_group, "w_group")  # whether it divides each layer's input is checked at wrap time
         if not isinstance(self.start_options, dict):
             raise ConfigError(f"start_options must be a dict, got {type(self.start_options).__name__}")
         if self.start_options:
