@@ -395,8 +395,10 @@ class AllocationConfig:
     """Per-layer bit allocation (``evolq.allocate_bits``, ``evolq allocate``): which widths a layer
     may take, under what budget, searched how.
 
-    ``menu``: the options, e.g. ``"2,3,4,8"`` (widths 2..8, optionally ``float``). ``budget``:
-    ``"avg-bits=3.3"`` (parameter-weighted mean weight bits), ``"size-mb=2.7"`` (the packed size,
+    ``menu``: the options, e.g. ``"2,3,4,8"`` (widths 2..8 per output channel, ``BITSgGROUP`` such as
+    ``3g64`` for group-wise weights, optionally ``float``). ``budget``:
+    ``"avg-bits=3.3"`` (parameter-weighted mean weight bits, a grouped option's extra scales counted:
+    ``SizeModel.bits_table``), ``"size-mb=2.7"`` (the packed size, scales included,
     ``evolq.allocation.menu.SizeModel``) or ``"latency-ms=12"`` (a per-layer latency table measured
     in the deploy runtime, ``evolq.allocation.latency``: the deploy regime only, ``"float"`` on the
     menu, timed at ``latency_batch`` images and ``latency_threads`` threads). ``searcher``: a
@@ -449,6 +451,9 @@ class AllocationConfig:
             raise ConfigError(f"a latency-ms budget needs \"float\" on the menu (e.g. {menu.label()},float): every "
                               f"integer width runs the same int8 kernels, so without it all allocations take the same "
                               f"time")
+        if kind == "latency-ms" and menu.grouped:
+            raise ConfigError(f"a latency-ms budget cannot time the grouped menu options {','.join(menu.grouped)}: the "
+                              f"deploy runtime runs per-channel int8 weights only; use size-mb or avg-bits")
         _check_int("latency_batch", self.latency_batch, 1, 4096)
         _check_int("latency_threads", self.latency_threads, 1, 1024)
         if isinstance(self.searcher, str):

@@ -97,7 +97,7 @@ def normalize_layer_bits(spec) -> dict[str, dict]:
         if isinstance(value, Mapping):
             unknown = set(value) - set(_KEYS)
             if unknown or not value:
-                raise ConfigError(f"layer_bits[{pattern!r}] takes the keys w_bits, a_bits and group, got "
+                raise ConfigError(f"layer_bits[{pattern!r}] takes the keys w_bits and a_bits (and group), got "
                                   f"{sorted(map(str, value)) or 'none'}")
             entry = {}
             if "w_bits" in value:
@@ -110,7 +110,7 @@ def normalize_layer_bits(spec) -> dict[str, dict]:
             for key in ("a_bits", "group"):
                 if entry.get("w_bits") == FLOAT and key in entry:
                     raise ConfigError(f"layer_bits[{pattern!r}]: a float layer has no quantizer to give {key}")
-        elif isinstance(value, str) and value != FLOAT:
+        elif isinstance(value, str) and "g" in value and value != FLOAT:
             bits, group = parse_grouped(value, f"layer_bits[{pattern!r}]")
             entry = {"w_bits": bits, "group": group}
         else:
