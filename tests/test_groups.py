@@ -178,8 +178,8 @@ def test_the_block_scale_search_moves_group_scales():
     x = images(40)
     q = prepare_model(tiny_vit(), x, quant, progress=False)
     before = {n: layer.weight_quant.scale.clone() for n, layer in quantized_layers(q.model).items()}
-    config = EvolQConfig.make(w_bits=3, w_group=16, bias_correction=False, passes=1, cycles=6, scope="weights", holdout=0.0,
-                              progress=False, noise="relative", eps=0.05, loss="kl")
+    config = EvolQConfig.make(w_bits=3, w_group=16, bias_correction=False, passes=1, cycles=6, scope="weights",
+                              holdout=0.0, progress=False, noise="relative", eps=0.05, loss="kl")
     q, rep = quantize_model(q, x, config)
     moved = [n for n, layer in quantized_layers(q.model).items()
              if layer.weight_quant.scale.shape == before[n].shape and not torch.equal(layer.weight_quant.scale,
@@ -204,6 +204,8 @@ def test_the_size_model_counts_each_groups_scale_and_zero_point():
     fits64 = [layer_columns(m) % 64 == 0 for m in layers.values()]
     assert sizes.menu.options == (3, "3g64", "3g16")  # by bits per weight, the scales counted
     assert sizes.allowed[:, 1].tolist() == fits64 and any(fits64) and not all(fits64)
+    # uniform 3g64: the layers 64 does not divide stay at 3 bits per channel
+    assert g64.tolist() == [1 if f else 0 for f in fits64]
     grouped = prepare_model(tiny_vit(), images(16), QuantConfig(w_bits=3, w_group=16), progress=False)
     assert model_bytes(grouped.model, grouped.config) == pytest.approx(float(sizes.bytes(g16)[0]))
     assert model_bytes(q.model, q.config) == pytest.approx(float(sizes.bytes(per_ch)[0]))
@@ -304,3 +306,16 @@ def test_exports_refuse_group_wise_weights_in_one_line(tmp_path):
         export_pt2(deploy, tmp_path / "m.pt2", example=images(1))
     assert "\n" not in str(e.value)
     assert math.isfinite(model_bytes(deploy.model, deploy.config))
+
+
+def test_cli_w_group_reaches_the_quant_config():
+    from evolq.cli import build_parser, quant_config
+
+    for cmd in (["quantize", "--model", "m", "--w-bits", "3", "--a-bits", "8", "--out", "o"],
+                ["allocate", "--model", "m", "--out", "o"]):
+        args = build_parser().parse_args(cmd + ["--w-group", "64"])
+        if args.w_bits is None:
+            args.w_bits = 3
+        assert quant_config(args).w_group == 64
+    args = build_parser().parse_args(["quantize", "--model", "m", "--w-bits", "3", "--a-bits", "8", "--out", "o"])
+    assert quant_config(args).w_group is None

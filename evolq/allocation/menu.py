@@ -199,8 +199,14 @@ class SizeModel:
         return (bits * self.params).sum(1) / self.params.sum()
 
     def uniform(self, option) -> torch.Tensor:
-        """The genes of every layer at ``option``."""
-        return torch.full((len(self.layers),), self.menu.index(option), dtype=torch.long)
+        """The genes of every layer at ``option`` (a layer that a grouped option does not fit: the allowed
+        option nearest to it in bytes, as the problem's repair chooses)."""
+        k = self.menu.index(option)
+        g = torch.full((len(self.layers),), k, dtype=torch.long)
+        for i in torch.nonzero(~self.allowed[:, k]).flatten().tolist():
+            ok = torch.nonzero(self.allowed[i]).flatten()
+            g[i] = ok[torch.argmin((self.cost[i, ok] - self.cost[i, k]).abs())]
+        return g
 
     def bytes_of_bits(self, bits: dict) -> float:
         """Packed bytes of a ``{layer: option}`` mapping (every layer named)."""
