@@ -319,3 +319,27 @@ def test_cli_w_group_reaches_the_quant_config():
         assert quant_config(args).w_group == 64
     args = build_parser().parse_args(["quantize", "--model", "m", "--w-bits", "3", "--a-bits", "8", "--out", "o"])
     assert quant_config(args).w_group is None
+
+
+def test_a_resumed_ofq_start_keeps_its_group_grids(tmp_path):
+    """StatsQ refits every group's grid at each step: killed at epoch 2 and resumed, the buffers (the
+    (rows, groups) scales among them) equal an uninterrupted run's."""
+    x = images(24)
+    quant = QuantConfig(w_bits=3, w_group=16, start="ofq", start_options={"epochs": 2, "batch_size": 8,
+                                                                             "statsq": True, "cga": False})
+
+    def buffers(qm):
+        return {f"{n}.{b}": t.clone() for n, q in qm.quantizers().items() for b, t in q.named_buffers(recurse=False)}
+
+    def stop(info):
+        if info["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    whole = buffers(prepare_model(tiny_vit(), x, quant, progress=False))
+    with pytest.raises(KeyboardInterrupt):
+        prepare_model(tiny_vit(), x, quant, progress=False, checkpoint_dir=tmp_path,
+                      subscribers=[lambda hooks: hooks.epoch_start_hook.append(stop)])
+    back = prepare_model(tiny_vit(), x, quant, progress=False, checkpoint_dir=tmp_path, resume=True)
+    got = buffers(back)
+    assert whole.keys() == got.keys() and all(torch.equal(whole[k], got[k]) for k in whole)
+    assert back.model.blocks[0].mlp.fc2.weight_quant.scale.shape == (48, 12)
