@@ -227,7 +227,7 @@ def test_grouped_menus_in_every_searcher(searcher):
     lo, hi = sizes.range()
     budget = (lo + 0.45 * (hi - lo)) / 1e6
     cfg = AllocationConfig(menu="2,3g64,3,4g16,8", budget=f"size-mb={budget:.6f}", searcher=searcher, evaluations=30,
-                           popsize=6, fitness_images=8, tables="rtn", progress=False)
+                           popsize=6, fitness_images=8, tables="gptq" if searcher == "ilp" else "rtn", progress=False)
     q, rep = allocate_bits(tiny_vit(), x, quant, cfg, arch="m")
     assert rep["size_bytes"] <= float(f"{budget:.6f}") * 1e6 + 1e-6
     held = layer_bits_summary(q.model)["layers"]
