@@ -240,7 +240,7 @@ def allocate_bits(model: nn.Module, calib_data, quant: QuantConfig | None = None
                    "menu": list(setup.menu.options), **setup.latency.record}
     search_seconds = time.perf_counter() - t0
     del setup  # the proxy and its tables are not needed for the final model
-    final_quant = dataclasses.replace(quant, layer_bits=bits)
+    final_quant = dataclasses.replace(quant, layer_bits=bits, w_group=None)  # all layers named; bare widths per channel
     qmodel = prepare_model(model, fit_x, final_quant, arch=arch, progress=config.progress, checkpoint_dir=folder,
                            resume=resume, holdout=hold_x)
     report_search = None

@@ -122,6 +122,10 @@ def _add_model_args(p, quantize: bool, w_default=8):
                    help="per-layer widths: a JSON object of layer names or glob patterns -> weight bits, \"float\" "
                         "or {\"w_bits\": .., \"a_bits\": ..} (QuantConfig.layer_bits; evolq allocate writes one "
                         "in its report)")
+    p.add_argument("--w-group", type=int, default=None, metavar="G",
+                   help="group-wise weights: one scale and zero-point per G input columns of each output row "
+                        "(e.g. 32, 64, 128; at least 8, dividing every layer's input; default: per output channel; "
+                        "QuantConfig.w_group)")
     _add_start_args(p)
 
 
@@ -198,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     def _a(name):
         return field_default(AllocationConfig, name)
 
-    pa.add_argument("--menu", default=_a("menu"), help=f"the widths a layer may take, comma-separated (2..8 and "
-                                                       f"float; default {_a('menu')})")
+    pa.add_argument("--menu", default=_a("menu"), help=f"the widths a layer may take, comma-separated (2..8 per "
+                                                       f"output channel, BITSgGROUP such as 3g64 for group-wise "
+                                                       f"weights, and float; default {_a('menu')})")
     pa.add_argument("--budget", default=_a("budget"),
                     help=f"avg-bits=B (parameter-weighted mean weight bits), size-mb=S (packed size) or latency-ms=T "
                          f"(default {_a('budget')})")
@@ -316,6 +321,8 @@ def quant_config(args) -> QuantConfig:
         extra["deploy_weights"] = args.deploy_weights
     if getattr(args, "layer_bits", None):
         extra["layer_bits"] = _read_layer_bits(args.layer_bits)
+    if getattr(args, "w_group", None) is not None:
+        extra["w_group"] = args.w_group
     return QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, act_observer=args.act_observer,
                               attn_probs=args.attn_probs, ptf=not args.no_ptf,
                               bias_correction=not args.no_bias_correction and args.preset != "deploy", start=args.start,
@@ -537,15 +544,10 @@ def cmd_allocate(args) -> int:
 
 
 def _packed_bytes(qmodel, quant) -> float:
-    """The packed size of ``qmodel`` at the widths its layers hold (``evolq.allocation.menu.SizeModel``)."""
-    from .allocation.menu import Menu, SizeModel, option_bits
-    from .qnn.layer_bits import layer_bits_summary
+    """The packed size of ``qmodel`` at its layers' widths and groups (``evolq.allocation.menu.model_bytes``)."""
+    from .allocation.menu import model_bytes
 
-    held = layer_bits_summary(qmodel.model)["layers"]
-    menu = Menu(tuple(sorted({v["w_bits"] for v in held.values()}, key=option_bits)))
-    sym = quant.deploy_symmetric if quant.deploy else None
-    sizes = SizeModel(qmodel.model, menu, asymmetric=(lambda o: not sym(o)) if sym else True)
-    return sizes.bytes_of_bits({n: held[n]["w_bits"] for n in sizes.layers})
+    return model_bytes(qmodel.model, quant)
 
 
 def _demo_table(rows) -> str:

@@ -98,6 +98,12 @@ class QuantConfig:
     ``"float"`` (the layer stays unquantized) or ``{"w_bits": ..., "a_bits": ...}``; later
     entries override earlier ones (``evolq.qnn.layer_bits``; ``evolq allocate`` writes one).
     ``w_bits`` and ``a_bits`` stay the widths of every layer it does not name.
+
+    ``w_group`` (default None: one weight grid per output channel) gives every quantized layer's
+    weights one scale and zero-point per ``w_group`` consecutive input columns of each row
+    (group-wise weights, ``evolq.quant.groups``; a conv's input is ``in_channels / groups * kh * kw``);
+    it must divide every such layer's input and be at least 8. ``layer_bits`` entries
+    ``{"w_bits": 3, "group": 64}`` (or ``"3g64"``; ``"group": None`` for per channel) set it per layer.
     """
 
     w_bits: int = 8
@@ -118,7 +124,9 @@ class QuantConfig:
     regime: str = "fq-vit"  # "fq-vit" (the authors' fake-quantized regime) or "deploy" (what integer kernels run)
     smooth_strength: float | None = None  # deploy: SmoothQuant migration strength (0 = off; None: deploy_strength)
     deploy_weights: str = "auto"  # deploy, weights below 8 bits: "asymmetric", "symmetric"; "auto": asymmetric
-    layer_bits: dict = field(default_factory=dict)  # layer name or glob -> bits, "float" or {w_bits, a_bits}
+    layer_bits: dict = field(default_factory=dict)  # layer name or glob -> bits, "float", "3g64" or {w_bits, ...}
+    # group-wise weights (evolq.quant.groups): one grid per w_group input columns of each row; None: per channel
+    w_group: int | None = None
 
     PRESETS = {
         "fq-vit": {},
@@ -197,6 +205,9 @@ class QuantConfig:
         from .qnn.layer_bits import normalize_layer_bits
 
         normalize_layer_bits(self.layer_bits)  # types and ranges; names are checked against the model at wrap time
+        from .qnn.layer_bits import check_group
+
+        check_group(self.w_group, "w_group")  # whether it divides each layer's input is checked at wrap time
         if not isinstance(self.start_options, dict):
             raise ConfigError(f"start_options must be a dict, got {type(self.start_options).__name__}")
         if self.start_options:
@@ -384,8 +395,10 @@ class AllocationConfig:
     """Per-layer bit allocation (``evolq.allocate_bits``, ``evolq allocate``): which widths a layer
     may take, under what budget, searched how.
 
-    ``menu``: the options, e.g. ``"2,3,4,8"`` (widths 2..8, optionally ``float``). ``budget``:
-    ``"avg-bits=3.3"`` (parameter-weighted mean weight bits), ``"size-mb=2.7"`` (the packed size,
+    ``menu``: the options, e.g. ``"2,3,4,8"`` (widths 2..8 per output channel, ``BITSgGROUP`` such as
+    ``3g64`` for group-wise weights, optionally ``float``). ``budget``:
+    ``"avg-bits=3.3"`` (parameter-weighted mean weight bits, a grouped option's extra scales counted:
+    ``SizeModel.bits_table``), ``"size-mb=2.7"`` (the packed size, scales included,
     ``evolq.allocation.menu.SizeModel``) or ``"latency-ms=12"`` (a per-layer latency table measured
     in the deploy runtime, ``evolq.allocation.latency``: the deploy regime only, ``"float"`` on the
     menu, timed at ``latency_batch`` images and ``latency_threads`` threads). ``searcher``: a
@@ -438,6 +451,9 @@ class AllocationConfig:
             raise ConfigError(f"a latency-ms budget needs \"float\" on the menu (e.g. {menu.label()},float): every "
                               f"integer width runs the same int8 kernels, so without it all allocations take the same "
                               f"time")
+        if kind == "latency-ms" and menu.grouped:
+            raise ConfigError(f"a latency-ms budget cannot time the grouped menu options {','.join(menu.grouped)}: the "
+                              f"deploy runtime runs per-channel int8 weights only; use size-mb or avg-bits")
         _check_int("latency_batch", self.latency_batch, 1, 4096)
         _check_int("latency_threads", self.latency_threads, 1, 1024)
         if isinstance(self.searcher, str):

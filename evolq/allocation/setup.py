@@ -51,13 +51,14 @@ class AllocationSetup:
 
 def proxy_quant(quant, method: str):
     """The proxy's ``QuantConfig``: the user's regime with round-to-nearest weights, no per-layer
-    bits (the tables give them) and no start (its strengths, already resolved, are kept)."""
-    return dataclasses.replace(quant, start="rtn", start_options={}, layer_bits={},
+    bits or groups (the tables give them) and no start (its strengths, already resolved, are kept)."""
+    return dataclasses.replace(quant, start="rtn", start_options={}, layer_bits={}, w_group=None,
                                bias_correction=quant.bias_correction and method == "rtn" and not quant.deploy)
 
 
 def genes_to_bits(layers: list[str], menu: Menu, genes) -> dict:
-    """``{layer: option}`` (a ``QuantConfig.layer_bits`` mapping) of an allocation."""
+    """``{layer: option}`` (a ``QuantConfig.layer_bits`` mapping: a grouped option is its ``"3g64"``
+    string, a bare width per channel) of an allocation."""
     return {n: menu.options[int(k)] for n, k in zip(layers, genes)}
 
 
@@ -76,12 +77,12 @@ def budget_cost(kind: str, value: float, sizes: SizeModel, front: float, latency
         limit = value * 1e6
         size.floor = front * limit
         return [size], "size_bytes", limit
-    if kind == "avg-bits":
-        bits = torch.tensor(sizes.menu.bits, dtype=torch.float64)
-        table = sizes.params[:, None] * bits[None, :] / sizes.params.sum()
+    if kind == "avg-bits":  # mean bits per weight, a grouped option's extra scales counted (SizeModel.bits_table)
+        bits = sizes.bits_table
+        table = sizes.params[:, None] * bits / sizes.params.sum()
         avg = Cost("avg_bits", table, 0.0, objective=False)
         # the size objective stops improving where the mean bits reach front * budget
-        over = (sizes.cost - sizes.params[:, None] * bits[None, :] / 8.0).min(1).values.sum()
+        over = (sizes.cost - sizes.params[:, None] * bits / 8.0).min(1).values.sum()
         size.floor = float(sizes.fixed + over + front * value * sizes.params.sum() / 8.0)
         return [size, avg], "avg_bits", float(value)
     raise ConfigError(f"unknown budget kind {kind!r}")
@@ -100,8 +101,9 @@ def reference_genes(problem, kind: str) -> torch.Tensor:
     """Where sensitivities are measured: ``"max"``, every layer at its widest allowed option (HAWQ,
     ModelOpt); ``"budget"``, the widest uniform option that fits the budget."""
     cost = problem.costs[problem.budget_index]
-    # the menu is sorted by bits: the widest allowed option is the last one (a latency table may
-    # price an int8 layer above its float form, so the costliest is not always the widest)
+    # the menu is sorted by bits per weight, a group's scales counted (menu.option_key): the widest
+    # allowed option is the last one (a latency table may price an int8 layer above its float form,
+    # so the costliest is not always the widest)
     idx = torch.arange(problem.allowed.shape[1])
     widest = torch.where(problem.allowed, idx, -1).argmax(1)
     if kind == "max":
@@ -137,7 +139,7 @@ def prepare_allocation(model, fit_x: torch.Tensor, hold_x: torch.Tensor, quant, 
                                   folder=folder, resume=resume, progress=progress)
     costs, name, limit = budget_cost(kind, value, sizes, config.front, latency)
     bud = next(c for c in costs if c.name == name)
-    allowed = torch.ones(len(sizes.layers), len(menu), dtype=torch.bool)
+    allowed = sizes.allowed  # a grouped option only where its group divides the layer's input
     lo, hi = bud.range(allowed)
     if limit < lo or limit > hi * (1 + 1e-12):
         raise _range_error(kind, value, lo, hi, menu)

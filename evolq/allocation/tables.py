@@ -2,7 +2,8 @@
 
 ``WeightTables.build`` takes a calibrated ``QModel`` (any adapter, any regime) and, for each
 quantized Linear/Conv and each menu option, the weight that layer's quantizer would return at
-that width: a fresh copy of its weight quantizer at ``bits``, calibrated on the layer's
+that width: a fresh copy of its weight quantizer at ``bits`` (and the option's group, a grouped
+option ``"3g64"``), calibrated on the layer's
 (folded) weight, rounded by round-to-nearest (``"rtn"``) or by GPTQ (``"gptq"``) with the
 Hessian of the layer's inputs in the model with float weights and quantized activations (one
 forward for every layer at once). A ``"float"`` option is the float weight with the layer's
@@ -20,11 +21,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..qnn.layer_bits import FLOAT, quantized_layers
+from ..qnn.layer_bits import FLOAT, layer_columns, quantized_layers
 from ..qnn.reconstruct.common import folded_weight
 from ..qnn.reconstruct.gptq import gptq_layer, layer_rows
 from ..quant import Quantizer, UniformQuantizer
-from .menu import Menu
+from ..quant.groups import group_error
+from .menu import Menu, option_bits, option_group
 
 __all__ = ["WeightTables", "TableWeight", "collect_hessians"]
 
@@ -93,13 +95,14 @@ def collect_hessians(qmodel, layers: dict, x: torch.Tensor, batch_size: int = 16
     return {n: (2.0 * a[0] / max(a[1], 1), a[1]) for n, a in acc.items() if a[0] is not None}
 
 
-def _quantizer_at(q: UniformQuantizer, bits: int, deploy_symmetric=None) -> UniformQuantizer:
+def _quantizer_at(q: UniformQuantizer, bits: int, deploy_symmetric=None, group: int | None = None) -> UniformQuantizer:
     new = copy.deepcopy(q)
     new.pop_scale = None
     new.set_rounding()
     if deploy_symmetric is not None:
         new.symmetric = deploy_symmetric(bits)
     new.set_bits(bits)
+    new.set_group(group)
     return new
 
 
@@ -143,6 +146,7 @@ class WeightTables:
         opts = gptq_options or GPTQOptions()
         deploy_sym = quant.deploy_symmetric if quant is not None and getattr(quant, "deploy", False) else None
         entries, records = [], []
+        groups = [option_group(o) for o in menu.options]
         it = names
         if progress:
             from tqdm.auto import tqdm
@@ -152,12 +156,14 @@ class WeightTables:
             layer = mods[name]
             base = layer.weight_quant
             row, rec = [], []
-            for o in menu.options:
+            for o, group in zip(menu.options, groups):
                 if o == FLOAT or not isinstance(base, UniformQuantizer):
                     row.append(None)
                     rec.append({"method": "float"})
                     continue
-                q = _quantizer_at(base, int(o), deploy_sym)
+                if group is not None and group_error(group, layer_columns(layer)) is not None:
+                    group = None  # not allowed for this layer (SizeModel.allowed): per channel, never chosen
+                q = _quantizer_at(base, option_bits(o), deploy_sym, group)
                 layer.weight_quant = q
                 try:
                     wf = folded_weight(layer)[0].detach()

@@ -158,6 +158,9 @@ def _weight(layer, names) -> _QWeight:
     if not isinstance(wq, UniformQuantizer):
         raise ExportError(f"weight quantizer {name} ({type(wq).__name__}) has no PT2E form")
     _common(wq, names)
+    if getattr(wq, "group", None) is not None:
+        raise ExportError(f"group-wise weights export to ONNX only: weight quantizer {name} has one grid per "
+                          f"{wq.group} input columns, and the pt2 program's int8 kernels take one per output channel")
     zp = wq.zero_point.float()
     if bool((zp != zp.round()).any()):
         raise ExportError(f"weight quantizer {name} has a half-step grid (StatsQ: no zero level); the int8 "

@@ -5,7 +5,14 @@ gets, in place of the config's ``w_bits`` / ``a_bits``:
 
 * an integer 2..8: its weight bits;
 * ``"float"``: the layer is left unquantized (no weight or input quantizer);
-* a dict ``{"w_bits": 2..8 | "float", "a_bits": 4..8}``: weight and input bits apart.
+* a dict ``{"w_bits": 2..8 | "float", "a_bits": 4..8, "group": G | None}``: weight and input bits
+  apart, and the weight's group size (``group``: one grid per G input columns,
+  ``evolq.quant.groups``; None: per output channel, whatever ``QuantConfig.w_group`` says);
+* a string ``"3g64"``: ``{"w_bits": 3, "group": 64}`` (the form ``evolq allocate`` writes).
+
+``QuantConfig.w_group`` groups every quantized layer's weights unless an entry says otherwise; a
+group that a layer's input columns (``in_features``; a conv's ``in_channels / groups * kh * kw``)
+do not take is a ``ConfigError`` naming the layer and the sizes that would do.
 
 Entries apply in order, after ``edge_bits``: a later entry overrides an earlier one for the
 layers both match, and an explicit entry overrides ``edge_bits``. Names are the modules'
@@ -23,21 +30,47 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import math
+import re
 from collections.abc import Mapping
 
 from torch import nn
 
 from ..errors import ConfigError
 from ..quant import Quantizer, UniformQuantizer
+from ..quant.groups import MIN_GROUP, group_error
 from ..quant.range import int_range
 from .layers import QConv2d, QLinear
 
 __all__ = ["FLOAT", "normalize_layer_bits", "quantized_layers", "resolve_layer_bits", "apply_layer_bits",
-           "layer_bits_summary", "is_float_layer", "tied_layer"]
+           "layer_bits_summary", "is_float_layer", "tied_layer", "parse_grouped", "check_group", "layer_columns"]
 
 FLOAT = "float"
 W_RANGE, A_RANGE = (2, 8), (4, 8)
-_KEYS = ("w_bits", "a_bits")
+_KEYS = ("w_bits", "a_bits", "group")
+_GROUPED = re.compile(r"(\d+)g(\d+)")
+
+
+def parse_grouped(text: str, what: str = "a grouped width") -> tuple[int, int]:
+    """``"3g64"`` -> (3, 64): weight bits 2..8 with a group of at least ``MIN_GROUP`` input columns."""
+    m = _GROUPED.fullmatch(str(text).strip())
+    if m is None:
+        raise ConfigError(f"{what} is BITSgGROUP such as 3g64 (bits 2..8, a group of at least {MIN_GROUP} input "
+                          f"columns), got {text!r}")
+    bits, group = int(m.group(1)), int(m.group(2))
+    if not W_RANGE[0] <= bits <= W_RANGE[1]:
+        raise ConfigError(f"{what} {text!r}: weight bits must be in {W_RANGE[0]}..{W_RANGE[1]}")
+    check_group(group, f"{what} {text!r}")
+    return bits, group
+
+
+def check_group(group, what: str) -> None:
+    """``group`` is None or an integer >= ``MIN_GROUP`` (whether it fits a layer is checked at wrap time)."""
+    if group is None:
+        return
+    if isinstance(group, bool) or not isinstance(group, int):
+        raise ConfigError(f"{what}: a group size is an integer >= {MIN_GROUP} or None, got {group!r}")
+    if group < MIN_GROUP:
+        raise ConfigError(f"{what}: a group of {group} is below the smallest group size {MIN_GROUP}")
 
 
 def _bits(value, what: str, lo: int, hi: int, allow_float: bool):
@@ -64,15 +97,22 @@ def normalize_layer_bits(spec) -> dict[str, dict]:
         if isinstance(value, Mapping):
             unknown = set(value) - set(_KEYS)
             if unknown or not value:
-                raise ConfigError(f"layer_bits[{pattern!r}] takes the keys w_bits and a_bits, got "
+                raise ConfigError(f"layer_bits[{pattern!r}] takes the keys w_bits and a_bits (and group), got "
                                   f"{sorted(map(str, value)) or 'none'}")
             entry = {}
             if "w_bits" in value:
                 entry["w_bits"] = _bits(value["w_bits"], f"{pattern!r}].w_bits", *W_RANGE, allow_float=True)
             if "a_bits" in value:
                 entry["a_bits"] = _bits(value["a_bits"], f"{pattern!r}].a_bits", *A_RANGE, allow_float=False)
-            if entry.get("w_bits") == FLOAT and "a_bits" in entry:
-                raise ConfigError(f"layer_bits[{pattern!r}]: a float layer has no input quantizer to give a_bits")
+            if "group" in value:
+                check_group(value["group"], f"layer_bits[{pattern!r}].group")
+                entry["group"] = value["group"]
+            for key in ("a_bits", "group"):
+                if entry.get("w_bits") == FLOAT and key in entry:
+                    raise ConfigError(f"layer_bits[{pattern!r}]: a float layer has no quantizer to give {key}")
+        elif isinstance(value, str) and "g" in value and value != FLOAT:
+            bits, group = parse_grouped(value, f"layer_bits[{pattern!r}]")
+            entry = {"w_bits": bits, "group": group}
         else:
             entry = {"w_bits": _bits(value, repr(pattern), *W_RANGE, allow_float=True)}
         out[pattern] = entry
@@ -115,6 +155,7 @@ def resolve_layer_bits(model: nn.Module, spec) -> dict[str, dict]:
             merged.update(entry)
             if merged.get("w_bits") == FLOAT:
                 merged.pop("a_bits", None)
+                merged.pop("group", None)
             out[n] = merged
     return out
 
@@ -137,11 +178,19 @@ def _drop_quantizers(qmodel, dropped: set[int]) -> None:
         b.scopes = {s: [n for n in names if n not in gone] for s, names in b.scopes.items()}
 
 
+def layer_columns(layer: nn.Module) -> int:
+    """The input columns of a quantized layer's weight (what a group divides): ``in_features``, or a
+    conv's ``in_channels / groups * kh * kw``."""
+    return math.prod(layer.weight.shape[1:])
+
+
 def apply_layer_bits(qmodel, quant) -> dict[str, dict]:
-    """Give the layers that ``quant.layer_bits`` names their widths (before calibration);
-    "float" layers lose their weight and input quantizers. Returns the resolved entries."""
+    """Give the layers that ``quant.layer_bits`` names their widths and groups, and every other
+    layer ``quant.w_group`` (before calibration); "float" layers lose their weight and input
+    quantizers. Returns the resolved entries."""
     spec = getattr(quant, "layer_bits", None)
-    if not spec:
+    w_group = getattr(quant, "w_group", None)
+    if not spec and w_group is None:
         return {}
     model = qmodel.model
     resolved = resolve_layer_bits(model, spec)
@@ -169,6 +218,16 @@ def apply_layer_bits(qmodel, quant) -> dict[str, dict]:
             wq.set_bits(w)
         if "a_bits" in entry:
             _set_input_bits(layer.input_quant, entry["a_bits"])
+    for name, layer in every.items():  # groups: an entry's own, else the config's w_group
+        wq = layer.weight_quant
+        group = resolved.get(name, {}).get("group", w_group)
+        if group is None or not isinstance(wq, UniformQuantizer):
+            continue
+        why = group_error(group, layer_columns(layer))
+        if why is not None:
+            src = f"layer_bits for {name}" if "group" in resolved.get(name, {}) else f"w_group={group}"
+            raise ConfigError(f"{src}: layer {name}: {why}")
+        wq.set_group(group)
     if dropped:
         # a quantizer shared with a layer that stays quantized (QKR's qk reads qkv's input) is kept
         kept = {id(q) for m in every.values() for q in (m.weight_quant, m.input_quant) if isinstance(q, Quantizer)}
@@ -177,15 +236,16 @@ def apply_layer_bits(qmodel, quant) -> dict[str, dict]:
 
 
 def layer_bits_summary(model: nn.Module) -> dict:
-    """What the layers hold now: ``{"layers": {name: {"w_bits", "a_bits", "params"}}, "avg_w_bits"}``
-    (float layers count 32 bits; ``a_bits`` None where the input is not quantized there)."""
+    """What the layers hold now: ``{"layers": {name: {"w_bits", "a_bits", "group", "params"}}, "avg_w_bits"}``
+    (float layers count 32 bits; ``a_bits`` None where the input is not quantized there; ``group``
+    None per output channel)."""
     layers, tot, bits = {}, 0, 0.0
     for name, m in quantized_layers(model).items():
         wq, iq = m.weight_quant, m.input_quant
         w = wq.bits if isinstance(wq, Quantizer) and hasattr(wq, "bits") else FLOAT
         a = iq.bits if isinstance(iq, Quantizer) and hasattr(iq, "bits") else None
         n = m.weight.numel()
-        layers[name] = {"w_bits": w, "a_bits": a, "params": n}
+        layers[name] = {"w_bits": w, "a_bits": a, "group": getattr(wq, "group", None), "params": n}
         tot += n
         bits += n * (32 if w == FLOAT else w)
     return {"layers": layers, "avg_w_bits": bits / tot if tot else math.nan}

@@ -1,6 +1,7 @@
 """Quantization primitives: integer ranges, fake-quantizers and observers.
 
 Nothing in this subpackage knows about models."""
+from .channel_factor import ChannelFactorQuantizer, PTFQuantizer
 from .observers import (
     OBSERVERS,
     WEIGHT_ONLY_OBSERVERS,
@@ -12,7 +13,7 @@ from .observers import (
     StatsQObserver,
     make_observer,
 )
-from .quantizers import ChannelFactorQuantizer, Log2Quantizer, PTFQuantizer, Quantizer, UniformQuantizer, bias_correct
+from .quantizers import Log2Quantizer, Quantizer, UniformQuantizer, bias_correct
 from .range import fake_quant, fake_quant_axis, int_range, qparams_from_range, split_zero_point, statsq_qparams
 
 __all__ = [

@@ -1,4 +1,6 @@
-"""Fake-quantizer modules: uniform, power-of-two-factor (PTF), per-channel factor and log2.
+"""Fake-quantizer modules: the base ``Quantizer``, uniform (per tensor, per channel or per group
+of input columns, ``evolq.quant.groups``) and log2; the per-channel-factor ones (PTF, channel
+factors) are in ``evolq.quant.channel_factor`` (also importable from here).
 
 A quantizer owns its quantization parameters as plain tensor buffers (``scale``,
 ``zero_point``) that search code may read and overwrite. For evaluating many
@@ -18,10 +20,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .observers import MinMaxObserver, make_observer
-from .range import fake_quant, fake_quant_axis, int_range, qparams_from_range, split_zero_point, statsq_qparams
+from .groups import group_view, per_weight
+from .observers import make_observer
+from .range import fake_quant, fake_quant_axis, int_range, split_zero_point, statsq_qparams
 
-__all__ = ["Quantizer", "UniformQuantizer", "PTFQuantizer", "ChannelFactorQuantizer", "Log2Quantizer",
+__all__ = ["Quantizer", "UniformQuantizer", "Log2Quantizer",
            "bias_correct", "straight_through", "lsq_quant"]
 
 
@@ -145,6 +148,10 @@ class UniformQuantizer(Quantizer):
         observer: name of the calibration observer (minmax, ema, percentile, omse).
         kind: ``"weight"`` or ``"activation"``; decides population-mode layout.
         bias_correction: weights only; match per-channel mean/std after rounding.
+
+    ``set_group(g)`` (weights, per output channel) gives each row one scale and zero-point per
+    ``g`` consecutive input columns (``evolq.quant.groups``): ``scale`` and ``zero_point`` are then
+    (rows, columns / g) and the observer sees every group as a row of its own.
     """
 
     searchable = True
@@ -163,11 +170,41 @@ class UniformQuantizer(Quantizer):
         self.register_buffer("scale", torch.ones(1))
         self.register_buffer("zero_point", torch.zeros(1))
         self._wcache = None
+        self.group = None
+        self._gshape = None
+
+    def set_group(self, group: int | None) -> None:
+        """Weights only (before calibration): one grid per ``group`` input columns of each output row
+        (``evolq.quant.groups``); None: one per output channel."""
+        if group is not None and (self.kind != "weight" or not self.per_channel or self.ch_axis != 0):
+            raise ValueError("groups apply to per-output-channel weight quantizers (ch_axis 0)")
+        self.group = group
+        self._wcache = None
+
+    def _observe(self, x: torch.Tensor) -> None:
+        if self.group is not None:  # every group is a row of the observer's view
+            v = group_view(x, self.group)
+            self._gshape = tuple(v.shape[:2])
+            x = v.reshape(-1, self.group)
+        self.observer.update(x)
+
+    def qparams_like(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero-point) shaped to broadcast against the tensor ``x`` this quantizer sees."""
+        if self.group is not None:
+            return (per_weight(self.scale, x.shape, self.group), per_weight(self.zero_point, x.shape, self.group))
+        axis = self._axis(x.ndim)
+        if axis is None:
+            return self.scale.reshape(()), self.zero_point.reshape(())
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        z = self.zero_point.reshape(shape) if self.zero_point.numel() > 1 else self.zero_point.reshape(())
+        return self.scale.reshape(shape), z
 
     def extra_repr(self):
         s = f"bits={self.bits}, {'signed' if self.signed else 'unsigned'}, "
         s += f"{'symmetric' if self.symmetric else 'asymmetric'}, "
         s += f"{'per-channel' if self.per_channel else 'per-tensor'}, observer={self.observer_name}"
+        s += f", group={self.group}" if self.group is not None else ""
         return s + (", bias_correction" if self.bias_correction else "")
 
     # -- calibration ---------------------------------------------------------
@@ -176,8 +213,9 @@ class UniformQuantizer(Quantizer):
             return
         scale, zp = self.observer.compute(self.qmin, self.qmax, self.symmetric)
         dev = self.scale.device
-        self.scale = scale.reshape(-1).to(dev).clone()
-        self.zero_point = zp.reshape(-1).to(dev).clone()
+        shape = self._gshape if self.group is not None else (-1,)
+        self.scale = scale.reshape(shape).to(dev).clone()
+        self.zero_point = zp.reshape(shape).to(dev).clone()
         self.calibrated.fill_(True)
         self._wcache = None
 
@@ -185,7 +223,7 @@ class UniformQuantizer(Quantizer):
         """Fix the qparams from ``x`` alone with a fresh observer (e.g. a weight that
         changed after calibration)."""
         self.observer = make_observer(self.observer_name, self.ch_axis if self.per_channel else None)
-        self.observer.update(x)
+        self._observe(x)
         self.finalize()
 
     def set_bits(self, bits: int) -> None:
@@ -195,11 +233,12 @@ class UniformQuantizer(Quantizer):
         self._wcache = None
 
     def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor | None = None):
-        """Set scale (and zero-point) directly, marking the quantizer calibrated."""
-        self.scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1).clone()
+        """Set scale (and zero-point) directly, marking the quantizer calibrated (grouped: (rows, ngroups))."""
+        scale = torch.as_tensor(scale, dtype=torch.float32)
+        self.scale = (scale.reshape(-1) if self.group is None else scale.reshape(scale.shape[0], -1)).clone()
         if zero_point is None:
             zero_point = torch.zeros_like(self.scale)
-        self.zero_point = torch.as_tensor(zero_point, dtype=torch.float32).reshape(-1).clone()
+        self.zero_point = torch.as_tensor(zero_point, dtype=torch.float32).reshape(self.scale.shape).clone()
         self.calibrated.fill_(True)
         self._wcache = None
 
@@ -207,17 +246,17 @@ class UniformQuantizer(Quantizer):
         """Weights only: set the StatsQ scale and zero-point of ``w`` (per channel on ``ch_axis``
         if per-channel): ``2 * mean|w| / 2^(b-1)`` and the half-step grid with 2^b levels, none at
         zero (``evolq.quant.range.statsq_qparams``). OFQ recomputes this at every training step;
-        what is left in the buffers afterwards is an ordinary (searchable, saved) scale."""
+        what is left in the buffers afterwards is an ordinary (searchable, saved) scale. Grouped: per group."""
+        if self.group is not None:
+            v = group_view(w, self.group)
+            s, z = statsq_qparams(v.reshape(-1, self.group), self.qmin, self.qmax, 0)
+            self.set_qparams(s.reshape(v.shape[:2]), z.reshape(v.shape[:2]))
+            return
         self.set_qparams(*statsq_qparams(w, self.qmin, self.qmax, self.ch_axis if self.per_channel else None))
 
     def step_like(self, x: torch.Tensor) -> torch.Tensor:
         """The quantization step, shaped to broadcast against ``x`` (for ``straight_through``)."""
-        axis = self._axis(x.ndim)
-        if axis is None:
-            return self.scale.reshape(())
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        return self.scale.reshape(shape)
+        return self.qparams_like(x)[0]
 
     # -- forward ---------------------------------------------------------------
     def _axis(self, ndim: int) -> int | None:
@@ -246,13 +285,19 @@ class UniformQuantizer(Quantizer):
     def _offset_quant(self, w: torch.Tensor, scale: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """``(clamp(floor(w / s) + h, qmin - z, qmax - z)) * s``; ``scale`` broadcasts against ``w``
         (with a leading population dim when ``w`` has one more dim than ``h``)."""
+        extra = w.ndim - h.ndim
+        if self.group is not None:
+            s = per_weight(scale, h.shape, self.group, pop=bool(extra))
+            return self._offset_levels(w, s, per_weight(self.zero_point, h.shape, self.group), h)
         axis = self._axis(h.ndim)
         shape = [1] * h.ndim
         if axis is not None:
             shape[axis] = -1
-        extra = w.ndim - h.ndim
         s = scale.reshape(scale.shape[0], *shape) if extra else scale.reshape(shape)
         z = self.zero_point.reshape(shape) if self.zero_point.numel() > 1 else self.zero_point.reshape(())
+        return self._offset_levels(w, s, z, h)
+
+    def _offset_levels(self, w, s, z, h):
         zi, f = split_zero_point(z)
         if f is None:
             q = torch.floor(w * torch.reciprocal(s)) + h
@@ -264,6 +309,8 @@ class UniformQuantizer(Quantizer):
         x = w + self.weight_delta if "weight_delta" in self._buffers else w
         if "round_offset" in self._buffers:
             out = self._offset_quant(x, self.scale, self.round_offset)
+        elif self.group is not None:
+            out = fake_quant(x, *self.qparams_like(x), self.qmin, self.qmax)
         else:
             out = fake_quant_axis(x, self.scale, self.zero_point, self.qmin, self.qmax, self._axis(w.ndim))
         return bias_correct(out, x, self.ch_axis) if self.bias_correction else out
@@ -276,6 +323,9 @@ class UniformQuantizer(Quantizer):
         axis = self._axis(w.ndim)
         if "round_offset" in self._buffers:
             out = self._offset_quant(w.unsqueeze(0), self.pop_scale.reshape(p, -1), self.round_offset)
+        elif self.group is not None:  # one scale per (row, group) of each copy
+            s = per_weight(self.pop_scale, w.shape, self.group, pop=True)
+            out = fake_quant(w, s, per_weight(self.zero_point, w.shape, self.group), self.qmin, self.qmax)
         elif axis is None:  # per-tensor: one scale per copy
             out = fake_quant(w.reshape(1, -1), self.pop_scale.reshape(p, 1), self.zero_point, self.qmin, self.qmax)
         else:  # per-channel: channels of all copies on one axis
@@ -289,7 +339,7 @@ class UniformQuantizer(Quantizer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
-            self.observer.update(x)
+            self._observe(x)
             return x
         if not self.active:
             return x
@@ -314,165 +364,6 @@ class UniformQuantizer(Quantizer):
         return fake_quant_axis(x, self.scale, self.zero_point, self.qmin, self.qmax, self._axis(x.ndim))
 
 
-class _ChannelFactorBase(Quantizer):
-    """One searchable layer ``scale`` times fixed per-channel ``factor`` s (channels on
-    the last axis), with one shared or one per-channel zero-point. Channel c is
-    quantized with step ``scale * factor[c]``. The search sees the single layer scale."""
-
-    searchable = True
-    folds_into_weight = False  # True: a following linear layer must absorb ``factor``
-
-    def __init__(self, bits=8, zero_point="shared"):
-        super().__init__()
-        if zero_point not in ("shared", "channel"):
-            raise ValueError(f"zero_point must be 'shared' or 'channel', got {zero_point!r}")
-        self.bits, self.zp_mode = bits, zero_point
-        self.qmin, self.qmax = int_range(bits, signed=False)
-        self.register_buffer("scale", torch.ones(1))
-        self.register_buffer("zero_point", torch.zeros(1))
-
-    @property
-    def factor(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def step_like(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.scale * self.factor).reshape(*([1] * (x.ndim - 1)), -1)
-
-    def forward(self, x):
-        if self.calibrating:
-            self.observe(x)
-            return x
-        if not self.active:
-            return x
-        factor = self.factor
-        zp = self.zero_point.expand_as(factor)
-        if self.pop_scale is None:
-            return fake_quant_axis(x, self.scale * factor, zp, self.qmin, self.qmax, -1)
-        p = self.pop_scale.shape[0]
-        s = (self.pop_scale.reshape(p, 1) * factor).reshape(p, *([1] * (x.ndim - 1)), -1)
-        xs = x.reshape(p, -1, *x.shape[1:])
-        return fake_quant(xs, s, zp, self.qmin, self.qmax).reshape(x.shape)
-
-
-class PTFQuantizer(_ChannelFactorBase):
-    """Power-of-two-factor quantizer (FQ-ViT) for LayerNorm inputs.
-
-    Channels are on the last axis. Channel c uses ``scale * 2**alpha[c]`` with alpha in
-    {0..max_alpha}, chosen per channel for the least L2 error on the calibration data;
-    the top step ``scale * 2**max_alpha`` covers the whole observed range.
-
-    ``zero_point="shared"`` (FQ-ViT) uses one zero-point for all channels.
-    ``"channel"`` gives each channel its own zero-point (still integer, so an integer
-    LayerNorm subtracts it before the shift): with one shared zero-point, a layer whose
-    range is set by a few large negative channels leaves the normal channels only a
-    few levels above zero.
-    """
-
-    def __init__(self, bits=8, max_alpha=3, zero_point="shared"):
-        super().__init__(bits, zero_point)
-        if not isinstance(max_alpha, int) or not 0 <= max_alpha <= 12:
-            raise ValueError(f"max_alpha must be an integer in 0..12, got {max_alpha!r}")
-        self.max_alpha = max_alpha
-        self.observer = MinMaxObserver(ch_axis=-1)
-        self._rows: list[torch.Tensor] = []
-        self.register_buffer("alpha", torch.zeros(1))
-
-    def extra_repr(self):
-        return f"bits={self.bits}, max_alpha={self.max_alpha}, zero_point={self.zp_mode}"
-
-    @property
-    def factor(self):
-        return torch.pow(2.0, self.alpha)
-
-    def observe(self, x):
-        self.observer.update(x)
-        rows = x.detach().float().reshape(-1, x.shape[-1])
-        if rows.shape[0] > 4096:
-            rows = rows[:: rows.shape[0] // 4096][:4096]
-        self._rows.append(rows.clone())
-
-    def finalize(self):
-        if not self.observer.ready:
-            return
-        mn, mx = self.observer.min_val.clamp(max=0), self.observer.max_val.clamp(min=0)
-        scale_top, zp = qparams_from_range(mn.min(), mx.max(), self.qmin, self.qmax, symmetric=False)
-        base = scale_top / 2**self.max_alpha
-        rows = torch.cat(self._rows, dim=0)  # (N, C)
-        errs, zps = [], []
-        for a in range(self.max_alpha + 1):
-            step = base * 2**a
-            z = torch.clamp(self.qmin - torch.round(mn / step), self.qmin, self.qmax) if self.zp_mode == "channel" \
-                else zp.expand_as(mn)
-            xq = fake_quant(rows, step, z, self.qmin, self.qmax)
-            errs.append((xq - rows).pow(2).mean(dim=0))
-            zps.append(z)
-        alpha = torch.stack(errs).argmin(dim=0)
-        dev = self.scale.device
-        self.scale = base.reshape(1).to(dev)
-        self.zero_point = (torch.stack(zps).gather(0, alpha[None])[0] if self.zp_mode == "channel"
-                           else zp.reshape(1)).to(dev)
-        self.alpha = alpha.float().to(dev)
-        self.calibrated.fill_(True)
-        self._rows = []
-
-
-class ChannelFactorQuantizer(_ChannelFactorBase):
-    """Per-channel asymmetric quantizer (channels on the last axis) written as one
-    layer scale times fixed per-channel factors, with per-channel zero-points.
-
-    Calibration runs a per-channel observer (scales s_c, zero-points). With
-    ``strength=1`` the layer scale is the mean of the s_c and ``factor[c]`` = s_c / layer
-    scale (RepQ-ViT's reparameterization: fully per-channel steps). With ``strength``
-    b < 1 the factors are (s_c / mean s)^b and the layer scale max_c s_c / factor[c],
-    so every channel's range still fits: part of each channel's range moves into the
-    weights, part stays in the activation step (SmoothQuant's migration strength);
-    b = 0 keeps one step for all channels and only per-channel zero-points. Meant for the
-    input of a linear layer that absorbs the factors into its weight columns before weight
-    quantization (``folds_into_weight``):
-    the deployed matmul then takes one per-tensor scale, and the per-channel zero-points
-    become a bias term. ``QLinear`` does that fold.
-    """
-
-    folds_into_weight = True
-
-    def __init__(self, bits=8, observer="omse", strength=1.0):
-        super().__init__(bits, zero_point="channel")
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength!r}")
-        self.observer_name, self.strength = observer, float(strength)
-        self.observer = make_observer(observer, -1)
-        self.register_buffer("channel_factor", torch.ones(1))
-
-    def extra_repr(self):
-        return f"bits={self.bits}, per-channel factors (strength {self.strength:g}), observer={self.observer_name}"
-
-    @property
-    def factor(self):
-        return self.channel_factor
-
-    def observe(self, x):
-        self.observer.update(x)
-
-    def finalize(self):
-        if not self.observer.ready:
-            return
-        scale, zp = self.observer.compute(self.qmin, self.qmax, False)
-        scale, zp = scale.reshape(-1), zp.reshape(-1)
-        if self.strength == 1.0:
-            layer = scale.mean()
-            factor = scale / layer
-        else:  # factors (s_c / mean s)^strength; the layer scale widens so every channel's range still fits
-            factor = (scale / scale.mean()).pow(self.strength)
-            layer = (scale / factor).max()
-            lo = (self.qmin - zp) * scale  # each channel's lower clip value
-            zp = torch.clamp(self.qmin - torch.round(lo / (layer * factor)), self.qmin, self.qmax)
-        dev = self.scale.device
-        self.scale = layer.reshape(1).to(dev)
-        self.channel_factor = factor.to(dev)
-        self.zero_point = zp.to(dev)
-        self.calibrated.fill_(True)
-
-
 class Log2Quantizer(Quantizer):
     """Log2 quantizer for values in [0, 1] (attention probabilities): x -> 2^-q,
     q = round(-log2 x) in [0, 2^bits - 1]; values below the last level become 0."""
@@ -493,3 +384,11 @@ class Log2Quantizer(Quantizer):
         levels = 2**self.bits
         out = torch.pow(2.0, -q.clamp(0, levels - 1))
         return torch.where(q >= levels, torch.zeros_like(out), out)
+
+
+def __getattr__(name):  # the per-channel-factor quantizers live in evolq.quant.channel_factor
+    if name in ("ChannelFactorQuantizer", "PTFQuantizer"):
+        from . import channel_factor
+
+        return getattr(channel_factor, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -58,6 +58,9 @@ def weight_spec(exporter: Exporter, layer: nn.Module, w: torch.Tensor):
         raise ExportError(f"quantizer {name}.weight_quant is in population mode; clear pop_scale first")
     if wq.bits > 8:
         raise ExportError(f"layer {name} has {wq.bits}-bit weights; at most 8 bits are exported")
+    if getattr(wq, "group", None) is not None:  # block-wise DequantizeLinear / MatMulNBits: issue 36, item 5
+        raise ExportError(f"layer {name} has group-wise weights (one grid per {wq.group} input columns), which the "
+                          f"ONNX export does not write yet: it stores one scale per output channel")
     if wq.bits <= 4 and not packs(wq.bits, getattr(exporter, "pack", "none")) and exporter.opset < INT4_OPSET:
         raise ExportError(f"layer {name} has {wq.bits}-bit weights, stored as 4-bit integers, which need opset "
                           f">= {INT4_OPSET} (got opset {exporter.opset})")

@@ -55,23 +55,13 @@ def block_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([int(seed), 0xB2EC, int(index)]).generate_state(1)[0])
 
 
-def _param_shape(q, ndim: int) -> list[int]:
-    shape = [1] * ndim
-    axis = q._axis(ndim)
-    if axis is not None:
-        shape[axis] = -1
-    return shape
-
-
 class _WeightRounding:
     """AdaRound variables of one weight quantizer, installed as a forward hook."""
 
     def __init__(self, q: UniformQuantizer, w: torch.Tensor):
         self.q = q
-        shape = _param_shape(q, w.ndim)
-        self.s = q.scale.detach().reshape(shape).float()
-        self.z = (q.zero_point.detach().reshape(shape) if q.zero_point.numel() > 1
-                  else q.zero_point.detach().reshape(())).float()
+        s, z = q.qparams_like(w)  # per tensor, per output channel or per group of input columns
+        self.s, self.z = s.detach().float(), z.detach().float()
         zi, f = split_zero_point(self.z)
         self.z, self.frac = (zi, f) if f is not None else (self.z, 0.0)  # half-step (StatsQ) grids: levels (k + f) * s
         x = w.detach().float() * torch.reciprocal(self.s) + self.frac

@@ -7,7 +7,15 @@ input quantizer; divided by the input factors where they are folded into the wei
 so the folded weight ``W * factor`` is the one quantized). Columns are then quantized
 in order (optionally by decreasing ``diag(H)``, "act-order"), each one's rounding
 error spread over the columns not yet quantized. The grid is the layer's own weight
-quantizer (per-channel asymmetric uint, symmetric int, per tensor).
+quantizer (per-channel asymmetric uint, symmetric int, per tensor, or per group of input
+columns, ``evolq.quant.groups``).
+
+Group-wise weights: without act-order, the grid of a group is taken when GPTQ reaches the
+group's first column, from the weights as GPTQ has updated them by then (the quantizer's
+observer on those columns; GPTQ's own ``static_groups=False``), and the quantizer keeps those
+grids. With act-order (the default) the groups are *static*: their grids are the calibrated
+ones, from the original weights' groups, fixed before the permuted pass (GPTQ's
+``static_groups=True``), since a permuted pass reaches a group's columns in no particular order.
 
 What is stored: the *compensated* weights, i.e. each column's value at the moment it
 was rounded. Their round-to-nearest on the quantizer's grid is GPTQ's choice; they are
@@ -21,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import DataError
+from ...quant.observers import make_observer
 from ...quant.range import fake_quant, split_zero_point
 from ..layers import QLinear
 from .common import folded_weight
@@ -132,16 +141,22 @@ def _inverse_factor(h: torch.Tensor, damp: float, name: str) -> torch.Tensor:
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
-                  qmax: int, damp: float = 0.01, act_order: bool = True, block_size: int = 128, name: str = ""):
-    """GPTQ on grouped weights.
+                  qmax: int, damp: float = 0.01, act_order: bool = True, block_size: int = 128, name: str = "",
+                  group: int | None = None, regrid=None):
+    """GPTQ on grouped weights (conv groups: independent problems).
 
     Args:
         w: (groups, rows, d) float weights (rows: output channels of a group).
         h: (groups, d, d) Hessians.
-        scale, zero_point: (groups, rows) per-row grid.
+        scale, zero_point: (groups, rows) per-row grid, or with ``group`` (groups, rows, d / group):
+            one grid per ``group`` consecutive columns.
+        regrid: with ``group`` and without act-order, ``f(columns (groups, rows, group)) -> (scale,
+            zero_point)`` each (groups, rows): a group's grid from its columns as GPTQ has updated them
+            when it reaches the group's first column. None: the given (static) grids.
     Returns:
         (quantized, compensated), both (groups, rows, d): ``quantized`` is the dequantized
-        choice; ``compensated`` each column's value when it was rounded.
+        choice; ``compensated`` each column's value when it was rounded; with ``regrid`` also the
+        grids used, (scale, zero_point) each (groups, rows, d / group).
     Raises:
         DataError: a Hessian that is not finite, or not positive definite even after
         dampening with up to 1e4 times ``damp``.
@@ -161,6 +176,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_po
         h = h.gather(1, perm[:, :, None].expand(g, d, d)).gather(2, perm[:, None, :].expand(g, d, d))
     u = _inverse_factor(h, damp, name)
     u = u.float()
+    if group is not None:
+        return _gptq_groups(w, u, scale, zero_point, qmin, qmax, block_size, group, perm, regrid)
     s = scale.reshape(g, r).float()
     zp = zero_point.reshape(g, r).float() if zero_point.numel() > 1 else zero_point.float().reshape(()).expand(g, r)
     inv_s = torch.reciprocal(s)
@@ -186,6 +203,60 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_po
     return quantized, comp
 
 
+def _gptq_groups(w, u, scale, zero_point, qmin, qmax, block_size, group, perm, regrid):
+    """``gptq_quantize``'s column loop with one grid per ``group`` columns (see there); ``w`` and ``u``
+    already permuted by ``perm`` (act-order; then the grids are static)."""
+    g, r, d = w.shape
+    ng = d // group
+
+    def columns(t):  # (g, r, ng) -> (g, r, d): each group's value at its columns, in the pass's order
+        t = t.reshape(g, r, ng).float().repeat_interleave(group, dim=2)
+        return t if perm is None else t.gather(2, perm[:, None, :].expand(g, r, d))
+
+    s, zp = columns(scale), columns(zero_point.expand_as(scale) if zero_point.numel() == 1 else zero_point)
+    grids = (scale.reshape(g, r, ng).float().clone(), zp.new_zeros(g, r, ng)) if regrid is not None else None
+    if grids is not None:
+        grids[1].copy_(zero_point.reshape(g, r, ng) if zero_point.numel() > 1 else zero_point.reshape(()))
+    quantized, comp = torch.zeros_like(w), torch.zeros_like(w)
+    for i1 in range(0, d, block_size):
+        i2 = min(i1 + block_size, d)
+        w1 = w[:, :, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if regrid is not None and j % group == 0:  # this group's grid, from its columns as updated so far
+                cur = w1[:, :, i:i + group]
+                if cur.shape[2] < group:  # the group runs past this lazy batch: add the batch's pending updates
+                    k = group - cur.shape[2]
+                    tail = w[:, :, i2:i2 + k] - torch.bmm(err1[:, :, :i], u[:, i1:j, i2:i2 + k])
+                    cur = torch.cat([cur, tail], dim=2)
+                sg, zg = regrid(cur)
+                grids[0][:, :, j // group], grids[1][:, :, j // group] = sg, zg
+                s[:, :, j:j + group], zp[:, :, j:j + group] = sg[:, :, None], zg[:, :, None]
+            zi, frac = split_zero_point(zp[:, :, j])
+            col = w1[:, :, i].clone()
+            q = _quant(col, torch.reciprocal(s[:, :, j]), s[:, :, j], zi, qmin, qmax, frac)
+            comp[:, :, j], quantized[:, :, j] = col, q
+            err = (col - q) / u1[:, i, i][:, None]
+            w1[:, :, i:] -= err[:, :, None] * u1[:, i, i:][:, None, :]
+            err1[:, :, i] = err
+        if i2 < d:
+            w[:, :, i2:] -= torch.bmm(err1, u[:, i1:i2, i2:])
+    if perm is not None:
+        inv = torch.argsort(perm, dim=1)[:, None, :].expand(g, r, d)
+        quantized, comp = quantized.gather(2, inv), comp.gather(2, inv)
+    return (quantized, comp) if grids is None else (quantized, comp, *grids)
+
+
+def _group_grid(q, cols: torch.Tensor):
+    """The grid ``q``'s observer gives each row of ``cols`` (g, r, group): (scale, zero_point) (g, r)."""
+    obs = make_observer(q.observer_name, 0)
+    obs.update(cols.reshape(-1, cols.shape[-1]))
+    sc, zp = obs.compute(q.qmin, q.qmax, q.symmetric)
+    return sc.reshape(cols.shape[:2]).to(cols), zp.reshape(cols.shape[:2]).to(cols)
+
+
 def _grouped(layer, t: torch.Tensor) -> torch.Tensor:
     """A weight-shaped tensor as (groups, rows, d)."""
     g = 1 if isinstance(layer, QLinear) else layer.conv.groups
@@ -207,15 +278,23 @@ def gptq_layer(layer, h: torch.Tensor, rows: int, opts, name: str = "") -> dict:
         rec.update(method="rtn", reason=f"{rows} input rows for {d} columns: too few for a Hessian (give more "
                                         f"calibration images)")
         return rec
-    scale = q.scale.reshape(-1).float()
-    zp = q.zero_point.reshape(-1).float()
-    if scale.numel() == 1:
-        scale = scale.expand(wf.shape[0])
-    if zp.numel() == 1:
-        zp = zp.expand(wf.shape[0])
-    quantized, comp = gptq_quantize(wg, h.to(wg.device), scale.reshape(g, r), zp.reshape(g, r), q.qmin, q.qmax,
-                                    opts.damp, opts.act_order, opts.block_size, name)
-    rtn = fake_quant(wg, scale.reshape(g, r, 1), zp.reshape(g, r, 1), q.qmin, q.qmax)
+    group, grids = getattr(q, "group", None), None
+    if group is not None:  # one grid per group of columns: static with act-order, else taken as GPTQ goes
+        regrid = None if opts.act_order else (lambda cols: _group_grid(q, cols))
+        out = gptq_quantize(wg, h.to(wg.device), q.scale.reshape(g, r, -1).float(), q.zero_point.reshape(g, r, -1)
+                            .float(), q.qmin, q.qmax, opts.damp, opts.act_order, opts.block_size, name, group, regrid)
+        quantized, comp, grids = out[0], out[1], out[2:] or None
+        rtn = fake_quant(wf, *q.qparams_like(wf), q.qmin, q.qmax).reshape(wg.shape)
+    else:
+        scale = q.scale.reshape(-1).float()
+        zp = q.zero_point.reshape(-1).float()
+        if scale.numel() == 1:
+            scale = scale.expand(wf.shape[0])
+        if zp.numel() == 1:
+            zp = zp.expand(wf.shape[0])
+        quantized, comp = gptq_quantize(wg, h.to(wg.device), scale.reshape(g, r), zp.reshape(g, r), q.qmin, q.qmax,
+                                        opts.damp, opts.act_order, opts.block_size, name)
+        rtn = fake_quant(wg, scale.reshape(g, r, 1), zp.reshape(g, r, 1), q.qmin, q.qmax)
     hh = h.to(wg.device)
 
     def out_err(wq):  # sum over groups of tr((W - Q) H (W - Q)^T): the layer-output error on the calibration rows
@@ -229,9 +308,14 @@ def gptq_layer(layer, h: torch.Tensor, rows: int, opts, name: str = "") -> dict:
         return rec
     quantized = quantized.reshape(wf.shape)
     delta = comp.reshape(wf.shape) - wf
+    if grids is not None:  # the grids GPTQ took as it went are the quantizer's from now on
+        q.set_qparams(grids[0].reshape(wf.shape[0], -1), grids[1].reshape(wf.shape[0], -1))
     # the stored compensated weights must round back to GPTQ's choice (float re-association aside)
-    got = fake_quant(wf + delta, scale.reshape(-1, *[1] * (wf.ndim - 1)), zp.reshape(-1, *[1] * (wf.ndim - 1)),
-                     q.qmin, q.qmax)
+    if group is not None:
+        got = fake_quant(wf + delta, *q.qparams_like(wf), q.qmin, q.qmax)
+    else:
+        got = fake_quant(wf + delta, scale.reshape(-1, *[1] * (wf.ndim - 1)), zp.reshape(-1, *[1] * (wf.ndim - 1)),
+                         q.qmin, q.qmax)
     bad = got != quantized
     if bool(bad.any()):
         delta[bad] = (quantized - wf)[bad]

@@ -101,9 +101,9 @@ def cga_masks(layers, deltas, br: float, statsq: list[bool]) -> list[torch.Tenso
             x = w + d
             if sq:
                 q.fit_statsq(x)
-            z = q.zero_point.reshape(q.step_like(x).shape) if q.zero_point.numel() > 1 else q.zero_point.reshape(())
+            step, z = q.qparams_like(x)  # per channel or per group of input columns
             _, f = split_zero_point(z)
-            u = x / q.step_like(x) + (f if f is not None else 0.0)
+            u = x / step + (f if f is not None else 0.0)
             masks.append((u - torch.floor(u) - 0.5).abs() > br)
     return masks
 
