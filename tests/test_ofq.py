@@ -606,12 +606,12 @@ def test_qkr_auto_builds_the_form_where_q_and_k_merge_and_nowhere_else():
 
 
 def test_qkr_refused_on_families_without_vit_attention(monkeypatch):
-    import evolq.api
+    import evolq.start  # where prepare_model calibrates
 
     def no_calibration(*a, **k):
         raise AssertionError("calibrated before refusing")
 
-    monkeypatch.setattr(evolq.api, "calibrate", no_calibration)
+    monkeypatch.setattr(evolq.start, "calibrate", no_calibration)
     for make, family in ((tiny_cnn, "efficientnet"), (tiny_swin, "swin"), (tiny_torchvision_vit, "torchvision_vit")):
         with pytest.raises(ConfigError, match=f"qkr.*{family} models") as e:
             prepare_model(make(), imgs(16), qkr_config())
