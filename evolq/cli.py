@@ -544,8 +544,8 @@ def cmd_allocate(args) -> int:
 
 
 def _packed_bytes(qmodel, quant) -> float:
-    """The packed size of ``qmodel`` at its layers' widths and groups (``evolq.allocation.menu.model_bytes``)."""
-    from .allocation.menu import model_bytes
+    """The packed size of ``qmodel`` at its layers' widths and groups (``evolq.problems.menu.model_bytes``)."""
+    from .problems.menu import model_bytes
 
     return model_bytes(qmodel.model, quant)
 

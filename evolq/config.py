@@ -399,7 +399,7 @@ class AllocationConfig:
     ``3g64`` for group-wise weights, optionally ``float``). ``budget``:
     ``"avg-bits=3.3"`` (parameter-weighted mean weight bits, a grouped option's extra scales counted:
     ``SizeModel.bits_table``), ``"size-mb=2.7"`` (the packed size, scales included,
-    ``evolq.allocation.menu.SizeModel``) or ``"latency-ms=12"`` (a per-layer latency table measured
+    ``evolq.problems.menu.SizeModel``) or ``"latency-ms=12"`` (a per-layer latency table measured
     in the deploy runtime, ``evolq.allocation.latency``: the deploy regime only, ``"float"`` on the
     menu, timed at ``latency_batch`` images and ``latency_threads`` threads). ``searcher``: a
     registered allocation searcher (``evolq.search.allocators``: nsga2, ilp, greedy, random) or an
@@ -441,8 +441,8 @@ class AllocationConfig:
         self.validate()
 
     def validate(self):
-        from .allocation.menu import parse_menu
         from .losses import LOSSES
+        from .problems.menu import parse_menu
         from .scaleout import check_actors
 
         menu = parse_menu(self.menu)
@@ -484,7 +484,7 @@ class AllocationConfig:
 
     @property
     def menu_options(self):
-        from .allocation.menu import parse_menu
+        from .problems.menu import parse_menu
 
         return parse_menu(self.menu)
 

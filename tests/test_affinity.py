@@ -52,8 +52,8 @@ def test_simulated_actors_give_the_in_process_losses_and_run_fewer_blocks_when_r
 
     from evolq import QuantConfig, prepare_model
     from evolq.allocation.fitness import AllocationFitness
-    from evolq.allocation.menu import parse_menu
     from evolq.allocation.tables import WeightTables
+    from evolq.problems.menu import parse_menu
 
     x = images(24)
     q = prepare_model(tiny_vit(), x, QuantConfig.preset("outlier-aware", w_bits=3))

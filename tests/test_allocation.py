@@ -17,10 +17,10 @@ from tiny_models import randomize_bn  # noqa: E402  (tests/tiny_models.py)
 from evolq import ConfigError, QuantConfig, allocate_bits, prepare_model  # noqa: E402
 from evolq.allocation.engine import AllocationEngine  # noqa: E402
 from evolq.allocation.fitness import AllocationFitness  # noqa: E402
-from evolq.allocation.menu import SizeModel, parse_menu  # noqa: E402
 from evolq.allocation.tables import WeightTables  # noqa: E402
 from evolq.config import AllocationConfig  # noqa: E402
 from evolq.problems.bit_allocation import BitAllocationProblem, Cost  # noqa: E402
+from evolq.problems.menu import SizeModel, parse_menu  # noqa: E402
 from evolq.qnn.layer_bits import layer_bits_summary, quantized_layers  # noqa: E402
 from evolq.search.allocators import ilp_allocation  # noqa: E402
 

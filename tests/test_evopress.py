@@ -19,10 +19,10 @@ from test_allocation import images, tiny_vit  # noqa: E402  (tests/test_allocati
 from evolq import ConfigError, QuantConfig, allocate_bits, prepare_model  # noqa: E402
 from evolq.allocation.engine import AllocationEngine  # noqa: E402
 from evolq.allocation.fitness import AllocationFitness  # noqa: E402
-from evolq.allocation.menu import parse_menu  # noqa: E402
 from evolq.allocation.tables import WeightTables  # noqa: E402
 from evolq.config import AllocationConfig  # noqa: E402
 from evolq.problems.bit_allocation import BitAllocationProblem, Cost  # noqa: E402
+from evolq.problems.menu import parse_menu  # noqa: E402
 from evolq.search.allocators import make_allocator  # noqa: E402
 
 L = 12

@@ -20,9 +20,9 @@ from evolq import (  # noqa: E402
     quantize_model,
     save_quantized,
 )
-from evolq.allocation.menu import SizeModel, model_bytes, parse_menu  # noqa: E402
 from evolq.config import AllocationConfig  # noqa: E402
 from evolq.errors import ExportError  # noqa: E402
+from evolq.problems.menu import SizeModel, model_bytes, parse_menu  # noqa: E402
 from evolq.qnn.layer_bits import layer_bits_summary, layer_columns, quantized_layers  # noqa: E402
 from evolq.qnn.layers import QLinear  # noqa: E402
 from evolq.qnn.reconstruct.common import folded_weight  # noqa: E402

@@ -21,7 +21,7 @@ import torch
 
 from evolq import QuantConfig, prepare_model
 from evolq.allocation.latency import measure_latency_table
-from evolq.allocation.menu import parse_menu
+from evolq.problems.menu import parse_menu
 
 from ..report import Col, Section, Table
 from ..runner import Suite, register

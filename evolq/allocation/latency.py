@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..problems.menu import Menu
 from ..qnn.layer_bits import quantized_layers
 from ..registry import Registry
-from .menu import Menu
 
 __all__ = ["LatencyTable", "measure_latency_table", "load_or_measure", "check_latency_budget", "LATENCY_NAME",
            "LatencyWarning", "LATENCY_RUNTIMES", "register_latency_runtime", "DEPLOY_RUNTIME"]

@@ -20,9 +20,9 @@ import torch
 
 from ..errors import ConfigError
 from ..problems.bit_allocation import BitAllocationProblem, Cost
+from ..problems.menu import Menu, SizeModel
 from ..start import prepare_model
 from .fitness import AllocationFitness
-from .menu import Menu, SizeModel
 from .tables import WeightTables
 
 __all__ = ["AllocationSetup", "prepare_allocation", "proxy_quant", "budget_cost", "reference_genes", "genes_to_bits"]

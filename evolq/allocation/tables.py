@@ -21,12 +21,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ..problems.menu import Menu, option_bits, option_group
 from ..qnn.layer_bits import FLOAT, layer_columns, quantized_layers
 from ..qnn.reconstruct.common import folded_weight
 from ..qnn.reconstruct.gptq import gptq_layer, layer_rows
 from ..quant import Quantizer, UniformQuantizer
 from ..quant.groups import group_error
-from .menu import Menu, option_bits, option_group
 
 __all__ = ["WeightTables", "TableWeight", "collect_hessians"]
 

@@ -50,8 +50,8 @@ import torch
 from torch import nn
 
 from ..allocation.latency import LatencyTable, LatencyWarning, register_latency_runtime
-from ..allocation.menu import Menu
 from ..errors import ConfigError, ExportError
+from ..problems.menu import Menu
 from ..qnn.layer_bits import FLOAT, quantized_layers, tied_layer
 
 __all__ = ["measure_latency_table", "InductorLatency"]

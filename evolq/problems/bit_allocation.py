@@ -1,6 +1,6 @@
 """``BitAllocationProblem``: per-layer bit widths as a multi-objective EvoTorch ``Problem``.
 
-One integer gene per layer, an index into that layer's options (``evolq.allocation.menu``:
+One integer gene per layer, an index into that layer's options (``evolq.problems.menu``:
 widths such as {2, 3, 4, 8}, optionally "float"), cheapest first. The objectives, minimised
 together:
 

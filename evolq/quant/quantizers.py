@@ -1,6 +1,6 @@
 """Fake-quantizer modules: the base ``Quantizer``, uniform (per tensor, per channel or per group
 of input columns, ``evolq.quant.groups``) and log2; the per-channel-factor ones (PTF, channel
-factors) are in ``evolq.quant.channel_factor`` (also importable from here).
+factors) are in ``evolq.quant.channel_factor``.
 
 A quantizer owns its quantization parameters as plain tensor buffers (``scale``,
 ``zero_point``) that search code may read and overwrite. For evaluating many
@@ -385,10 +385,3 @@ class Log2Quantizer(Quantizer):
         out = torch.pow(2.0, -q.clamp(0, levels - 1))
         return torch.where(q >= levels, torch.zeros_like(out), out)
 
-
-def __getattr__(name):  # the per-channel-factor quantizers live in evolq.quant.channel_factor
-    if name in ("ChannelFactorQuantizer", "PTFQuantizer"):
-        from . import channel_factor
-
-        return getattr(channel_factor, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
