@@ -136,10 +136,10 @@ def _packed_bytes(qmodel, quant) -> float:
     return sizes.bytes_of_bits({n: held[n]["w_bits"] for n in sizes.layers})
 
 
-# the export step's known harmless third-party notes: (logger, message start) of those logged, and
-# (message start, category, module) of those warned
+# the export step's known harmless third-party notes (the only ones a fresh demo printed, torch 2.14, torchao 0.18):
+# (logger, message start) of those logged, and (message start, category, module) of those warned
 _KNOWN_LOGS = (
-    # torchao registers its KernelPreference enum as a pytree constant on import; torch notes that enums need not be
+    # importing torchao registers its KernelPreference enum as a pytree constant, which torch now calls needless
     ("torch.utils._pytree", "<enum 'KernelPreference'> is an Enum subclass and is now natively supported"),
     # inductor's first C++ compile finds a CUDA toolkit on a machine without a GPU
     ("torch.utils.cpp_extension", "No CUDA runtime is found, using CUDA_HOME="),
