@@ -334,12 +334,12 @@ def test_cli_output_folder_with_another_runs_checkpoint(tmp_path, capsys):
 
 
 def test_cli_ctrl_c_exits_130(monkeypatch, capsys):
-    import evolq.cli as cli
+    import evolq.cli.eval_cmd as eval_cmd
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_eval", interrupted)
+    monkeypatch.setattr(eval_cmd, "run", interrupted)
     code, err = run_cli(["eval", "--model", fk.ARCH], capsys)
     assert code == 130 and "resume" in err[-1]
 
