@@ -122,6 +122,16 @@ def _add_model_args(p, quantize: bool, w_default=8):
                    help="per-layer widths: a JSON object of layer names or glob patterns -> weight bits, \"float\" "
                         "or {\"w_bits\": .., \"a_bits\": ..} (QuantConfig.layer_bits; evolq allocate writes one "
                         "in its report)")
+    from .qnn.rotate import ROTATIONS
+
+    p.add_argument("--rotation", default=_q("rotation"), choices=ROTATIONS,
+                   help="orthogonal rotations fused into the float model before quantization (timm ViT/DeiT: "
+                        "residual stream and attention heads, exact, no run-time cost): hadamard (randomised "
+                        "Hadamard) or random (random orthogonal); default none. Other families stay unrotated")
+    p.add_argument("--rotation-seed", type=int, default=_q("rotation_seed"),
+                   help="seed of the rotation's random signs / matrices (default 0)")
+    p.add_argument("--rotation-mlp", action="store_true",
+                   help="with --rotation: also an online Hadamard on every MLP hidden before fc2 (costs run time)")
     _add_start_args(p)
 
 
@@ -316,6 +326,9 @@ def quant_config(args) -> QuantConfig:
         extra["deploy_weights"] = args.deploy_weights
     if getattr(args, "layer_bits", None):
         extra["layer_bits"] = _read_layer_bits(args.layer_bits)
+    for name in ("rotation", "rotation_seed", "rotation_mlp"):
+        if getattr(args, name, None) is not None:
+            extra[name] = getattr(args, name)
     return QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, act_observer=args.act_observer,
                               attn_probs=args.attn_probs, ptf=not args.no_ptf,
                               bias_correction=not args.no_bias_correction and args.preset != "deploy", start=args.start,

@@ -160,9 +160,10 @@ class OnlineHadamard(nn.Module):
     def forward(self, x):
         shape = x.shape
         y = x.reshape(-1, *self.sizes)
-        for i in range(len(self.sizes)):
+        last = len(self.sizes)  # positive axes throughout: ONNX Transpose takes no negative perm
+        for i in range(last):
             f = getattr(self, f"factor{i}").to(y.dtype)
-            y = torch.movedim(torch.movedim(y, i + 1, -1) @ f, -1, i + 1)
+            y = y @ f if i + 1 == last else (y.transpose(i + 1, last) @ f).transpose(i + 1, last)
         return y.reshape(shape)
 
 
