@@ -211,6 +211,19 @@ def test_the_search_runs_on_a_rotated_model_and_reports_it():
     assert rep["config"]["quant"]["rotation"] == "random"
 
 
+def test_the_allocation_builds_its_model_rotated():
+    from evolq import AllocationConfig, allocate_bits
+
+    x = images(48)
+    cfg = AllocationConfig(budget="avg-bits=3.5", evaluations=24, popsize=8, fitness_images=12, progress=False)
+    q, rep = allocate_bits(tiny_vit(), x, QuantConfig(w_bits=3, rotation="hadamard", rotation_mlp=True), cfg, arch="m")
+    assert rep["rotation"]["applied"] and rep["config"]["quant"]["rotation"] == "hadamard"
+    assert rep["avg_bits"] <= 3.5 + 1e-9
+    with torch.no_grad():
+        ref = tiny_vit()(x[:4])
+    assert torch.allclose(float_logits(q, x[:4]), ref, atol=2e-5)
+
+
 # --------------------------------------------------------------------------- save / load / export
 @pytest.mark.parametrize("preset,kind", [("fq-vit", "random"), ("deploy", "hadamard")])
 def test_rotated_model_saves_and_loads(tmp_path, preset, kind):
