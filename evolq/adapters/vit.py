@@ -9,6 +9,10 @@ With ``QuantConfig(start="ofq", start_options={"qkr": True})`` every attention a
 its QKR form (OFQ's query-key reparameterization, ``evolq.qnn.qkr``), which the ofq start
 switches on: a merged, quantized ``W_q^T W_k`` per head instead of quantized q and k.
 
+With ``QuantConfig(rotation=...)`` the float model is rotated before it is wrapped, at the points
+``vit_rotation_plan`` names (``evolq.qnn.rotate``): the residual stream, the attention heads and,
+with ``rotation_mlp``, every MLP hidden.
+
 Blocks: ``stem`` (patch embedding, class token, position embedding), ``blocks.0``
 ... ``blocks.{n-1}`` (searched), ``head`` (final norm, pooling, classifier).
 """
