@@ -114,6 +114,8 @@ def quantize_model(model: nn.Module | QModel, calib_data, config: EvolQConfig | 
         report["scale_out"] = engine.scale_out.scale_out_report()
     if qmodel.start_report is not None:
         report["start"] = qmodel.start_report
+    if qmodel.rotation_report is not None:
+        report["rotation"] = qmodel.rotation_report
     return qmodel, report
 
 
@@ -262,6 +264,8 @@ def allocate_bits(model: nn.Module, calib_data, quant: QuantConfig | None = None
         report["latency"] = latency
     if qmodel.start_report is not None:
         report["start"] = qmodel.start_report
+    if qmodel.rotation_report is not None:
+        report["rotation"] = qmodel.rotation_report
     if report_search is not None:
         report["evolq"] = report_search
     if scale_out is not None:

@@ -104,6 +104,15 @@ class QuantConfig:
     (group-wise weights, ``evolq.quant.groups``; a conv's input is ``in_channels / groups * kh * kw``);
     it must divide every such layer's input and be at least 8. ``layer_bits`` entries
     ``{"w_bits": 3, "group": 64}`` (or ``"3g64"``; ``"group": None`` for per channel) set it per layer.
+
+    ``rotation`` (default ``"none"``) fuses orthogonal rotations into the float model before it
+    is wrapped (QuaRot-style incoherence processing, ``evolq.qnn.rotate``), so every start and
+    regime sees a float model that computes the same function with its outlier channels spread:
+    ``"hadamard"`` (randomised Hadamard, signs from ``rotation_seed``) or ``"random"`` (seeded
+    random orthogonal matrices) on the residual stream and the attention heads, exact and free at
+    run time. ``rotation_mlp`` also rotates every MLP hidden with an online Hadamard before fc2
+    (exact; the one rotation that costs run time). Families without rotation points (the CNNs)
+    stay unrotated, with a warning.
     """
 
     w_bits: int = 8
@@ -127,6 +136,10 @@ class QuantConfig:
     layer_bits: dict = field(default_factory=dict)  # layer name or glob -> bits, "float", "3g64" or {w_bits, ...}
     # group-wise weights (evolq.quant.groups): one grid per w_group input columns of each row; None: per channel
     w_group: int | None = None
+    # rotations (evolq.qnn.rotate), fused into the float model before it is wrapped:
+    rotation: str = "none"  # "none", "hadamard" or "random": residual stream and attention heads, exact, offline
+    rotation_seed: int = 0  # the rotation's random signs / matrices
+    rotation_mlp: bool = False  # also an online Hadamard on every MLP hidden before fc2 (exact; costs run time)
 
     PRESETS = {
         "fq-vit": {},
@@ -202,6 +215,7 @@ class QuantConfig:
                               f"{self.regime!r} regime's weights are asymmetric already")
         if self.edge_bits is not None:
             _check_int("edge_bits", self.edge_bits, 2, 8)
+        self._validate_rotation()
         from .qnn.layer_bits import normalize_layer_bits
 
         normalize_layer_bits(self.layer_bits)  # types and ranges; names are checked against the model at wrap time
@@ -218,6 +232,17 @@ class QuantConfig:
                 raise ConfigError("ofq qkr (query-key reparameterization) quantizes the attention's q.k product, "
                                   "which the deploy regime keeps in float: use the fq-vit or outlier-aware regime, "
                                   "or qkr=false")
+
+    def _validate_rotation(self):
+        from .qnn.rotate import ROTATIONS
+
+        _check_choice("rotation", self.rotation, ROTATIONS)
+        _check_int("rotation_seed", self.rotation_seed, 0, 2**63 - 1)
+        if not isinstance(self.rotation_mlp, bool):
+            raise ConfigError(f"rotation_mlp must be true or false, got {self.rotation_mlp!r}")
+        if self.rotation_mlp and self.rotation == "none":
+            raise ConfigError("rotation_mlp rotates the MLP hidden on top of a rotation: set rotation to hadamard "
+                              "or random")
 
     @property
     def deploy(self) -> bool:

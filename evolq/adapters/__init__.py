@@ -22,7 +22,10 @@ __all__ = ["ADAPTERS", "IMAGES", "Adapter", "InputSpec", "adapter_for", "get_ada
 
 
 def wrap_model(model, quant, arch: str = ""):
-    """Wrap ``model``'s layers with (uncalibrated) quantizers; returns the ``QModel``.
+    """Wrap ``model``'s layers with (uncalibrated) quantizers; returns the ``QModel``. With
+    ``quant.rotation`` the float model is rotated first (``evolq.qnn.rotate``, at the adapter's
+    ``rotation_plan``): here, so a saved model is rebuilt in its rotated form (the online MLP
+    transform; the weights come from the saved state) and the allocation's proxy is rotated too.
     ``ConfigError`` when ``quant`` asks for OFQ's QKR and the family has no attention it
     can be built on (checked before anything is wrapped)."""
     from ..errors import ConfigError, EvolQError
@@ -36,7 +39,13 @@ def wrap_model(model, quant, arch: str = ""):
     if qkr_requested(quant) and not adapter.supports_qkr:
         raise ConfigError(f"ofq qkr (query-key reparameterization) needs timm ViT/DeiT attention (q and k rows of one "
                           f"qkv Linear); {adapter.name} models ({adapter.description}) have none: use qkr=false")
+    rotation = None
+    if getattr(quant, "rotation", "none") != "none":  # an exact float transform, before anything is wrapped
+        from ..qnn.rotate import rotate_model
+
+        rotation = rotate_model(model, adapter.rotation_plan(model), quant, family=adapter.name)
     qmodel = adapter.wrap(model, quant, arch=arch)
+    qmodel.rotation_report = rotation
     apply_edge_bits(qmodel.model, quant)
     apply_layer_bits(qmodel, quant)  # after edge_bits: an explicit entry wins
     return qmodel

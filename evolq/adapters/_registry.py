@@ -46,6 +46,11 @@ class Adapter:
     def matches(self, model: nn.Module) -> bool:
         raise NotImplementedError
 
+    def rotation_plan(self, model: nn.Module):
+        """Where ``QuantConfig.rotation`` fuses exactly into the float ``model`` (an
+        ``evolq.qnn.rotate.RotationPlan``), or None / a reason string: the family stays unrotated."""
+        return None
+
     def wrap(self, model: nn.Module, quant, arch: str = ""):
         """Fake-quantize ``model`` in place (quantizers uncalibrated) and return its ``QModel``."""
         raise NotImplementedError

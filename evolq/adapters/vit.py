@@ -9,6 +9,10 @@ With ``QuantConfig(start="ofq", start_options={"qkr": True})`` every attention a
 its QKR form (OFQ's query-key reparameterization, ``evolq.qnn.qkr``), which the ofq start
 switches on: a merged, quantized ``W_q^T W_k`` per head instead of quantized q and k.
 
+With ``QuantConfig(rotation=...)`` the float model is rotated before it is wrapped, at the points
+``vit_rotation_plan`` names (``evolq.qnn.rotate``): the residual stream, the attention heads and,
+with ``rotation_mlp``, every MLP hidden.
+
 Blocks: ``stem`` (patch embedding, class token, position embedding), ``blocks.0``
 ... ``blocks.{n-1}`` (searched), ``head`` (final norm, pooling, classifier).
 """
@@ -32,10 +36,11 @@ from ..qnn.builder import (
 from ..qnn.layers import QLinear, quantizers_of
 from ..qnn.qkr import QKR
 from ..qnn.qmodel import Block, QModel
+from ..qnn.rotate import HeadRotation, MlpRotation, RotationPlan
 from ..qnn.smooth import SmoothGroup
 from ._registry import IMAGES, Adapter, register_adapter
 
-__all__ = ["QAttention", "ViTAdapter", "quantize_vit_block_attention", "attention_scopes"]
+__all__ = ["QAttention", "ViTAdapter", "quantize_vit_block_attention", "attention_scopes", "vit_rotation_plan"]
 
 
 class QAttention(nn.Module):
@@ -142,6 +147,54 @@ def vit_smooth_groups(model: nn.Module) -> list[SmoothGroup]:
     return groups
 
 
+def vit_rotation_plan(model: nn.Module) -> RotationPlan | str:
+    """Where a timm ViT/DeiT rotates exactly (``evolq.qnn.rotate``), on the float model before it is
+    wrapped, or why it cannot. Residual writers: the patch embedding, every attention proj and
+    fc2 (LayerScales folded into them), the class/register/distillation tokens and the position
+    embedding; readers: norm1 -> qkv, norm2 -> fc1, the final norm (or fc_norm) -> the classifier(s).
+    Heads: v's rows of qkv -> proj's columns (not across an attention output norm). MLP hidden:
+    the activation before fc2 (not across an MLP norm)."""
+    d = model.embed_dim
+    if not isinstance(getattr(model, "norm_pre", nn.Identity()), nn.Identity) or \
+            not isinstance(getattr(model.patch_embed, "norm", nn.Identity()), nn.Identity):
+        return "a LayerNorm on the embeddings (norm_pre / patch_embed.norm) writes its affine into the residual stream"
+    if getattr(model, "global_pool", "token") not in ("token", "avg", ""):
+        return f"global_pool={model.global_pool!r} does not commute with a rotation (only token and mean pooling do)"
+    heads = [h for h in (getattr(model, "head", None), getattr(model, "head_dist", None)) if h is not None]
+    if not heads or not all(isinstance(h, nn.Linear) for h in heads):
+        return "the classifier is not a Linear (the rotated features would be the output)"
+    final = [n for n in (model.norm, model.fc_norm) if not isinstance(n, nn.Identity)]
+    if len(final) > 1 or not all(isinstance(n, nn.LayerNorm) for n in final):
+        return "the final norms are not one LayerNorm before the classifier"
+    plan = RotationPlan(d, writers=[model.patch_embed.proj])
+    for name in ("cls_token", "reg_token", "dist_token", "pos_embed"):
+        p = getattr(model, name, None)
+        if isinstance(p, nn.Parameter):
+            plan.embeddings.append(p)
+    for i, blk in enumerate(model.blocks):
+        attn, mlp = getattr(blk, "attn", None), getattr(blk, "mlp", None)
+        parts = (getattr(blk, "norm1", None), getattr(blk, "norm2", None), getattr(attn, "qkv", None),
+                 getattr(attn, "proj", None), getattr(mlp, "fc1", None), getattr(mlp, "fc2", None))
+        if not (isinstance(parts[0], nn.LayerNorm) and isinstance(parts[1], nn.LayerNorm)
+                and all(isinstance(m, nn.Linear) for m in parts[2:]) and hasattr(mlp, "act")):
+            return f"blocks.{i} is not a pre-norm block (LayerNorm, qkv/proj attention, fc1/act/fc2 MLP)"
+        for ls_name, writer in (("ls1", attn.proj), ("ls2", mlp.fc2)):
+            ls = getattr(blk, ls_name, nn.Identity())
+            if isinstance(getattr(ls, "gamma", None), nn.Parameter):
+                plan.layer_scales.append((ls.gamma, writer))
+            elif not isinstance(ls, nn.Identity):
+                return f"blocks.{i}.{ls_name} is neither a LayerScale nor an Identity"
+        plan.writers += [attn.proj, mlp.fc2]
+        plan.readers += [(blk.norm1, [attn.qkv]), (blk.norm2, [mlp.fc1])]
+        if isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+            a = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+            plan.heads.append(HeadRotation(attn.qkv, attn.proj, attn.num_heads, attn.head_dim, 2 * a))
+        if isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+            plan.mlps.append(MlpRotation(mlp, "act", mlp.fc2))
+    plan.readers.append((final[0] if final else None, heads))
+    return plan
+
+
 def _is_timm_vit(model) -> bool:
     try:
         from timm.models.vision_transformer import VisionTransformer
@@ -159,6 +212,9 @@ class ViTAdapter(Adapter):
 
     def matches(self, model):
         return _is_timm_vit(model)
+
+    def rotation_plan(self, model):
+        return vit_rotation_plan(model)
 
     def wrap(self, model, quant, arch=""):
         if getattr(model, "attn_pool", None) is not None:

@@ -105,6 +105,16 @@ def add_model_args(p, quantize: bool, w_default=8):
                    help="group-wise weights: one scale and zero-point per G input columns of each output row "
                         "(e.g. 32, 64, 128; at least 8, dividing every layer's input; default: per output channel; "
                         "QuantConfig.w_group)")
+    from ..qnn.rotate import ROTATIONS
+
+    p.add_argument("--rotation", default=field_default(QuantConfig, "rotation"), choices=ROTATIONS,
+                   help="orthogonal rotations fused into the float model before quantization (timm ViT/DeiT: "
+                        "residual stream and attention heads, exact, no run-time cost): hadamard (randomised "
+                        "Hadamard) or random (random orthogonal); default none. Other families stay unrotated")
+    p.add_argument("--rotation-seed", type=int, default=field_default(QuantConfig, "rotation_seed"),
+                   help="seed of the rotation's random signs / matrices (default 0)")
+    p.add_argument("--rotation-mlp", action="store_true",
+                   help="with --rotation: also an online Hadamard on every MLP hidden before fc2 (costs run time)")
     add_start_args(p)
 
 

@@ -41,6 +41,9 @@ def quant_config(args) -> QuantConfig:
         extra["layer_bits"] = _read_layer_bits(args.layer_bits)
     if getattr(args, "w_group", None) is not None:
         extra["w_group"] = args.w_group
+    for name in ("rotation", "rotation_seed", "rotation_mlp"):
+        if getattr(args, name, None) is not None:
+            extra[name] = getattr(args, name)
     return QuantConfig.preset(args.preset, w_bits=args.w_bits, a_bits=args.a_bits, act_observer=args.act_observer,
                               attn_probs=args.attn_probs, ptf=not args.no_ptf,
                               bias_correction=not args.no_bias_correction and args.preset != "deploy", start=args.start,

@@ -73,6 +73,7 @@ class QModel:
     start_report: dict | None = None  # what a gptq/brecq start did (evolq.qnn.reconstruct)
     smooth_groups: list = field(default_factory=list)  # deploy regime: where SmoothQuant factors fold (qnn.smooth)
     smooth_report: dict | None = None  # what smoothing did (evolq.qnn.smooth.smooth_model)
+    rotation_report: dict | None = None  # what QuantConfig.rotation did (evolq.qnn.rotate.rotate_model)
 
     def quantizers(self) -> dict[str, Quantizer]:
         out = {}
