@@ -207,7 +207,8 @@ def allocate_bits(model: nn.Module, calib_data, quant: QuantConfig | None = None
     engine = AllocationEngine(setup.problem, setup.fitness, searcher=config.searcher,
                               searcher_kwargs=config.searcher_kwargs, popsize=config.popsize,
                               evaluations=config.evaluations, seed=config.seed, holdout=setup.holdout,
-                              reference=setup.reference, select=config.select, folder=folder,
+                              reference=setup.reference, select=config.select,
+                              compare_additive=config.compare_additive, folder=folder,
                               settings=json.loads(json.dumps(settings, default=str)))
     if config.progress:
         AllocationProgress().subscribe(engine)

@@ -40,17 +40,19 @@ class AllocationEngine:
         fitness: the ``AllocationFitness`` (its evaluation count is the budget's unit).
         holdout: a callable scoring allocations on held-out inputs (``(P, L) -> (P,)``), or None.
         reference: the allocation the sensitivities are measured around.
+        compare_additive: the additive answer (``additive``: sensitivity + ILP at the budget) joins
+            the hold-out's candidates for the final choice (else it is only reported).
         folder: where the checkpoint goes (None: memory only); ``settings``: what a resumed run
             must share with the run it continues.
     """
 
     def __init__(self, problem, fitness, *, searcher="nsga2", searcher_kwargs=None, popsize: int = 24,
                  evaluations: int = 500, seed: int = 0, holdout=None, reference=None, select: int = 6,
-                 folder=None, settings: dict | None = None):
+                 compare_additive: bool = False, folder=None, settings: dict | None = None):
         self.problem, self.fitness, self.holdout = problem, fitness, holdout
         self.searcher_name, self.searcher_kwargs = searcher, dict(searcher_kwargs or {})
         self.popsize, self.evaluations, self.seed, self.select = int(popsize), int(evaluations), int(seed), int(select)
-        self.reference = reference
+        self.reference, self.compare_additive = reference, bool(compare_additive)
         self.path = Path(folder) / ALLOC_CKPT_NAME if folder is not None else None
         self.run_id = fingerprint(settings or {})
         self.run_start_hook, self.generation_hook, self.run_end_hook = Hook(), Hook(), Hook()
@@ -183,13 +185,35 @@ class AllocationEngine:
                 "spent": self.spent, "budget_evaluations": self.evaluations, "front": len(front), "best_loss": best,
                 "seconds": state["seconds"]}
 
+    def additive(self) -> dict | None:
+        """The additive answer, for searchers that measured sensitivities: the ILP point at the budget
+        (``evolq.search.ilp``), its fitness loss and costs, and its hold-out loss; None otherwise."""
+        if self.sensitivity is None:
+            return None
+        from ..search.ilp import ilp_points
+
+        pts = ilp_points(self.problem, self.sensitivity, 1)
+        if pts.shape[0] == 0:
+            return None
+        g = pts[:1]
+        p = self.problem
+        out = {"genes": g[0].tolist(), "loss": float(self.fitness(g)[0])}
+        out.update({c.name: float(c(g)[0]) for c in p.costs})
+        if self.holdout is not None:
+            out["holdout_loss"] = float(self.holdout(g)[0])
+        return out
+
     def result(self, state: dict) -> dict:
         """The front under the budget (allocation, costs, proxy loss; hold-out loss for the
-        ``select`` lowest-loss points) and the chosen index (lowest hold-out loss)."""
+        ``select`` lowest-loss points), the chosen index (lowest hold-out loss) and the additive
+        answer (``additive``; with ``compare_additive`` a candidate too, appended to the points with
+        ``"additive": True`` where the front does not hold it)."""
         p = self.problem
         front = p.front()
         names = ["loss"] + [c.name for c in p.costs]
         points = [{"genes": list(k), **dict(zip(names, v))} for k, v in front]
+        stats = self.fitness.stats(self.actor_counters)  # the search's work, before the additive point's
+        additive = self.additive()
         chosen = None
         if points:
             ranked = sorted(range(len(points)), key=lambda i: points[i]["loss"])[: self.select]
@@ -197,15 +221,24 @@ class AllocationEngine:
                 scores = self.holdout(torch.tensor([points[i]["genes"] for i in ranked]))
                 for i, s in zip(ranked, scores.tolist()):
                     points[i]["holdout_loss"] = s
+                if self.compare_additive and additive is not None:
+                    at = next((i for i, q in enumerate(points) if q["genes"] == additive["genes"]), None)
+                    if at is None:
+                        points.append({**additive, "additive": True})
+                        at = len(points) - 1
+                    points[at]["holdout_loss"] = additive["holdout_loss"]
+                    ranked = ranked + [at] if at not in ranked else ranked
                 chosen = min(ranked, key=lambda i: (points[i]["holdout_loss"], points[i]["loss"]))
             else:
                 chosen = ranked[0]
+        if additive is not None and chosen is not None:
+            additive["chosen"] = points[chosen]["genes"] == additive["genes"]
         staged = self.searcher.report() if hasattr(self.searcher, "report") else None
         return {"front": points, "chosen": chosen, "generations": state["generation"],
                 "evaluations": self.problem.evaluations, "spent": self.spent, "staged": staged,
                 "sensitivity_evaluations": state.get("sensitivity_evaluations", 0),
-                "fallback": state.get("fallback"),
-                "seconds": state["seconds"], "fitness": self.fitness.stats(self.actor_counters), "repairs": p.repairs,
+                "fallback": state.get("fallback"), "additive": additive,
+                "seconds": state["seconds"], "fitness": stats, "repairs": p.repairs,
                 "archive_size": len(p.archive)}
 
 

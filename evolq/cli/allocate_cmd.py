@@ -30,10 +30,12 @@ def add_parser(sub):
                     help=f"avg-bits=B (parameter-weighted mean weight bits), size-mb=S (packed size) or latency-ms=T "
                          f"(default {_a('budget')})")
     pa.add_argument("--searcher", default=_a("searcher"), choices=list_allocators(),
-                    help="nsga2 (evolutionary, default), ilp (sensitivity + integer linear program), greedy (bit "
-                         "dropping) or random")
+                    help="nsga2 (evolutionary, default), evopress (EvoPress's (1+lambda) level-switch evolution with "
+                         "staged selection), ilp (sensitivity + integer linear program), greedy (bit dropping) or "
+                         "random")
     pa.add_argument("--searcher-arg", type=key_value_arg, action="append", default=[], metavar="KEY=VALUE",
-                    help="extra searcher argument, repeatable (nsga2: rate=0.05, neighbour=0.7, ilp_seeds=12)")
+                    help="extra searcher argument, repeatable (nsga2: rate=0.05, neighbour=0.7, ilp_seeds=12, "
+                         "screen=8; evopress: offspring=32, survivors=4,1, images=0.015625,0.125,1.0)")
     pa.add_argument("--evaluations", type=int, default=_a("evaluations"),
                     help=f"fitness evaluations of the search, the sensitivities included (default {_a('evaluations')})")
     pa.add_argument("--popsize", type=int, default=_a("popsize"), help=f"population (default {_a('popsize')})")
@@ -42,6 +44,9 @@ def add_parser(sub):
     pa.add_argument("--holdout", type=float, default=_a("holdout"),
                     help=f"calibration fraction kept out of everything; it chooses among the front (default "
                          f"{_a('holdout')})")
+    pa.add_argument("--compare-additive", action="store_true",
+                    help="the additive answer (sensitivity + ILP at the budget) competes on the hold-out for the "
+                         "final choice (it is reported either way)")
     pa.add_argument("--loss", default=_a("loss"), choices=list_losses(), help="the fitness loss (default kl)")
     pa.add_argument("--tables", default=_a("tables"), choices=("auto", "gptq", "rtn"),
                     help="how the fitness quantizes each layer at each width (auto: rtn for the rtn start, else gptq)")
@@ -64,8 +69,9 @@ def alloc_config(args) -> AllocationConfig:
     return AllocationConfig(menu=args.menu, budget=args.budget, searcher=args.searcher,
                             searcher_kwargs=dict(args.searcher_arg), evaluations=args.evaluations,
                             popsize=args.popsize, fitness_images=args.fitness_images, holdout=args.holdout,
-                            loss=args.loss, tables=args.tables, latency_batch=args.latency_batch,
-                            latency_threads=args.latency_threads, seed=args.seed, progress=not args.quiet,
+                            compare_additive=args.compare_additive, loss=args.loss, tables=args.tables,
+                            latency_batch=args.latency_batch, latency_threads=args.latency_threads, seed=args.seed,
+                            progress=not args.quiet,
                             actors=args.actors, ray_address=args.ray_address)
 
 
@@ -134,6 +140,11 @@ def run(args) -> int:
                f", {rep['latency_ms']:.2f} ms predicted (batch {r['batch']}, {r['threads']} threads)")
     print(f"allocation: {mix}; {rep['avg_bits']:.3f} mean weight bits, "
           f"{rep['size_bytes'] / 1e6:.3f} MB packed{lat} ({bud['kind']}={bud['value']:g})")
+    add = rep["search"].get("additive")
+    if add is not None and "holdout_loss" in add and "holdout_loss" in rep["chosen"]:
+        who = "it" if add.get("chosen") else f"the {config.searcher} allocation"
+        print(f"hold-out KL: chosen {rep['chosen']['holdout_loss']:.4f}, the additive answer (sensitivity + ILP) "
+              f"{add['holdout_loss']:.4f}: {who} was chosen")
     print(f"{rep['search']['evaluations']} fitness evaluations, search {rep['search_seconds']:.0f} s, total "
           f"{rep['seconds']:.0f} s; wrote {out / 'report.json'}, {out / 'pareto.json'}, {out / 'pareto.png'} and "
           f"{out / 'model'} (evolq export {out / 'model'} --out model.onnx)")

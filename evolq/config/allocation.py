@@ -51,7 +51,10 @@ class AllocationConfig:
     measurement included. The fitness is the ``loss`` (KL to the float logits by default) on
     ``fitness_images`` calibration images; ``holdout`` of the calibration images is kept out of
     everything (calibration, tables, fitness) and chooses the allocation among the ``select``
-    best front points under the budget. ``tables``: how each layer is quantized at each width for
+    best front points under the budget; with ``compare_additive`` the additive answer
+    (sensitivity + ILP at the budget, for the searchers that measure sensitivities) competes too,
+    so an evolutionary search never ships an allocation the hold-out rates below the ILP's (the
+    report's ``additive`` holds that point either way). ``tables``: how each layer is quantized at each width for
     the fitness (``"gptq"``, ``"rtn"``; ``"auto"``: rtn for the rtn start, gptq otherwise). The
     front spans ``[front * budget, budget]``: below it, the cost no longer counts as better.
     ``actors``/``ray_address``: the fitness on Ray actors, as ``SearchConfig``'s (docs/scale-out.md);
@@ -71,6 +74,7 @@ class AllocationConfig:
     sensitivity: str = "max"  # reference of the single-layer sensitivities: "max" (HAWQ/ModelOpt) or "budget"
     front: float = 0.95  # chosen on the hold-out KL (calibration pool): 0.95 < 1.0 < 0.85 < ilp, benchmarks dev
     select: int = 6
+    compare_additive: bool = False  # the ILP point at the budget joins the hold-out's candidates
     chunk: int = 32
     cache_mb: float = 1024.0
     latency_batch: int = 1  # images per call the latency-ms table is timed at
@@ -113,6 +117,8 @@ class AllocationConfig:
         check_int("popsize", self.popsize, 2, 100_000)
         check_int("fitness_images", self.fitness_images, 1, 10_000_000)
         check_int("select", self.select, 1, 100_000)
+        if not isinstance(self.compare_additive, bool):
+            raise ConfigError(f"compare_additive must be True or False, got {self.compare_additive!r}")
         check_int("chunk", self.chunk, 1, 1 << 20)
         check_int("seed", self.seed, 0, 2**63 - 1)
         check_choice("loss", self.loss, LOSSES.names())
