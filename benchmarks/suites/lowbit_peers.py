@@ -469,9 +469,9 @@ register(Suite(
     report=[Section("lowbit_peers_*", blocks=[
         lambda d: f"## Low-bit weight-only peers ({d['model']})",
         lambda d: f"`{d['file']}.json`: each tool's recommended recipe on {d['calib_images']} calibration images, "
-                  f"top-1 on {d['eval_images']} evaluation images (FP32 PyTorch "
-                  f"{d['points'].get('fp32/openvino', {}).get('metrics', {}).get('top1', float('nan')):.1f} in "
-                  f"OpenVINO). Packed MB: {d['packed_size']} Latency: ms per batch, {d['protocol']['latency']}; "
+                  f"top-1 on {d['eval_images']} evaluation images (FP32 in OpenVINO "
+                  f"{d['points'].get('fp32/openvino', {}).get('metrics', {}).get('top1', float('nan')):.1f}). "
+                  f"Packed MB: {d['packed_size']} Latency: ms per batch, {d['protocol']['latency']}; "
                   f"'c' marks a contended timing ({d['contended']}).",
         Table([Col("point", "key", "`{}`"), Col("options", "options"), Col("bits", "bits"), Col("group", "group"),
                Col("packed MB", "packed"), Col("file MB", "file"), Col("top-1", "top1"),
