@@ -23,15 +23,17 @@ same runtime's FP32 model (``evolq.export.bench.time_alternating``: median, min,
 per-round speedup), the 1-minute load around it and ``contended`` when others used the CPU.
 Calibration: the first ``--calib`` images of the calibration pool (even labels), as evolq's starts
 use. A point that fails is recorded with a one-line ``error``; points already in the results file
-are skipped (``--force`` re-runs them, ``--points`` selects by substring of the key). The peers are
+are skipped, failed ones too (``--force`` re-runs them, ``--points`` selects by substring of the key). The peers are
 not evolq dependencies: ``pip install -e '.[peers]'`` (openvino, nncf, onnxruntime, onnx); without
 them the suite says so in one line and exits.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import importlib.util
+import logging
 import platform
 import tempfile
 import time
@@ -98,6 +100,9 @@ def grid() -> list[dict]:
     pts += [{**_nncf("int3_sym", 32, scale_estimation=True), "same_format_as": "nncf/int3_sym/g32"},
             _nncf("int2_sym", 32)]
     pts += [{**_ort("gptq", b), "same_format_as": f"ort/rtn-asym/b{b}"} for b in (64, 32)]
+    # asymmetric RTN/GPTQ at block 64 fail in onnxruntime's packing of zero points (3 blocks per 192-wide row):
+    # their symmetric forms, in the format of the default quantizer's
+    pts += [{**_ort(m, 64, sym=True), "same_format_as": "ort/default-sym/b64"} for m in ("rtn", "gptq")]
     return pts
 
 
@@ -153,7 +158,8 @@ def onnx_nodes(model) -> dict:
 
 
 def files_bytes(paths) -> dict:
-    return {"bytes": int(sum(Path(p).stat().st_size for p in paths)), "files": [Path(p).name for p in paths]}
+    sizes = {Path(p).name: Path(p).stat().st_size for p in paths}
+    return {"bytes": int(sum(sizes.values())), "files": list(sizes), "bytes_per_file": sizes}
 
 
 # -- builders ---------------------------------------------------------------------------------
@@ -193,14 +199,35 @@ def build_nncf(p, ctx) -> dict:
         xc = ctx["xc"]
         kw["dataset"] = nncf.Dataset([xc[i:i + 1].numpy() for i in range(len(xc))])
         kw["subset_size"] = len(xc)
-    model = nncf.compress_weights(_ov_fp32(ctx).clone(), **kw)
+    with _messages("nncf") as said:
+        model = nncf.compress_weights(_ov_fp32(ctx).clone(), **kw)
     call = ", ".join(f"{k}={v.value if hasattr(v, 'value') else v}" for k, v in kw.items()
                      if k not in ("dataset", "advanced_parameters"))
     if "advanced_parameters" in kw:
         call += ", advanced_parameters=AdvancedCompressionParameters(group_size_fallback_mode=ADJUST)"
+    call += ", dataset=calibration images" if p["data_aware"] else ""
     return {"model": model, "files": _ov_save(model, ctx["tmp"] / f"{p['key'].replace('/', '_')}.xml"),
-            "recipe": f"nncf.compress_weights(ov_model, {call}" + (", dataset=calibration images" if p["data_aware"]
-                                                                  else "") + ")"}
+            "tool_messages": said, "recipe": f"nncf.compress_weights(ov_model, {call})"}
+
+
+@contextlib.contextmanager
+def _messages(logger: str):
+    """The warnings of ``logger`` and its messages that say something was skipped or not done, as a list."""
+    said = []
+
+    class Keep(logging.Handler):
+        def emit(self, rec):
+            msg = rec.getMessage()
+            if rec.levelno >= logging.WARNING or any(w in msg.lower() for w in ("skip", "not ", "fail")):
+                said.append(msg.strip().splitlines()[0][:300])
+
+    h = Keep(logging.INFO)
+    log = logging.getLogger(logger)
+    log.addHandler(h)
+    try:
+        yield said
+    finally:
+        log.removeHandler(h)
 
 
 class _Reader:
@@ -223,8 +250,6 @@ class _Reader:
 
 
 def build_ort(p, ctx) -> dict:
-    import logging
-
     import onnx
     from onnxruntime.quantization import matmul_nbits_quantizer as mnb
 
@@ -320,6 +345,8 @@ def measure(p, ctx) -> dict:
     model, files = built["model"], built["files"]
     r = {k: v for k, v in p.items() if k != "key"}
     r.update({"recipe": built["recipe"], "quant_seconds": round(quant_s, 1), "file": files_bytes(files)})
+    if built.get("tool_messages"):
+        r["tool_messages"] = list(dict.fromkeys(built["tool_messages"]))
     if p["runtime"] == "openvino":
         r["packed"] = ov_packed(model)
     else:
@@ -394,8 +421,8 @@ def run(run):
     for p in grid():
         if a.points and not any(s in p["key"] for s in a.points):
             continue
-        if p["key"] in points and "error" not in points[p["key"]] and not a.force:
-            print(f"{p['key']}: done, skipped")
+        if p["key"] in points and not a.force:
+            print(f"{p['key']}: {'failed' if 'error' in points[p['key']] else 'done'} before, skipped (--force: again)")
             continue
         try:
             r = measure(p, ctx)
@@ -459,11 +486,14 @@ register(Suite(
           (("--eval-batch",), {"type": int, "default": 32, "help": "batch size of the evaluation runs"}),
           (("--time-all",), {"action": "store_true", "help": "also time the points whose weight format an earlier "
                                                               "timed point has (same_format_as)"}),
-          (("--ort-gptq-calib",), {"type": int, "default": 32,
+          (("--ort-gptq-calib",), {"type": int, "default": 0,
                                    "help": "calibration images of onnxruntime's GPTQ (its Hessians run the whole "
-                                           "model once per distinct MatMul input: 48 passes on ViT-Tiny; 0: --calib)"}),
+                                           "model once per distinct MatMul input: 48 passes on ViT-Tiny; "
+                                           "default 0: all of --calib)"}),
           (("--keep",), {"default": None, "help": "folder for the compressed models (default: a temporary one)"})],
-    results={"lowbit_peers_vit_tiny": "--model vit_tiny_patch16_224"},
+    results={"lowbit_peers_vit_tiny": [
+        "--model vit_tiny_patch16_224",
+        "--model vit_tiny_patch16_224 --points /awq ort/rtn-sym ort/gptq-sym ort/gptq-asym/b32 --force"]},
     smoke={"points": ["fp32/openvino", "nncf/int4_sym/g128", "ort/default-sym/b128"], "calib": 8, "eval": 8,
            "batches": [1], "pairs": 1, "warmup": 1, "eval_batch": 8},
     report=[Section("lowbit_peers_*", blocks=[
