@@ -102,3 +102,44 @@ def test_bit_allocation_figures_are_drawn_from_the_record_one_file_per_menu(tmp_
         "bit_allocation_vit_tiny_uniform4_gptq_m34568_seed0.png", "bit_allocation_vit_tiny_uniform4_gptq_seed0.png"]
     assert ba._slug("tf_efficientnet_lite0", "size-mb=2.5", "ofq", "2,3,4,8,float") == \
         "efficientnet_lite0_size-mb2p5_ofq_m2348float"
+
+
+def test_lowbit_peers_counts_packed_bytes_nodes_and_skips_without_its_packages(monkeypatch, capsys):
+    import importlib.util
+
+    from onnx import TensorProto, helper
+
+    from benchmarks.suites import lowbit_peers as lp
+
+    keys = [p["key"] for p in lp.grid()]
+    assert len(keys) == len(set(keys)) and {"fp32/openvino", "fp32/onnxruntime"} <= set(keys)
+    # a 64x32 weight in blocks of 32: packed 4-bit blob, f32 scales, packed zero points; a float Gemm; int64 shape
+    blob = helper.make_tensor("w_q", TensorProto.UINT8, [32, 2, 16], bytes(32 * 2 * 16), raw=True)
+    scales = helper.make_tensor("w_s", TensorProto.FLOAT, [64], [1.0] * 64)
+    zps = helper.make_tensor("w_z", TensorProto.UINT8, [32], bytes(32), raw=True)
+    gemm_w = helper.make_tensor("g_w", TensorProto.FLOAT, [32, 10], [0.0] * 320)
+    shape = helper.make_tensor("shape", TensorProto.INT64, [2], [1, 32])
+    nodes = [helper.make_node("MatMulNBits", ["x", "w_q", "w_s", "w_z"], ["h"], domain="com.microsoft", K=64, N=32,
+                              bits=4, block_size=32),
+             helper.make_node("Reshape", ["h", "shape"], ["h2"]), helper.make_node("Gemm", ["h2", "g_w"], ["y"]),
+             helper.make_node("MatMul", ["x", "x"], ["unused"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+                              [blob, scales, zps, gemm_w, shape])
+    model = helper.make_model(graph)
+    packed = lp.onnx_packed(model)
+    assert packed["by_role"] == {"nbits_weights": 1024, "nbits_scales": 256, "nbits_zero_points": 32, "other": 1280}
+    assert packed["bytes"] == 1024 + 256 + 32 + 1280  # the int64 shape is not a weight
+    assert lp.onnx_nodes(model) == {"MatMulNBits": 1, "float_weight_nodes": {"Gemm": 1}, "activation_MatMul": 1}
+    row = {"points": {"ort/default-sym/b32": {"tool": "onnxruntime", "symmetric": True, "bits": 4, "group": 32,
+                                              "nodes": {"MatMulNBits": 48}, "packed_mb": 3.5, "file_mb": 3.6,
+                                              "metrics": {"top1": 80.2},
+                                              "latency": {"b32": {"median_ms": 100.0, "contended": True,
+                                                                  "speedup_vs_fp32": {"median": 1.25}}}},
+                      "nncf/int4_sym/g64": {"tool": "nncf", "ratio": 1.0, "options": {}, "error": "X: failed"}}}
+    r = lp.rows(row)
+    assert r[0]["b32"] == "100.0 (1.25x) c" and r[0]["options"] == "sym, accuracy_level 4, 48 MatMulNBits"
+    assert r[1]["top1"] == "X: failed" and r[1]["packed"] == ""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a))
+    assert lp.run(None) == 0 and "nncf not installed" in capsys.readouterr().out
