@@ -10,6 +10,8 @@ import torch
 
 timm = pytest.importorskip("timm")
 
+from test_allocation import tiny_vit  # noqa: E402  (tests/test_allocation.py)
+
 from evolq import (  # noqa: E402
     ConfigError,
     EvolQConfig,
@@ -30,14 +32,7 @@ from evolq.qnn.reconstruct.gptq import gptq_layer  # noqa: E402
 from evolq.quant import UniformQuantizer  # noqa: E402
 from evolq.start_options import GPTQOptions  # noqa: E402
 
-
-def tiny_vit(seed=0):
-    """Input columns: patch embedding 192, qkv/proj/fc1/head 48, fc2 192."""
-    torch.manual_seed(seed)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
-                          depth=2, num_heads=3, num_classes=10).eval()
-    torch.nn.init.normal_(m.head.weight, std=0.2)
-    return m
+# tiny_vit (tests/test_allocation.py): input columns patch embedding 192, qkv/proj/fc1/head 48, fc2 192
 
 
 def images(n, seed=1):
