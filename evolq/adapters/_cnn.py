@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..qnn.builder import act_quant, weight_quant
+from ..qnn.builder import act_quant, conv_input_quant, linear_input_quant, weight_only_regime, weight_quant
 from ..qnn.fold import FoldedBNAct, fold_bn
 from ..qnn.layers import QConv2d, QConv2dSame, QLinear, conv_forward
 
@@ -45,12 +45,14 @@ def wrap_conv_exact(conv: nn.Conv2d, quant, name: str = "", quant_input: bool = 
         raise UnsupportedModelError(f"convolution {name} uses padding_mode={conv.padding_mode!r}; only zero "
                                     f"padding is supported")
     cls = QConv2dSame if kind == "same" else QConv2d
-    return cls(conv, weight_quant(quant), act_quant(quant) if quant_input else None)
+    return cls(conv, weight_quant(quant), conv_input_quant(quant, quant_input))
 
 
 def wrap_linear_exact(linear: nn.Linear, quant, name: str = "", quant_input: bool = True) -> QLinear:
     if type(linear).forward is not nn.Linear.forward:
         raise UnsupportedModelError(f"linear layer {name} of type {type(linear).__name__} has a custom forward")
+    if weight_only_regime(quant):
+        return QLinear(linear, weight_quant(quant), linear_input_quant(quant))
     return QLinear(linear, weight_quant(quant), act_quant(quant) if quant_input else None)
 
 

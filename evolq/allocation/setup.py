@@ -122,6 +122,13 @@ def prepare_allocation(model, fit_x: torch.Tensor, hold_x: torch.Tensor, quant, 
     the problem's fitness runs on those Ray actors (each loads the fitness once). ``folder``/``resume``:
     the run folder, where a latency table is cached and, resuming, read back."""
     menu = config.menu_options
+    if quant.weight_only:
+        from ..quant.nbits import nbits_group_error
+
+        for g in {g for g in menu.groups if g is not None}:
+            why = nbits_group_error(g)
+            if why is not None:
+                raise ConfigError(f"the bit menu's groups in the weight-only regime: {why}")
     method = config.table_method(quant.start)
     kind, value = config.budget_kind
     if kind == "latency-ms":

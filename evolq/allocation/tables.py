@@ -25,7 +25,7 @@ from ..problems.menu import Menu, option_bits, option_group
 from ..qnn.layer_bits import FLOAT, layer_columns, quantized_layers
 from ..qnn.reconstruct.common import folded_weight
 from ..qnn.reconstruct.gptq import gptq_layer, layer_rows
-from ..quant import Quantizer, UniformQuantizer
+from ..quant import DynamicBlockQuantizer, Quantizer, UniformQuantizer
 from ..quant.groups import group_error
 
 __all__ = ["WeightTables", "TableWeight", "collect_hessians"]
@@ -122,6 +122,10 @@ class WeightTables:
         self.records, self.method, self.seconds = records, method, seconds
         self._mods = quantized_layers(qmodel.model)
         self._input_on = {n: getattr(self._mods[n].input_quant, "enabled", None) for n in layers}
+        groups = [None if o == FLOAT else option_group(o) for o in menu.options]
+        self._blocks = {n: [g if g is not None and group_error(g, layer_columns(self._mods[n])) is None else None
+                            for g in groups] for n in layers}  # weight-only: the input blocks of each option
+        self._block_on = {n: getattr(self._mods[n].input_quant, "block", None) for n in layers}
 
     @classmethod
     @torch.no_grad()
@@ -202,6 +206,8 @@ class WeightTables:
                 iq = self._mods[name].input_quant
                 if isinstance(iq, Quantizer):
                     iq.enabled = self._input_on[name]
+                if isinstance(iq, DynamicBlockQuantizer):
+                    iq.block = self._block_on[name]
 
     def set(self, genes, layers: range | None = None) -> None:
         """Install options ``genes`` (one index per layer) in layers ``layers`` (default all)."""
@@ -211,5 +217,7 @@ class WeightTables:
             k = int(genes[i])
             m.weight_quant.current = k
             iq = m.input_quant
+            if isinstance(iq, DynamicBlockQuantizer):  # weight-only: the input blocks follow the option's group
+                iq.block = self._blocks[name][k]
             if isinstance(iq, Quantizer):
                 iq.enabled = bool(self._input_on[name]) and self.entries[i][k] is not None

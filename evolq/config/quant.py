@@ -9,7 +9,7 @@ from .checks import check_choice, check_int
 
 __all__ = ["QuantConfig", "REGIMES", "DEPLOY_WEIGHTS", "DEPLOY_STRENGTH", "STARTS"]
 
-REGIMES = ("fq-vit", "deploy")
+REGIMES = ("fq-vit", "deploy", "weight-only")
 DEPLOY_WEIGHTS = ("auto", "symmetric", "asymmetric")
 DEPLOY_STRENGTH = {8: 1.0, 4: 0.8}  # w_bits -> smooth_strength (others, not measured: 0.5); QuantConfig.deploy_strength
 STARTS = ("rtn", "gptq", "brecq", "ofq")
@@ -66,6 +66,15 @@ class QuantConfig:
     zero-point 0 and the same int8 kernels run them (lower calibration-pool KL than the symmetric
     grid at W4A8 under GPTQ: 0.343 against 0.479); ``"symmetric"`` keeps the 2^b - 1 levels centred
     on zero. 8-bit weights stay symmetric (their q - z would not fit in s8).
+
+    ``regime="weight-only"`` (``QuantConfig.preset("weight-only")``, weight group 32 unless
+    ``w_group`` says otherwise) is what onnxruntime's ``MatMulNBits`` runs
+    (``evolq.quant.nbits``): every Linear's weights unsigned with an integer zero-point per group
+    (or per output channel), at their bits and groups (3-bit codes in 4-bit containers), and its
+    input quantized dynamically to int8 per row and per block of the weight's group
+    (``accuracy_level=4``); nothing else is quantized, and convolutions keep float inputs (their
+    weights quantized, dequantized at load). Groups must be MatMulNBits blocks (16, 32, 64, 128,
+    256), ``a_bits`` 8; StatsQ's half-step grid has no integer zero-point and is refused.
 
     ``edge_bits`` (default None: every layer alike, the FQ-ViT regime) gives the first
     Linear/Conv (patch embedding, stem convolution) and the classifier at least that
@@ -125,6 +134,7 @@ class QuantConfig:
         "fq-vit": {},
         "outlier-aware": {"ptf_zero_point": "channel", "ptf_max_alpha": 5, "linear_input": "channel"},
         "deploy": {"regime": "deploy", "bias_correction": False},
+        "weight-only": {"regime": "weight-only", "bias_correction": False, "w_group": 32},
     }
 
     @staticmethod
@@ -196,6 +206,8 @@ class QuantConfig:
         if self.edge_bits is not None:
             check_int("edge_bits", self.edge_bits, 2, 8)
         self._validate_rotation()
+        if self.weight_only:
+            self._validate_weight_only()
         from ..qnn.layer_bits import normalize_layer_bits
 
         normalize_layer_bits(self.layer_bits)  # types and ranges; names are checked against the model at wrap time
@@ -224,9 +236,40 @@ class QuantConfig:
             raise ConfigError("rotation_mlp rotates the MLP hidden on top of a rotation: set rotation to hadamard "
                               "or random")
 
+    def _validate_weight_only(self):
+        from ..qnn.layer_bits import normalize_layer_bits
+        from ..quant.nbits import nbits_group_error
+
+        if self.a_bits != 8:
+            raise ConfigError(f"the weight-only regime's layer inputs are dynamic int8 (MatMulNBits, "
+                              f"accuracy_level 4): "
+                              f"a_bits must be 8, got {self.a_bits}")
+        why = nbits_group_error(self.w_group)
+        if why is not None:
+            raise ConfigError(f"w_group={self.w_group} in the weight-only regime: {why}")
+        for pattern, entry in normalize_layer_bits(self.layer_bits).items():
+            if isinstance(entry, dict):
+                if "a_bits" in entry:
+                    raise ConfigError(f"layer_bits[{pattern!r}] sets a_bits, but the weight-only regime's inputs are "
+                                      f"dynamic int8")
+                why = nbits_group_error(entry.get("group"))
+                if why is not None:
+                    raise ConfigError(f"layer_bits[{pattern!r}] in the weight-only regime: {why}")
+        statsq = self.weight_observer == "statsq" or (self.start == "ofq" and self.start_options.get("statsq") is True)
+        if statsq:
+            raise ConfigError("StatsQ's half-step grid has no integer zero-point, which MatMulNBits stores: use "
+                              "another weight observer (minmax) in the weight-only regime")
+        if self.start == "ofq" and self.start_options.get("qkr") is True:
+            raise ConfigError("ofq qkr quantizes the attention's q.k product, which the weight-only regime keeps in "
+                              "float: qkr=false")
+
     @property
     def deploy(self) -> bool:
         return self.regime == "deploy"
+
+    @property
+    def weight_only(self) -> bool:
+        return self.regime == "weight-only"
 
     def deploy_symmetric(self, bits: int) -> bool:
         """Whether a deploy-regime weight quantizer of ``bits`` is symmetric. ``"asymmetric"``

@@ -37,7 +37,7 @@ from ..qnn.layer_bits import is_float_layer
 from ..qnn.layers import QAct, QConv2d, QLinear, QNorm
 from ..qnn.qkr import qkr_export_refusal
 from ..qnn.qmodel import QModel
-from ..quant import Quantizer, UniformQuantizer
+from ..quant import DynamicBlockQuantizer, Quantizer, UniformQuantizer
 from ..quant.range import quant_codes
 from .files import check_path, example_input, write_file
 
@@ -231,6 +231,9 @@ def lower_deploy(qmodel: QModel, quantized: bool = True) -> nn.Module:
     names = {m: n for n, m in qmodel.model.named_modules()}
     if quantized:
         for n, q in qmodel.quantizers().items():
+            if isinstance(q, DynamicBlockQuantizer):
+                raise ExportError(f"{n} is a weight-only regime input (MatMulNBits' dynamic int8 blocks), which "
+                                  f"PyTorch's x86 int8 path has no kernel for: export with --format onnx")
             if isinstance(q, Quantizer) and q.enabled and not isinstance(q, UniformQuantizer):
                 raise ExportError(f"quantizer {n} ({type(q).__name__}) has no PT2E form: the pt2 format takes the "
                                   f"deploy regime (QuantConfig.preset('deploy'))")

@@ -23,6 +23,11 @@ bits, as before groups existed; a grouped option counts its bits plus the bits o
 and zero-points it stores beyond the one per output channel that every quantized layer carries
 (``8 * (qparam_bytes(group) - qparam_bytes(None)) / params``): 3g64 on a 192-column layer with
 asymmetric grids, ``3 + 8 * 5 * (3 - 1) / 192 = 3.42`` bits.
+
+In the weight-only regime a Linear is stored as onnxruntime's ``MatMulNBits`` holds it
+(``stored_nbits``, ``evolq.quant.nbits.nbits_bytes``): its codes at the container's bits (3 bits
+in 4-bit containers), a float32 scale per (row, block) and the zero-points packed at the
+container's bits; its mean bits are those bytes less one scale and zero-point per row, per weight.
 """
 from __future__ import annotations
 
@@ -35,8 +40,10 @@ from ..errors import ConfigError
 from ..qnn.layer_bits import FLOAT, layer_bits_summary, layer_columns, parse_grouped, quantized_layers
 from ..quant import Quantizer
 from ..quant.groups import SCALE_BYTES, ZERO_POINT_BYTES, group_error, qparam_bytes, weight_bytes
+from ..quant.nbits import DynamicBlockQuantizer, nbits_bytes
 
-__all__ = ["Menu", "SizeModel", "parse_menu", "option_bits", "option_group", "option_key", "model_bytes"]
+__all__ = ["Menu", "SizeModel", "stored_nbits",
+           "parse_menu", "option_bits", "option_group", "option_key", "model_bytes"]
 
 
 def option_bits(option) -> int:
@@ -128,6 +135,12 @@ def parse_menu(text) -> Menu:
     return Menu(tuple(opts))
 
 
+def stored_nbits(layer) -> bool:
+    """Whether ``layer`` ships as a ``MatMulNBits`` node (a weight-only Linear, ``evolq.quant.nbits``):
+    its codes in the container's bits, a scale and a packed zero-point per block."""
+    return isinstance(getattr(layer, "input_quant", None), DynamicBlockQuantizer)
+
+
 class SizeModel:
     """Packed bytes of every (layer, option) and of what does not depend on the allocation.
 
@@ -164,6 +177,10 @@ class SizeModel:
                 rows, c = mods[n].weight.shape[0], cols[i]
                 gi = g if g is not None and group_error(g, c) is None else None
                 allowed[i, k] = g is None or gi is not None
+                if stored_nbits(mods[n]):  # the weight-only regime's MatMulNBits storage (evolq.quant.nbits)
+                    cost[i, k] = nbits_bytes(rows, c, b, gi)
+                    bits[i, k] = 8.0 * (cost[i, k] - qparam_bytes(rows, c, None, True)) / (rows * c)
+                    continue
                 cost[i, k] = weight_bytes(rows, c, b, gi, asym)
                 extra = qparam_bytes(rows, c, gi, asym) - qparam_bytes(rows, c, None, asym)
                 bits[i, k] = b + 8.0 * extra / (rows * c)

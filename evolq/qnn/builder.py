@@ -5,22 +5,32 @@ points and the regime decides *what* sits there. In the deploy regime
 (``QuantConfig.regime == "deploy"``) only the inputs and weights of Linear/Conv layers are
 quantized (and a ``QAct`` output where it is the next layer's input): ``wrap_norm``
 returns the norm unchanged, and ``operand_quant`` (q, k, v) and ``probs_quant`` give
-``nn.Identity``."""
+``nn.Identity``. The weight-only regime (``regime == "weight-only"``, what onnxruntime's
+``MatMulNBits`` runs) quantizes weights alike but gives every Linear a dynamic int8 input
+(``DynamicBlockQuantizer``, per row and per block of the weight's group) and convolutions float
+inputs; nothing else."""
 from __future__ import annotations
 
 from torch import nn
 
-from ..quant import ChannelFactorQuantizer, Log2Quantizer, PTFQuantizer, UniformQuantizer
+from ..quant import ChannelFactorQuantizer, DynamicBlockQuantizer, Log2Quantizer, PTFQuantizer, UniformQuantizer
 from .layers import QAct, QConv2d, QLinear, QNorm
 
 __all__ = ["edge_layers", "apply_edge_bits", "weight_quant", "act_quant", "operand_quant", "probs_quant",
            "norm_input_quant",
-           "wrap_linear", "linear_input_quant", "wrap_head", "wrap_conv", "wrap_act", "wrap_mlp_act", "wrap_norm",
-           "replace_module", "qkr_requested", "qkr_mode"]
+           "wrap_linear", "linear_input_quant",
+           "conv_input_quant", "wrap_head", "wrap_conv", "wrap_act", "wrap_mlp_act", "wrap_norm",
+           "replace_module", "qkr_requested", "qkr_mode", "weight_only_regime"]
 
 
 def _deploy(quant) -> bool:
-    return getattr(quant, "regime", "fq-vit") == "deploy"
+    """A shipping regime (deploy or weight-only): only Linear/Conv layers are quantized."""
+    return getattr(quant, "regime", "fq-vit") in ("deploy", "weight-only")
+
+
+def weight_only_regime(quant) -> bool:
+    """The weight-only regime (``QuantConfig.preset("weight-only")``, onnxruntime's MatMulNBits)."""
+    return getattr(quant, "regime", "fq-vit") == "weight-only"
 
 
 def qkr_mode(quant) -> bool | str:
@@ -42,6 +52,9 @@ def qkr_requested(quant) -> bool:
 
 
 def weight_quant(quant, ch_axis=0) -> UniformQuantizer:
+    if weight_only_regime(quant):  # MatMulNBits: unsigned codes, an integer zero-point per group or row
+        return UniformQuantizer(quant.w_bits, signed=False, symmetric=False, per_channel=True, ch_axis=ch_axis,
+                                observer=quant.weight_observer, kind="weight")
     if _deploy(quant):  # what int8 kernels take: signed, per output channel, integers stored with zero-point 0
         return UniformQuantizer(quant.w_bits, signed=True, symmetric=quant.deploy_symmetric(quant.w_bits),
                                 per_channel=True, ch_axis=ch_axis, observer=quant.weight_observer, kind="weight")
@@ -76,13 +89,27 @@ def norm_input_quant(quant):
 
 
 def linear_input_quant(quant):
-    """Input quantizer of a Linear: per tensor, or per-channel factors folded into its weights."""
+    """Input quantizer of a Linear: per tensor, or per-channel factors folded into its weights; in the
+    weight-only regime dynamic int8 per block (its block follows the weight's group, ``layer_bits``)."""
+    if weight_only_regime(quant):
+        return DynamicBlockQuantizer()
     if quant.linear_input == "channel" and not _deploy(quant):
         return ChannelFactorQuantizer(quant.a_bits, observer=quant.act_observer, strength=quant.linear_input_strength)
     return act_quant(quant)
 
 
+def conv_input_quant(quant, quant_input=True):
+    """Input quantizer of a convolution: per tensor (None with ``quant_input=False``); float (None)
+    in the weight-only regime, whose runtime has no int8 convolution for block-wise weights."""
+    if not quant_input or weight_only_regime(quant):
+        return None
+    return act_quant(quant)
+
+
 def wrap_linear(linear: nn.Linear, quant, quant_input=True) -> QLinear:
+    """A Linear; ``quant_input=False`` where an upstream quantizer already quantizes its input (the
+    weight-only regime has none upstream: its Linear inputs are always the runtime's dynamic int8)."""
+    quant_input = quant_input or weight_only_regime(quant)
     return QLinear(linear, weight_quant(quant), linear_input_quant(quant) if quant_input else None)
 
 
@@ -90,6 +117,8 @@ def wrap_head(linear: nn.Linear, quant, quant_input=True) -> QLinear:
     """A classifier Linear. Its input has one row per image (pooled features or the class
     token), so it stays per tensor even with ``linear_input="channel"``: per-channel
     statistics from N calibration images would rest on N values per channel."""
+    if weight_only_regime(quant):
+        return QLinear(linear, weight_quant(quant), DynamicBlockQuantizer())
     return QLinear(linear, weight_quant(quant), act_quant(quant) if quant_input else None)
 
 
@@ -104,10 +133,13 @@ def wrap_mlp_act(act: nn.Module, fc2: nn.Linear, quant) -> tuple[nn.Module, QLin
 
 
 def wrap_conv(conv: nn.Conv2d, quant, quant_input=True) -> QConv2d:
-    return QConv2d(conv, weight_quant(quant), act_quant(quant) if quant_input else None)
+    return QConv2d(conv, weight_quant(quant), conv_input_quant(quant, quant_input))
 
 
-def wrap_act(module: nn.Module, quant) -> QAct:
+def wrap_act(module: nn.Module, quant) -> nn.Module:
+    """``module`` with its output quantized per tensor (``QAct``); unchanged in the weight-only regime."""
+    if weight_only_regime(quant):
+        return module
     return QAct(module, act_quant(quant))
 
 
@@ -146,7 +178,7 @@ def apply_edge_bits(model: nn.Module, quant) -> list[str]:
     for name, layer in edge_layers(model):
         for q in (layer.weight_quant, layer.input_quant):
             if isinstance(q, UniformQuantizer) and q.bits < bits:
-                if q is layer.weight_quant and _deploy(quant):
+                if q is layer.weight_quant and getattr(quant, "regime", "") == "deploy":
                     q.symmetric = quant.deploy_symmetric(bits)
                 q.set_bits(bits)
         names.append(name)

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from torch import nn
 
 from ..errors import ConfigError
-from ..quant import Quantizer, UniformQuantizer
+from ..quant import DynamicBlockQuantizer, Quantizer, UniformQuantizer
 from ..quant.groups import MIN_GROUP, group_error
 from ..quant.range import int_range
 from .layers import QConv2d, QLinear
@@ -228,6 +228,8 @@ def apply_layer_bits(qmodel, quant) -> dict[str, dict]:
             src = f"layer_bits for {name}" if "group" in resolved.get(name, {}) else f"w_group={group}"
             raise ConfigError(f"{src}: layer {name}: {why}")
         wq.set_group(group)
+        if isinstance(layer.input_quant, DynamicBlockQuantizer):  # weight-only: MatMulNBits blocks = the groups
+            layer.input_quant.block = group
     if dropped:
         # a quantizer shared with a layer that stays quantized (QKR's qk reads qkv's input) is kept
         kept = {id(q) for m in every.values() for q in (m.weight_quant, m.input_quant) if isinstance(q, Quantizer)}

@@ -2,6 +2,7 @@
 
 Nothing in this subpackage knows about models."""
 from .channel_factor import ChannelFactorQuantizer, PTFQuantizer
+from .nbits import DynamicBlockQuantizer
 from .observers import (
     OBSERVERS,
     WEIGHT_ONLY_OBSERVERS,
@@ -19,7 +20,8 @@ from .range import fake_quant, fake_quant_axis, int_range, qparams_from_range, s
 __all__ = [
     "OBSERVERS", "WEIGHT_ONLY_OBSERVERS", "EMAObserver", "MinMaxObserver", "Observer", "OMSEObserver",
     "PercentileObserver", "StatsQObserver", "make_observer",
-    "ChannelFactorQuantizer", "Log2Quantizer", "PTFQuantizer", "Quantizer", "UniformQuantizer", "bias_correct",
+    "ChannelFactorQuantizer", "DynamicBlockQuantizer",
+    "Log2Quantizer", "PTFQuantizer", "Quantizer", "UniformQuantizer", "bias_correct",
     "fake_quant", "fake_quant_axis", "int_range", "qparams_from_range", "split_zero_point",
     "statsq_qparams",
 ]

@@ -46,7 +46,7 @@ that registers its lowering (``exporter.lowers_layer`` / ``lowers_activation`` /
 from __future__ import annotations
 
 # isort: off  (the lowerings register themselves on import)
-from . import activations, conv, linear, weights  # noqa: F401  (register)
+from . import activations, conv, linear, nbits, weights  # noqa: F401  (register)
 from .check import check_onnx, onnx_session
 from .export import INT4_OPSET, MAX_OPSET, MIN_OPSET, export_float_onnx, export_onnx
 

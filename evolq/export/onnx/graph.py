@@ -90,4 +90,9 @@ def lower(proto, plan: Plan):
     ops = [o for o in proto.opset_import if o.domain != DOMAIN]
     del proto.opset_import[:]
     proto.opset_import.extend(ops)
+    domains = {n.domain for n in graph.node} - {"", "ai.onnx"} - {o.domain for o in ops}
+    if domains:  # contrib operators (com.microsoft's MatMulNBits)
+        from onnx import helper
+
+        proto.opset_import.extend(helper.make_opsetid(d, 1) for d in sorted(domains))
     return proto

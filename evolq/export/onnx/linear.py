@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...errors import ExportError
 from ...qnn.layers import QLinear
+from ...quant import DynamicBlockQuantizer
 from .exporter import Exporter, lowers_layer
 from .plan import to_np
 from .weights import dq_weight, weight_spec
@@ -32,6 +34,14 @@ __all__ = ["linear_forward"]
 @lowers_layer(QLinear)
 def linear_forward(exporter: Exporter, layer: QLinear):
     iq = layer.input_quant
+    if isinstance(iq, DynamicBlockQuantizer):  # the weight-only regime: one MatMulNBits node
+        from .nbits import nbits_forward
+
+        return nbits_forward(exporter, layer)
+    if getattr(layer.weight_quant, "group", None) is not None:
+        raise ExportError(f"layer {exporter.names.get(layer, '?')} has group-wise weights (one grid per "
+                          f"{layer.weight_quant.group} input columns) behind a static int8 input, which no ONNX "
+                          f"runtime kernel runs: quantize with --preset weight-only (onnxruntime's MatMulNBits)")
     f = layer._factor()
     w_in = layer.weight.detach().float() if f is None else (layer.weight.detach().float() * f.float())
     spec, deq, affine, shift = weight_spec(exporter, layer, w_in)

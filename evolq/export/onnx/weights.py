@@ -16,6 +16,7 @@ from torch import nn
 
 from ...errors import ExportError
 from ...quant import UniformQuantizer
+from ...quant.groups import group_view, per_weight
 from ...quant.quantizers import bias_correct
 from ...quant.range import split_zero_point
 from .exporter import Exporter, lowers_node
@@ -58,9 +59,6 @@ def weight_spec(exporter: Exporter, layer: nn.Module, w: torch.Tensor):
         raise ExportError(f"quantizer {name}.weight_quant is in population mode; clear pop_scale first")
     if wq.bits > 8:
         raise ExportError(f"layer {name} has {wq.bits}-bit weights; at most 8 bits are exported")
-    if getattr(wq, "group", None) is not None:  # block-wise DequantizeLinear / MatMulNBits: issue 36, item 5
-        raise ExportError(f"layer {name} has group-wise weights (one grid per {wq.group} input columns), which the "
-                          f"ONNX export does not write yet: it stores one scale per output channel")
     if wq.bits <= 4 and not packs(wq.bits, getattr(exporter, "pack", "none")) and exporter.opset < INT4_OPSET:
         raise ExportError(f"layer {name} has {wq.bits}-bit weights, stored as 4-bit integers, which need opset "
                           f">= {INT4_OPSET} (got opset {exporter.opset})")
@@ -69,10 +67,14 @@ def weight_spec(exporter: Exporter, layer: nn.Module, w: torch.Tensor):
     if wq.ch_axis % w.ndim != 0:
         raise ExportError(f"layer {name}: weights quantized along axis {wq.ch_axis}; only per output channel "
                           f"(axis 0) is exported")
+    group = getattr(wq, "group", None)
     shape = [-1] + [1] * (w.ndim - 1)
-    scale = wq.scale.float().reshape(-1).expand(out_ch) if wq.scale.numel() == 1 else wq.scale.float()
-    zp = wq.zero_point.float().reshape(-1).expand(out_ch) if wq.zero_point.numel() == 1 else wq.zero_point.float()
-    scale, zp = scale.reshape(shape).contiguous(), zp.reshape(shape).contiguous()
+    if group is not None:  # one grid per (row, group of input columns), repeated over its columns
+        scale, zp = (per_weight(t.float(), w.shape, group).contiguous() for t in (wq.scale, wq.zero_point))
+    else:
+        scale = wq.scale.float().reshape(-1).expand(out_ch) if wq.scale.numel() == 1 else wq.scale.float()
+        zp = wq.zero_point.float().reshape(-1).expand(out_ch) if wq.zero_point.numel() == 1 else wq.zero_point.float()
+        scale, zp = scale.reshape(shape).contiguous(), zp.reshape(shape).contiguous()
     if "weight_delta" in wq._buffers:  # a gptq/ofq start: the quantizer rounds w + delta
         w = w + wq.weight_delta.float()
     if "round_offset" in wq._buffers:  # a brecq start: AdaRound's up/down decisions, the quantizer's arithmetic
@@ -109,8 +111,12 @@ def weight_spec(exporter: Exporter, layer: nn.Module, w: torch.Tensor):
     err = (got - ref).abs().max().item()
     if err > 1e-5 * max(ref.abs().max().item(), 1e-12):  # pragma: no cover - a derivation bug
         raise ExportError(f"layer {name}: the exported weights differ from the fake-quantized ones ({err:.3g})")
-    spec = WeightSpec(name, to_np(ints, np.int64), to_np(scale.reshape(-1)), to_np(zp.reshape(-1), np.int64),
-                      wq.bits, wq.signed, 0, packed=packs(wq.bits, getattr(exporter, "pack", "none")))
+    if group is not None:  # the spec keeps one scale and zero-point per (row, group)
+        sq, zq = (group_view(t, group)[:, :, 0] for t in (scale, zp))
+    else:
+        sq, zq = scale.reshape(-1), zp.reshape(-1)
+    spec = WeightSpec(name, to_np(ints, np.int64), to_np(sq), to_np(zq, np.int64),
+                      wq.bits, wq.signed, 0, packed=packs(wq.bits, getattr(exporter, "pack", "none")), group=group)
     return spec, deq, affine, shift
 
 
@@ -127,6 +133,8 @@ def dqw_nodes(w: WeightSpec, out: str, inputs, inits) -> list:
     base = inits.uniq(w.name + ".weight")
     dtype = container(w.bits, w.signed, w.packed)
     nodes = []
+    if w.group is not None:
+        return _grouped_dqw(base, w, dtype, out, inits)
     if w.packed:
         wi, nodes = _unpack_nodes(base, w, dtype, inits)
     else:
@@ -140,6 +148,28 @@ def dqw_nodes(w: WeightSpec, out: str, inputs, inits) -> list:
     wz = inits.ints(f"{base}.zero_point", zp, dtype)
     return nodes + [helper.make_node("DequantizeLinear", [wi, ws, wz], [out], name=f"{base}/DequantizeLinear",
                                      **attrs)]
+
+
+def _grouped_dqw(base: str, w: WeightSpec, dtype: int, out: str, inits) -> list:
+    """A group-wise weight (a convolution's, whose input stays float in the weight-only regime): the
+    integers as (rows, columns), one blocked DequantizeLinear (opset 21, ``block_size`` = the group
+    along axis 1) and a Reshape to the weight's shape. Every input is constant."""
+    from onnx import TensorProto, helper
+
+    shape = w.values.shape
+    flat = WeightSpec(w.name, w.values.reshape(shape[0], -1), w.scale, w.zp, w.bits, w.signed, 0, packed=w.packed)
+    if flat.packed:
+        wi, nodes = _unpack_nodes(base, flat, dtype, inits)
+    else:
+        wi, nodes = inits.ints(f"{base}.quantized", flat.values, dtype), []
+    ws = inits.floats(f"{base}.scale", np.ascontiguousarray(w.scale, np.float32))
+    wz = inits.ints(f"{base}.zero_point", w.zp, dtype)
+    nodes.append(helper.make_node("DequantizeLinear", [wi, ws, wz], [f"{base}.dequantized"],
+                                  name=f"{base}/DequantizeLinear", axis=1, block_size=w.group))
+    target = f"{base}.shape4"
+    inits.tensors.append(helper.make_tensor(target, TensorProto.INT64, [len(shape)], list(shape)))
+    nodes.append(helper.make_node("Reshape", [f"{base}.dequantized", target], [out], name=f"{base}/Reshape"))
+    return nodes
 
 
 def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
