@@ -41,12 +41,21 @@ def _print_summary(out, path, args, runtime):
               f"{out['top1_runtime']:.2f}%; agreement {out['agreement']:.2f}% (float floor {out['floor']:.2f}%), "
               f"KL {out['kl']:.4f}")
         print(f"integer kernels: {out['integer_kernels'] or 'none'}; float kernels: {out['float_kernels'] or 'none'}")
+        if out.get("matmulnbits"):
+            print(f"MatMulNBits {out['matmulnbits']} of {out['quantized_layers']} quantized layers; float matmuls "
+                  f"{out['float_matmuls']} (attention products and float layers)")
+        if out.get("memory"):
+            m = out["memory"]
+            print(f"resident memory: {m['after_mb']:.0f} MB after creating the session ({m['session_mb']:+.0f} MB)")
     if args.bench:
         print(f"{out['cpu']} ({', '.join(out['cpu_flags'])})")
         for r in out["bench"]:
             s = r["speedup"]
+            vs = r.get("vs_int8_qdq")
+            extra = (f"; int8 QDQ export {r['int8_qdq_ms']:.1f} ms, this file {vs['median']:.2f}x its time"
+                     if vs else "")
             print(f"batch {r['batch']:>3}, {r['threads']} threads: FP32 {r['fp32_ms']:.1f} ms, "
-                  f"int8 {r['int8_ms']:.1f} ms, speedup {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})")
+                  f"int8 {r['int8_ms']:.1f} ms, speedup {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f}){extra}")
 
 
 def run(args) -> int:
@@ -84,10 +93,23 @@ def run(args) -> int:
             from ..export.check import check_export
 
             out.update(check_export(qmodel, path, args.format, runtime, xe, ye, threads=args.threads))
+        if args.check:
+            from ..export.check import session_memory
+
+            out["memory"] = session_memory(path, args.format, runtime, args.threads)
         if args.bench:
             from ..export.check import bench_export
 
-            b = bench_export(qmodel, path, args.format, runtime, xe[0], pairs=args.pairs)
+            compare = {}
+            if getattr(qmodel.config, "weight_only", False) and args.format == "onnx":  # vs today's int8 QDQ export
+                import tempfile
+
+                from ..export.check import int8_twin
+
+                xc, _ = load_images(data, model_transform(qmodel.model), "calib", limit=32, progress=not args.json)
+                twin_dir = tempfile.mkdtemp(prefix="evolq-int8-")
+                compare["int8_qdq"] = int8_twin(qmodel, xc, Path(twin_dir) / "int8_qdq.onnx")
+            b = bench_export(qmodel, path, args.format, runtime, xe[0], pairs=args.pairs, compare=compare)
             out.update({"speedup": b["speedup"], "cpu_flags": b["cpu"]["flags"], "cpu": b["cpu"]["model"],
                         "bench": b["runs"]})
     if args.json:

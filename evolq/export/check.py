@@ -14,6 +14,7 @@ and int8 flags.
 from __future__ import annotations
 
 import copy
+import statistics
 import tempfile
 import warnings
 
@@ -25,7 +26,37 @@ from ..qnn.layers import QConv2d, QLinear
 from .bench import cpu_info, time_alternating
 from .runtimes import get_runtime
 
-__all__ = ["check_export", "bench_export", "float_floor", "DeployWarning"]
+__all__ = ["check_export", "bench_export", "float_floor", "session_memory", "int8_twin", "DeployWarning"]
+
+_MEMORY_PROBE = """
+import json, sys
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+from evolq.export.runtimes import get_runtime
+rt = get_runtime(sys.argv[2], sys.argv[3])
+rt.require()
+before = rss()
+runner = rt.load(sys.argv[1], int(sys.argv[4]))
+print(json.dumps({"before_mb": before, "after_mb": rss()}))
+"""
+
+
+def session_memory(path, fmt: str, runtime: str, threads: int = 2) -> dict | None:
+    """Resident memory of a fresh process before and after it loads ``path`` in ``runtime``
+    (``{"before_mb", "after_mb", "session_mb"}``, Linux ``/proc``); None where it cannot be read."""
+    import json
+    import subprocess
+    import sys
+
+    try:
+        out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path), runtime, fmt, str(threads)],
+                             capture_output=True, text=True, timeout=600, check=True)
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+    got["session_mb"] = got["after_mb"] - got["before_mb"]
+    return got
 
 
 class DeployWarning(UserWarning):
@@ -69,7 +100,9 @@ def check_export(qmodel, path, fmt: str, runtime: str, images: torch.Tensor, lab
                           reduction="batchmean").item(),
            "max_abs_diff": (ref - got).abs().max().item(),
            "integer_kernels": kernels["integer"], "float_kernels": kernels["float"],
-           "quantized_layers": expected, "layers_in_float": max(0, expected - n_int)}
+           "quantized_layers": expected, "layers_in_float": max(0, expected - n_int),
+           "matmulnbits": kernels["integer"].get("MatMulNBits", 0),
+           "float_matmuls": sum(kernels["float"].get(k, 0) for k in ("MatMul", "FusedMatMul", "Gemm", "FusedGemm"))}
     if labels is not None:
         y = labels.cpu()
         out["top1_torch"] = (ref.argmax(1) == y).float().mean().item() * 100
@@ -81,11 +114,28 @@ def check_export(qmodel, path, fmt: str, runtime: str, images: torch.Tensor, lab
     return out
 
 
+def int8_twin(qmodel, calib: torch.Tensor, path) -> str:
+    """The same float model quantized as today's int8 QDQ export (``QuantConfig.preset("deploy")``
+    W8A8, round-to-nearest, calibrated on ``calib``) written to ``path``: the weight-only regime's
+    latency reference in the same runtime."""
+    from ..config import QuantConfig
+    from ..start import prepare_model
+    from .onnx import export_onnx
+    from .pt2 import float_module
+
+    twin = prepare_model(float_module(qmodel), calib, QuantConfig.preset("deploy", w_bits=8, a_bits=8),
+                         arch=qmodel.arch, progress=False)
+    return str(export_onnx(twin, path, example=calib[:1]))
+
+
 def bench_export(qmodel, path, fmt: str, runtime: str, image: torch.Tensor, batches=(32, 1), threads=(2, 1),
-                 pairs: int = 5, warmup: int = 3) -> dict:
+                 pairs: int = 5, warmup: int = 3, compare: dict | None = None) -> dict:
     """Time ``path`` against the same model's FP32 in ``runtime`` (see the module docstring).
     ``image``: one input (C, H, W) or a batch, repeated to each batch size. The result's
-    ``speedup`` is the median ratio at the first batch size and thread count."""
+    ``speedup`` is the median ratio at the first batch size and thread count. ``compare``: other
+    files of the same model (name -> path, same format and runtime, e.g. its int8 QDQ export) timed
+    in the same alternating rounds; each run then also has ``"{name}_ms"`` and ``"vs_{name}"`` (the
+    median ratio of this file's time to that one's: above 1 is slower)."""
     if pairs < 1:
         raise ExportError(f"pairs must be positive, got {pairs}")
     rt = get_runtime(runtime, fmt)
@@ -94,13 +144,20 @@ def bench_export(qmodel, path, fmt: str, runtime: str, image: torch.Tensor, batc
     with tempfile.TemporaryDirectory() as folder:
         for t in threads:
             quant, flt = rt.load(path, t), rt.load_float(qmodel, t, folder, example=x1[:1])
+            others = {name: rt.load(p, t) for name, p in (compare or {}).items()}
             for b in batches:
                 xb = x1[:1].expand(b, *x1.shape[1:]).contiguous() if x1.shape[0] < b else x1[:b]
-                r = time_alternating({"fp32": lambda xb=xb, f=flt: f(xb), "int8": lambda xb=xb, q=quant: q(xb)}, "fp32",
-                                     pairs=pairs, warmup=warmup)
-                runs.append({"batch": b, "threads": t, "fp32_ms": r["times"]["fp32"]["median_s"] * 1e3,
-                             "int8_ms": r["times"]["int8"]["median_s"] * 1e3, "speedup": r["speedup"]["int8"],
-                             "rounds_s": {k: v["rounds_s"] for k, v in r["times"].items()},
-                             "load_1m": [r["load_1m_before"], r["load_1m_after"]]})
+                cands = {"fp32": lambda xb=xb, f=flt: f(xb), "int8": lambda xb=xb, q=quant: q(xb)}
+                cands.update({name: (lambda xb=xb, o=o: o(xb)) for name, o in others.items()})
+                r = time_alternating(cands, "fp32", pairs=pairs, warmup=warmup)
+                run = {"batch": b, "threads": t, "fp32_ms": r["times"]["fp32"]["median_s"] * 1e3,
+                       "int8_ms": r["times"]["int8"]["median_s"] * 1e3, "speedup": r["speedup"]["int8"],
+                       "rounds_s": {k: v["rounds_s"] for k, v in r["times"].items()},
+                       "load_1m": [r["load_1m_before"], r["load_1m_after"]]}
+                for name in others:
+                    run[f"{name}_ms"] = r["times"][name]["median_s"] * 1e3
+                    ratios = [a / c for a, c in zip(r["times"]["int8"]["rounds_s"], r["times"][name]["rounds_s"])]
+                    run[f"vs_{name}"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+                runs.append(run)
     return {"runtime": runtime, "format": fmt, "pairs": pairs, "warmup": warmup, "cpu": cpu_info(), "runs": runs,
             "speedup": runs[0]["speedup"]["median"]}
