@@ -83,7 +83,9 @@ def add_model_args(p, quantize: bool, w_default=8):
                    help="quantization regime: fq-vit (the authors' start point, default), outlier-aware "
                         "(PTF with per-channel zero-points; per-channel linear inputs folded into the weights) or "
                         "deploy (what CPU integer kernels run: per-tensor u8 layer inputs, s8 symmetric per-channel "
-                        "weights, nothing else; export with evolq export --format pt2|onnx)")
+                        "weights, nothing else; export with evolq export --format pt2|onnx) or weight-only (what "
+                        "onnxruntime's MatMulNBits runs: weights in groups, default 32, Linear inputs dynamic int8 per "
+                        "block; export with evolq export --format onnx)")
     p.add_argument("--smooth-strength", type=float, default=None,
                    help="deploy: SmoothQuant migration strength, 0..1 (0 = off; default by weight bits, "
                         "QuantConfig.deploy_strength)")
