@@ -217,3 +217,26 @@ def test_the_allocation_tables_switch_each_layers_input_block_with_its_option():
                     fits = isinstance(option, str) and m.in_features % int(option.split("g")[1]) == 0
                     assert m.input_quant.block == (int(option.split("g")[1]) if fits else None), (name, option)
     assert all(m.input_quant.block is None for m in mods.values() if isinstance(m, QLinear))  # restored
+
+
+def test_a_cnn_ships_its_classifier_as_matmulnbits_and_float_convs_folded_at_load(tmp_path):
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from test_allocation import tiny_cnn
+
+    from evolq.export import export_onnx
+    from evolq.export.onnx import onnx_session
+
+    x = images(8)
+    q = prepare_model(tiny_cnn(), x, QuantConfig.preset("weight-only", w_bits=4), progress=False)
+    convs = [m for m in quantized_layers(q.model).values() if isinstance(m, QConv2d)]
+    assert convs and all(m.weight_quant.group is None for m in convs)  # w_group groups the Linears only
+    path = export_onnx(q, tmp_path / "m.onnx", example=x[:1])
+    onnx_session(path, 1, optimized_path=tmp_path / "opt.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 1 and "DequantizeLinear" not in ops  # conv weights folded once at load
+    sess = onnx_session(path, 1)
+    with torch.no_grad():
+        ref = q.model(x)
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    assert (ref - got).abs().max() <= 1e-3 * ref.abs().max() + 1e-5

@@ -73,7 +73,8 @@ class QuantConfig:
     (or per output channel), at their bits and groups (3-bit codes in 4-bit containers), and its
     input quantized dynamically to int8 per row and per block of the weight's group
     (``accuracy_level=4``); nothing else is quantized, and convolutions keep float inputs (their
-    weights quantized, dequantized at load). Groups must be MatMulNBits blocks (16, 32, 64, 128,
+    weights quantized, dequantized at load; ``w_group`` groups only the Linears, convolutions stay
+    per channel unless a ``layer_bits`` entry gives them a group). Groups must be MatMulNBits blocks (16, 32, 64, 128,
     256), ``a_bits`` 8; StatsQ's half-step grid has no integer zero-point and is refused.
 
     ``edge_bits`` (default None: every layer alike, the FQ-ViT regime) gives the first

@@ -60,8 +60,11 @@ def fold_bn(layer: nn.Module, bn: nn.Module) -> nn.Module:
     ``FoldedBNAct`` (drop + act) for timm's ``BatchNormAct2d``.
 
     ``w' = w * g / sqrt(var + eps)`` per output channel, ``b' = beta + (b - mean) * g / sqrt(var + eps)``.
-    The weight keeps its ``Parameter`` object (values overwritten); a missing bias is added.
+    The weight keeps its ``Parameter`` object (values overwritten); a missing bias is added. A
+    ``bn`` that is a ``FoldedBNAct`` or ``nn.Identity`` was folded before and is returned as it is.
     """
+    if isinstance(bn, (FoldedBNAct, nn.Identity)):  # folded already (a float copy of a quantized model)
+        return bn
     out_ch = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
     _check(bn, out_ch, type(layer).__name__)
     factor, beta = bn_factor(bn)

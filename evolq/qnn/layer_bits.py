@@ -218,9 +218,13 @@ def apply_layer_bits(qmodel, quant) -> dict[str, dict]:
             wq.set_bits(w)
         if "a_bits" in entry:
             _set_input_bits(layer.input_quant, entry["a_bits"])
+    weight_only = getattr(quant, "regime", "fq-vit") == "weight-only"
     for name, layer in every.items():  # groups: an entry's own, else the config's w_group
         wq = layer.weight_quant
-        group = resolved.get(name, {}).get("group", w_group)
+        # weight-only: w_group groups the MatMulNBits layers; convolutions (float inputs, weights dequantized at
+        # load; a depthwise 3x3 has 9 columns) stay per channel unless an entry gives them a group
+        default = None if weight_only and isinstance(layer, QConv2d) else w_group
+        group = resolved.get(name, {}).get("group", default)
         if group is None or not isinstance(wq, UniformQuantizer):
             continue
         why = group_error(group, layer_columns(layer))

@@ -1,6 +1,8 @@
 """``QConv2d`` -> Q/DQ -> [pad] -> Conv(DequantizeLinear(W)) [+ bias-correction term].
 
-timm's "same"-padded convolutions (``QConv2dSame``) pad the dequantized input as PyTorch
+In the weight-only regime a convolution's input stays float and its weights are dequantized by
+float operations on constants that runtimes fold at load (``weights._float_dequant``). timm's
+"same"-padded convolutions (``QConv2dSame``) pad the dequantized input as PyTorch
 does; with ``bias_correction="output"`` the per-channel shift becomes a box sum over the
 receptive field on the output (``box_sum``), which leaves DequantizeLinear -> Conv intact.
 """
@@ -25,6 +27,8 @@ def conv_forward(exporter: Exporter, layer: QConv2d):
         raise ExportError(f"convolution {exporter.names.get(layer, '?')} uses padding_mode={conv.padding_mode!r}")
     spec, deq, affine, shift = weight_spec(exporter, layer, layer.weight)
     act = None if isinstance(layer.input_quant, nn.Identity) else exporter.act_spec(layer.input_quant, 4)
+    if act is None and getattr(exporter.qmodel.config, "regime", "") == "weight-only":
+        spec.float_ops = True  # a float convolution: weights dequantized once at load (weights._float_dequant)
     bias = layer.bias.detach().float() if layer.bias is not None else None
     same = isinstance(layer, QConv2dSame)
 

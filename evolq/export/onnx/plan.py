@@ -46,6 +46,7 @@ class WeightSpec:
     axis: int
     block: int | None = None  # 4-bit Linear weights: the per-column scales written as blocks along axis 0
     packed: bool = False  # stored bit-packed (uint8 bytes), unpacked by constant nodes into an 8-bit container
+    float_ops: bool = False  # dequantized by Cast/Sub/Mul on constants (folded at load), not a DequantizeLinear
     group: int | None = None  # group-wise: scale and zp are (rows, columns / group), a blocked DequantizeLinear
 
 

@@ -133,6 +133,8 @@ def dqw_nodes(w: WeightSpec, out: str, inputs, inits) -> list:
     base = inits.uniq(w.name + ".weight")
     dtype = container(w.bits, w.signed, w.packed)
     nodes = []
+    if w.float_ops:
+        return _float_dequant(base, w, out, inits)
     if w.group is not None:
         return _grouped_dqw(base, w, dtype, out, inits)
     if w.packed:
@@ -148,6 +150,38 @@ def dqw_nodes(w: WeightSpec, out: str, inputs, inits) -> list:
     wz = inits.ints(f"{base}.zero_point", zp, dtype)
     return nodes + [helper.make_node("DequantizeLinear", [wi, ws, wz], [out], name=f"{base}/DequantizeLinear",
                                      **attrs)]
+
+
+def _float_dequant(base: str, w: WeightSpec, out: str, inits) -> list:
+    """A weight whose layer keeps a float input (a convolution in the weight-only regime): the
+    integers bit-packed (``bits`` per weight; 8-bit ones as uint8) and dequantized by plain
+    ``Cast -> Sub(zero-point) -> Mul(scale)`` on constants, which onnxruntime and OpenVINO fold into
+    a float weight once at load (a ``DequantizeLinear`` there is kept for QDQ fusion and would run at
+    every inference), per output channel or per group."""
+    from onnx import TensorProto, helper
+
+    shape = w.values.shape
+    rows = shape[0]
+    view = (rows, -1, w.group) if w.group is not None else (rows, -1)
+    vals = w.values.reshape(view)
+    flat = WeightSpec(w.name, vals, w.scale, w.zp, w.bits, w.signed, 0, packed=True)
+    dtype = TensorProto.INT8 if w.signed else TensorProto.UINT8
+    if w.bits < 8:
+        wi, nodes = _unpack_nodes(base, flat, dtype, inits)
+    else:
+        wi, nodes = inits.ints(f"{base}.quantized", vals, dtype), []
+    qshape = (rows, -1, 1) if w.group is not None else (rows, 1)
+    zf = inits.floats(f"{base}.zero_point_f", np.asarray(w.zp, np.float32).reshape(qshape))
+    sf = inits.floats(f"{base}.scale", np.asarray(w.scale, np.float32).reshape(qshape))
+    t = [f"{base}/dequant_{i}" for i in range(3)]
+    target = f"{base}.shape_w"
+    inits.tensors.append(helper.make_tensor(target, TensorProto.INT64, [len(shape)], list(shape)))
+    return nodes + [
+        helper.make_node("Cast", [wi], [t[0]], to=TensorProto.FLOAT, name=t[0]),
+        helper.make_node("Sub", [t[0], zf], [t[1]], name=t[1]),
+        helper.make_node("Mul", [t[1], sf], [t[2]], name=t[2]),
+        helper.make_node("Reshape", [t[2], target], [out], name=f"{base}/Reshape"),
+    ]
 
 
 def _grouped_dqw(base: str, w: WeightSpec, dtype: int, out: str, inits) -> list:
