@@ -1,7 +1,9 @@
 """The demo (``evolq demo``, ``evolq.demo.run``): ViT-Tiny on the bundled assets in under 5
 minutes on 2 cores. Its rows: FP32, uniform W3A8, the same packed size with bits allocated per
-layer, the W8A8 deploy model; that model exported as pt2 and timed against its FP32; the table, and
-the ``evolq`` commands behind each row, at the demo's sizes and at full size.
+layer (EvoPress's evolution, ``evopress``, against the sensitivity + ILP answer it starts from: the
+calibration hold-out chooses between them, ``allocation_verdict``), the W8A8 deploy model; that
+model exported as pt2 and timed against its FP32; the table, and the ``evolq`` commands behind
+each row, at the demo's sizes and at full size.
 
 The demo's settings (``DEMO``, ``DemoSettings``), its commands (``demo_commands``) and the
 configs its rows are built from (``uniform_config``, ``deploy_config``, ``allocation_config``)
@@ -25,15 +27,17 @@ from .config import AllocationConfig, QuantConfig, field_default
 from .errors import ConfigError
 
 __all__ = ["DEMO", "DemoSettings", "run", "demo_commands", "uniform_config", "deploy_config", "allocation_config",
-           "demo_table", "quiet_third_party", "short_metrics", "width_counts"]
+           "allocation_verdict", "verdict_line", "demo_table", "quiet_third_party", "short_metrics", "width_counts"]
 
 ARCH = "vit_tiny_patch16_224"
 
 # the uniform row's regime is the lowest calibration-pool KL at W3A8
 # (`python -m benchmarks start_choices`, benchmarks/suites/start_choices.py); the sizes keep the demo under
-# 5 minutes on 2 cores (`python -m benchmarks demo`, benchmarks/results/demo.json)
+# 5 minutes on 2 cores (`python -m benchmarks demo`, benchmarks/results/demo.json); the allocation: evopress
+# (its default stages, 1, 4 and 32 of the 32 fitness images) for 150 full-fitness equivalents by images seen, the
+# sensitivity pass (about 100) included, with the ILP point competing on the hold-out (compare_additive)
 DEMO = {"preset": "outlier-aware", "start": "gptq", "edge_bits": 8, "w_bits": 3, "calib_size": 96, "limit": 250,
-        "menu": "3,4,8", "searcher": "ilp", "evaluations": 120, "fitness_images": 32, "tables": "rtn"}
+        "menu": "3,4,8", "searcher": "evopress", "evaluations": 150, "fitness_images": 32, "tables": "rtn"}
 
 
 @dataclass(frozen=True)
@@ -89,10 +93,66 @@ def deploy_config() -> QuantConfig:
 
 
 def allocation_config(settings: DemoSettings, budget: str) -> AllocationConfig:
-    """The allocated row's search: ``demo_commands(settings, budget)["allocated"]``'s."""
+    """The allocated row's search: ``demo_commands(settings, budget)["allocated"]``'s. The additive
+    answer (sensitivity + ILP at the budget) competes on the hold-out (``compare_additive``), so the
+    row is whichever of the searcher's point and the ILP's the calibration hold-out rates better."""
     return AllocationConfig(menu=settings.menu, budget=budget, searcher=settings.searcher,
                             evaluations=settings.evaluations, fitness_images=settings.fitness_images,
-                            tables=settings.tables, progress=settings.progress)
+                            tables=settings.tables, compare_additive=True, progress=settings.progress)
+
+
+def allocation_verdict(report: dict, searcher: str) -> dict:
+    """Which allocation the calibration hold-out chose, from an ``allocate_bits`` report made with
+    ``compare_additive``: the searcher's best point (the lowest hold-out KL among its front points
+    other than the ILP's) against the additive answer (``report["search"]["additive"]``, the ILP
+    point at the budget), each ranked by (hold-out KL, fitness KL) as the engine ranks them.
+
+    Returns ``{"searcher", "holdout_kl": {searcher: KL or None, "ilp": KL or None}, "winner"
+    (searcher or "ilp"), "holdout_images"}``; the searcher's KL is None where it ended on the ILP
+    point, the ILP's where there is no additive answer (a searcher without sensitivities). With
+    searcher ``"ilp"`` the winner is the ILP's chosen point. Raises ``RuntimeError`` where the model
+    built (``report["chosen"]``) is not the winner's (the engine and this choice disagree)."""
+    chosen = report["chosen"]
+    add = report["search"].get("additive") or {}
+    hold = add.get("holdout_loss")
+    out = {"searcher": searcher, "holdout_images": report.get("calibration", {}).get("holdout_images")}
+    if searcher == "ilp":  # the ILP searcher's own choice among its points
+        return {**out, "winner": "ilp", "holdout_kl": {"ilp": chosen.get("holdout_loss")}}
+    if hold is None:  # no additive answer (a searcher without sensitivities)
+        return {**out, "winner": searcher, "holdout_kl": {searcher: chosen.get("holdout_loss"), "ilp": None}}
+    others = [p for p in report["front"] if p.get("holdout_loss") is not None and p["genes"] != add["genes"]]
+    best = min(others, key=lambda p: (p["holdout_loss"], p["loss"]), default=None)
+    if best is None or (hold, add["loss"]) <= (best["holdout_loss"], best["loss"]):
+        winner, genes = "ilp", add["genes"]
+    else:
+        winner, genes = searcher, best["genes"]
+    if genes != chosen["genes"]:
+        raise RuntimeError(f"the allocation built is not the hold-out's choice ({winner}): the engine's choice and "
+                           f"the demo's disagree")
+    return {**out, "winner": winner, "holdout_kl": {searcher: None if best is None else best["holdout_loss"],
+                                                     "ilp": hold}}
+
+
+def verdict_line(verdict: dict) -> str:
+    """The demo's line on which allocation the hold-out chose (``allocation_verdict``)."""
+    s, kl, n = verdict["searcher"], verdict["holdout_kl"], verdict["holdout_images"]
+    where = f"on the calibration hold-out ({n} images; never the evaluation split)" if n else "on the hold-out"
+    ilp = "n/a" if kl["ilp"] is None else f"{kl['ilp']:.4f}"
+    if s == "ilp":
+        return f"bits per layer, KL {where}: the ILP (sensitivity + ILP) alone, {ilp}; the row is its allocation."
+    if kl["ilp"] is None:
+        return (f"bits per layer, KL {where}: {s} {kl[s]:.4f}, no ILP answer to compare ({s} measures no "
+                f"sensitivities); the row is the {s} allocation.")
+    if kl[s] is None:
+        return (f"bits per layer, KL {where}: {s} found no point but the ILP's (KL {ilp}): the ILP won; the row is "
+                f"the ILP allocation.")
+    start = {"evopress": ", evopress's warm start", "nsga2": ", among nsga2's seeds"}.get(s, "")
+    head = f"bits per layer, KL {where}: {s} {kl[s]:.4f}, ILP (sensitivity + ILP{start}) {ilp}"
+    if verdict["winner"] == s:
+        gain = f" ({100 * (1 - kl[s] / kl['ilp']):.0f}% lower)" if kl["ilp"] else ""
+        return f"{head}: {s} won{gain}; the row is the {s} allocation."
+    return (f"{head}: the ILP won: {s} found nothing the hold-out rates better at the demo's size and time; the row "
+            f"is the ILP allocation.")
 
 
 def demo_commands(settings, budget: str = "size-mb=S") -> dict:
@@ -107,7 +167,7 @@ def demo_commands(settings, budget: str = "size-mb=S") -> dict:
         "uniform": f"evolq eval {common} {size}",
         "allocated": f"evolq allocate {common} --menu {settings.menu} --budget {budget} --searcher {settings.searcher} "
                      f"--evaluations {settings.evaluations} --fitness-images {settings.fitness_images} "
-                     f"--tables {settings.tables} {size} --out runs/alloc",
+                     f"--tables {settings.tables} --compare-additive {size} --out runs/alloc",
         "deploy": f"evolq eval --model {ARCH} --preset deploy --w-bits 8 --a-bits 8 {size}",
         "allocated_full": f"evolq allocate {common} --menu 2,3,4,8 --budget {full_budget} --out runs/alloc_full",
         "ship": f"evolq quantize --model {ARCH} --preset deploy --w-bits 8 --a-bits 8 --passes 0 --out runs/w8",
@@ -122,6 +182,13 @@ def demo_table(rows) -> str:
     for name, m, mb in rows:
         lines.append(f"{name:<36}{m['top1']:7.2f}{m['top5']:7.2f}{m['agreement']:7.2f}{m['kl']:8.4f}{mb:12.2f}")
     return "\n".join(lines)
+
+
+def _additive_allocation(report) -> dict | None:
+    """The additive answer's allocation (layer -> width) from an ``allocate_bits`` report, or None."""
+    add = report["search"].get("additive")
+    pt = next((p for p in report["front"] if add and p["genes"] == add["genes"]), None)
+    return None if pt is None else pt.get("allocation")
 
 
 def _packed_bytes(qmodel, quant) -> float:
@@ -245,10 +312,13 @@ def run(settings: DemoSettings | None = None, *, echo=None) -> dict:
 
     step("allocate", f"bits per layer at the uniform model's packed size: allocate_bits (menu {alloc.menu}, "
                      f"{budget}, searcher {alloc.searcher}, <= {alloc.evaluations} evaluations on "
-                     f"{alloc.fitness_images} images, tables {alloc.table_method(quant.start)})")
+                     f"{alloc.fitness_images} images, tables {alloc.table_method(quant.start)}; the ILP point "
+                     f"competes on the calibration hold-out), then the winner built and evaluated")
     aq, arep = allocate_bits(copy.deepcopy(model), xc, quant, alloc, arch=ARCH)
+    verdict = allocation_verdict(arep, alloc.searcher if isinstance(alloc.searcher, str) else "search")
     res_a, _ = evaluate_qmodel(aq, xe, ye, fp_logits=fp_logits, progress=progress)
     mix = ", ".join(f"{n} at {o} bits" for o, n in width_counts(arep["allocation"]))
+    spent = arep["search"]["spent"]
 
     step("deploy", "W8A8 deploy model (what CPU int8 kernels run: u8 inputs, s8 weights, SmoothQuant folded)")
     dep = prepare_model(copy.deepcopy(model), xc, dquant, arch=ARCH, progress=progress)
@@ -268,12 +338,15 @@ def run(settings: DemoSettings | None = None, *, echo=None) -> dict:
 
     rows = [("fp32", res_u["fp32"], fp32_mb),
             (f"W3A8 uniform ({quant.start}, edge 8)", res_u["quantized"], uni_bytes / 1e6),
-            (f"same size, bits per layer ({alloc.menu})", res_a["quantized"], arep["size_bytes"] / 1e6),
+            (f"same size, bits per layer ({'ILP' if verdict['winner'] == 'ilp' else verdict['winner']})",
+             res_a["quantized"], arep["size_bytes"] / 1e6),
             ("W8A8 deploy (ships as int8)", res_d["quantized"], dep_bytes / 1e6)]
     echo()
     echo(demo_table(rows))
-    echo(f"bits per layer: {mix}; {arep['avg_bits']:.2f} mean weight bits; {arep['search']['evaluations']} "
-         f"fitness evaluations")
+    echo(verdict_line(verdict))
+    echo(f"bits per layer (menu {alloc.menu}): {mix}; {arep['avg_bits']:.2f} mean weight bits; {spent:.0f} fitness "
+         f"evaluations (full-fitness equivalents by images seen, the sensitivities included; "
+         f"{arep['search']['generations']} generations)")
     if ship is not None:
         echo(f"shipped: {ship['file']}, {ship['mb']:.1f} MB, {ship['speedup']:.2f}x faster than FP32 in inductor "
              f"(batch 32, 2 threads: {ship['fp32_ms']:.0f} -> {ship['int8_ms']:.0f} ms) on {ship['cpu']} "
@@ -292,13 +365,17 @@ def run(settings: DemoSettings | None = None, *, echo=None) -> dict:
         echo(f"  {commands[k]}")
     report = {"model": ARCH, "seconds": seconds, "steps": steps,
               "settings": {"calib_images": int(xc.shape[0]), "eval_images": int(xe.shape[0]), "menu": alloc.menu,
-                           "searcher": alloc.searcher, "evaluations": alloc.evaluations,
+                           "searcher": alloc.searcher, "compare_additive": alloc.compare_additive,
+                           "evaluations": alloc.evaluations,
                            "fitness_images": alloc.fitness_images, "tables": alloc.table_method(quant.start),
                            "preset": DEMO["preset"], "start": quant.start, "edge_bits": DEMO["edge_bits"],
                            "w_bits": quant.w_bits},
               "rows": [{"model": n, **short_metrics(m), "weights_mb": round(mb, 4)} for n, m, mb in rows],
               "allocation": arep["allocation"], "avg_bits": arep["avg_bits"], "budget": budget,
-              "allocation_evaluations": arep["search"]["evaluations"], "shipped": ship, "commands": commands}
+              "allocation_choice": verdict, "ilp_allocation": _additive_allocation(arep),
+              "allocation_evaluations": round(float(spent), 1),
+              "allocation_full_evaluations": arep["search"]["evaluations"],
+              "allocation_generations": arep["search"]["generations"], "shipped": ship, "commands": commands}
     if out is not None:
         write_json(out / "report.json", report)
         save_quantized(aq, out / "alloc_model")

@@ -17,7 +17,8 @@ from ..report import Col, Section, Table, f2
 from ..runner import Suite, cpu_info, register
 
 DEMO_KEYS = ("seconds", "steps", "settings", "rows", "allocation", "avg_bits", "budget", "allocation_evaluations",
-             "shipped", "commands")
+             "allocation_full_evaluations", "allocation_generations", "allocation_choice", "ilp_allocation", "shipped",
+             "commands")
 
 
 def run_demo(run):
@@ -30,9 +31,19 @@ def run_demo(run):
             return r["proc"].returncode
         rep = json.loads((Path(tmp) / "report.json").read_text())
     run.save({"command": shlex.join(["evolq", "demo", *extra]), "wall_seconds": round(r["wall"], 1),
-              **{k: rep[k] for k in DEMO_KEYS}, "stdout": r["proc"].stdout, "cpu": cpu_info(),
+              **{k: rep[k] for k in DEMO_KEYS if k in rep}, "stdout": r["proc"].stdout, "cpu": cpu_info(),
               "load_before": r["load_before"], "load_after": r["load_after"], "cpus": os.cpu_count(),
               "threads_env": os.environ.get("OMP_NUM_THREADS"), "platform": platform.platform()})
+
+
+def _choice_text(d):
+    """Which allocation the demo's calibration hold-out chose: the searcher's point or the ILP's."""
+    c = d["allocation_choice"]
+    kl = ", ".join(f"{'ILP (sensitivity + ILP at the budget)' if k == 'ilp' else k} {v:.4f}"
+                   for k, v in c["holdout_kl"].items() if v is not None)
+    won = "the ILP" if c["winner"] == "ilp" else c["winner"]
+    return (f"The bits-per-layer row is chosen on the calibration hold-out ({c['holdout_images']} images, never the "
+            f"evaluation split): KL {kl}; {won} won, and the row is its allocation.")
 
 
 def demo_rows(d):
@@ -72,8 +83,9 @@ register(Suite(
                   f"({d['cpus']} cores, 1-minute load {d['load_before'][0]:.1f} before, {d['load_after'][0]:.1f} "
                   f"after), {d['settings']['calib_images']} calibration and {d['settings']['eval_images']} evaluation "
                   f"images; allocation menu {d['settings']['menu']}, searcher {d['settings']['searcher']}, "
-                  f"{d['allocation_evaluations']} evaluations on {d['settings']['fitness_images']} images "
+                  f"{d['allocation_evaluations']:.0f} evaluations on {d['settings']['fitness_images']} images "
                   f"(`demo.json`).",
+        lambda d: None if not d.get("allocation_choice") else _choice_text(d),
         Table([Col("model", "model"), Col("top-1", "top1", f2), Col("top-5", "top5", f2),
                Col("agreement", "agreement", f2), Col("KL", "kl", "{:.4f}"), Col("weights MB", "weights_mb", f2)],
               demo_rows),

@@ -7,15 +7,19 @@ from .shared import check_positive
 
 def add_parser(sub):
     pd = sub.add_parser("demo", help="ViT-Tiny on the bundled assets in < 5 min: FP32, uniform W3A8, the same size "
-                                     "with bits allocated per layer, the W8A8 deploy model exported and timed")
+                                     "with bits allocated per layer (evopress against the ILP on the hold-out), the "
+                                     "W8A8 deploy model exported and timed")
     pd.add_argument("--calib-size", type=int, default=DEMO["calib_size"],
                     help=f"calibration images (default {DEMO['calib_size']}; 20%% of them are the hold-out)")
     pd.add_argument("--limit", type=int, default=DEMO["limit"], help=f"evaluation images (default {DEMO['limit']})")
     pd.add_argument("--menu", default=DEMO["menu"], help=f"widths the allocation may give a layer "
                                                          f"(default {DEMO['menu']})")
-    pd.add_argument("--searcher", default=DEMO["searcher"], help=f"allocation searcher (default {DEMO['searcher']})")
+    pd.add_argument("--searcher", default=DEMO["searcher"],
+                    help=f"allocation searcher (default {DEMO['searcher']}); the sensitivity + ILP answer competes "
+                         f"with its point on the calibration hold-out, the winner is the row")
     pd.add_argument("--evaluations", type=int, default=DEMO["evaluations"],
-                    help=f"allocation fitness evaluations (default {DEMO['evaluations']})")
+                    help=f"allocation fitness evaluations, the sensitivities included (evopress: full-fitness "
+                         f"equivalents by images seen; default {DEMO['evaluations']})")
     pd.add_argument("--fitness-images", type=int, default=DEMO["fitness_images"],
                     help=f"images of the allocation's fitness (default {DEMO['fitness_images']})")
     pd.add_argument("--tables", default=DEMO["tables"], choices=("auto", "gptq", "rtn"),
