@@ -54,8 +54,8 @@ from ..runner import Suite, cpu_info, register
 
 SHAPES = ((192, 576, "qkv"), (192, 192, "proj"), (192, 768, "fc1"), (768, 192, "fc2"))
 CONTENDED = "contended: the 1-minute load before or after the timed rounds exceeded the core count + 0.5"
-SKIPPED = {"wo/rtn/w4g128": "128 does not divide ViT-Tiny's 192-wide Linear inputs (groups must divide K)",
-           "wo/gptq/w4g128": "128 does not divide ViT-Tiny's 192-wide Linear inputs (groups must divide K)"}
+SKIPPED = {"wo/rtn/w4g128": "128 does not divide ViT-Tiny's 192-wide Linear inputs",
+           "wo/gptq/w4g128": "128 does not divide ViT-Tiny's 192-wide Linear inputs"}
 
 
 def uptime() -> str:
@@ -331,7 +331,9 @@ def row_cells(d) -> list[dict]:
                     "file": f"{r['file_mb']:.3f}", "ratio": f"{r['file_over_packed']:.2f}",
                     "ort": f"{c['top1_runtime']:.1f} ({c['agreement']:.1f})",
                     "nbits": f"{c['matmulnbits']}/{r['linears']}",
-                    "mem": f"{mem['after_mb']:.0f}" if mem else "",
+                    "mem": f"{mem['after_mb']:.0f} (+{mem['session_mb']:.0f})" if mem else "",
+                    "kernels": ", ".join(f"{k} {v}" for k, v in c["integer_kernels"].items())
+                               + (f"; {c['layers_in_float']} in float" if c["layers_in_float"] else ""),
                     **{f"{k}{b}": _ms(r, b, f"{k}_ms") for b in (32, 1) for k in ("fp32", "int8", "int8_qdq")},
                     **{f"s{b}": _ratio(r, b, "speedup") for b in (32, 1)},
                     **{f"v{b}": _ratio(r, b, "vs_int8_qdq") for b in (32, 1)}})
@@ -354,6 +356,16 @@ def micro_cells(d) -> list[dict]:
     return out
 
 
+def _load_line(d):
+    """The ``uptime`` load averages recorded at each invocation's start and end."""
+    parts, n = [], 0
+    for u in d.get("uptime", []):
+        n += u["at"] == "start"
+        if u.get("uptime"):
+            parts.append(f"invocation {n} {u['at']}: {u['uptime'].split('load average:')[-1].strip()}")
+    return "Load (`uptime`, 1/5/15-minute averages): " + "; ".join(parts) + "." if parts else None
+
+
 register(Suite(
     name="weight_only", doc=__doc__, run=run, order=15, resume=True, out="weight_only_{short}",
     what="the weight-only regime shipped as MatMulNBits: top-1 in PyTorch and onnxruntime, packed and file size, "
@@ -369,11 +381,12 @@ register(Suite(
           (("--pairs",), {"type": int, "default": 5, "help": "bench_export's alternating rounds"}),
           (("--warmup",), {"type": int, "default": 3}),
           (("--micro-rows",), {"type": int, "default": 32 * 197, "help": "M of the microbenchmark (32 x 197)"}),
-          (("--micro-pairs",), {"type": int, "default": 9}),
+          (("--micro-pairs",), {"type": int, "default": 21}),
           (("--micro-warmup",), {"type": int, "default": 3}),
           (("--micro-repeat",), {"type": int, "default": 3}),
           (("--keep",), {"default": None, "help": "folder for the exported files (default: a temporary one)"})],
-    results={"weight_only_vit_tiny": "--model vit_tiny_patch16_224"},
+    results={"weight_only_vit_tiny": ["--model vit_tiny_patch16_224",
+                                      "--model vit_tiny_patch16_224 --parts micro --force"]},
     smoke={"rows": ["wo/rtn/w4g32"], "calib": 8, "eval": 8, "batches": [1], "pairs": 1, "warmup": 1,
            "micro_rows": 64, "micro_pairs": 1, "micro_warmup": 1, "micro_repeat": 1},
     report=[Section("weight_only_*", blocks=[
@@ -382,9 +395,12 @@ register(Suite(
                   f"{d['eval_images']} evaluation images (FP32 top-1 "
                   f"{d.get('fp32', {}).get('top1', float('nan')):.1f}), edge bits {d['edge_bits']}, "
                   f"seed {d['seeds'][0]}. Weight-only rows are exported as MatMulNBits "
-                  f"(accuracy_level 4); the outlier-aware row is a static A8 QDQ model. Packed MB: "
+                  f"(accuracy_level 4; a per-channel weight in blocks of 64 on 192-wide inputs, 256 on fc2's 768); "
+                  f"the outlier-aware row is a static A8 QDQ model. Packed MB: "
                   f"`model_bytes`; file/packed: the ONNX file over it. onnxruntime: its top-1 (agreement with "
-                  f"PyTorch %). Memory: resident MB of a fresh process after creating the session. Latency: ms per "
+                  f"PyTorch %). Integer kernels: onnxruntime's optimized graph (the patch embedding's convolution "
+                  f"keeps float inputs in the weight-only regime). Memory: resident MB of a fresh process (torch and "
+                  f"evolq imported) after creating the session (the session's own). Latency: ms per "
                   f"batch, {d['threads']} threads, the file, the same model's FP32 and the int8 QDQ export of the "
                   f"same float model in the same alternating rounds (`bench_export`); vs QDQ: this file's time over "
                   f"the int8 QDQ file's (above 1 is slower); 'c' marks a contended timing ({d['contended']}). "
@@ -392,7 +408,8 @@ register(Suite(
         Table([Col("row", "key", "`{}`"), Col("weights", "what"), Col("start", "start"), Col("top-1", "top1"),
                Col("top-5", "top5"), Col("packed MB", "packed"), Col("file MB", "file"),
                Col("file/packed", "ratio"), Col("onnxruntime top-1 (agr.)", "ort"),
-               Col("MatMulNBits/Linears", "nbits"), Col("memory MB", "mem"),
+               Col("MatMulNBits/Linears", "nbits"), Col("integer kernels", "kernels"),
+               Col("memory MB (session)", "mem"),
                Col("b32 FP32 / file / QDQ ms", lambda r: "/".join(str(r.get(k, "")) for k in
                                                                   ("fp3232", "int832", "int8_qdq32"))),
                Col("b32 vs FP32", "s32"), Col("b32 vs QDQ", "v32"),
@@ -405,5 +422,4 @@ register(Suite(
                    f"named.") if d.get("micro", {}).get("shapes") else None,
         Table([Col("shape (K x N)", "shape"), Col("FP32 MatMul", "fp32"), Col("int8 QDQ MatMul", "qdq"),
                Col("fused as", "fused"), Col("MatMulNBits", "nbits")], micro_cells),
-        lambda d: "Load (`uptime`): " + "; ".join(f"{u['at']}: {u['uptime'].split('load average:')[-1].strip()}"
-                                                  for u in d.get("uptime", []) if u.get("uptime"))])]))
+        _load_line])]))
