@@ -143,3 +143,25 @@ def test_lowbit_peers_counts_packed_bytes_nodes_and_skips_without_its_packages(m
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a))
     assert lp.run(None) == 0 and "nncf not installed" in capsys.readouterr().out
+
+
+def test_weight_only_grid_micro_graphs_and_report_cells():
+    import numpy as np
+
+    from benchmarks.suites import weight_only as wo
+    from evolq.export.onnx import onnx_session
+
+    keys = [r["key"] for r in wo.grid()]
+    assert len(keys) == len(set(keys)) == 13 and not set(keys) & set(wo.SKIPPED)
+    assert wo._blocks(192) == [32, 64] and wo._blocks(768) == [32, 64, 256]
+    graphs = wo.micro_graphs(192, 64, 8, np.random.default_rng(0))
+    assert sorted(graphs) == ["fp32", "int8_qdq", "nbits4/b32", "nbits4/b64", "nbits8/b32", "nbits8/b64"]
+    x = np.random.default_rng(1).standard_normal((8, 192)).astype(np.float32)
+    for g in graphs.values():
+        assert onnx_session(g, 1).run(None, {"x": x})[0].shape == (8, 64)
+    assert "MatMulIntegerToFloat" in wo.optimized_ops(graphs["int8_qdq"], 1)  # the deploy export's fused kernel
+    assert wo.optimized_ops(graphs["nbits4/b32"], 1) == {"MatMulNBits": 1}
+    doc = {"rows": {"wo/rtn/w4g32": {"error": "X: failed"}},
+           "uptime": [{"at": "start", "uptime": "up, load average: 1.00, 2.00, 3.00"}]}
+    assert wo.row_cells(doc) == [{"key": "wo/rtn/w4g32", "what": "X: failed"}]
+    assert wo._load_line(doc).endswith("invocation 1 start: 1.00, 2.00, 3.00.")
